@@ -1,0 +1,1 @@
+"""cem_jax: Conditional Entropy Maximization against model inversion, in JAX/Flax."""
