@@ -28,7 +28,9 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     available = jax.device_count()
     n = available if num_devices is None else num_devices
     if not 1 <= n <= available:
-        raise ValueError(f"num_devices={num_devices}: accepted 1..{available} (jax.device_count()).")
+        raise ValueError(
+            f"num_devices={num_devices}: accepted 1..{available} (jax.device_count())."
+        )
     return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
 
 
