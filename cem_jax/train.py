@@ -1,0 +1,522 @@
+"""Defended split training with CEM (DESIGN §2 steps 1-3, §5).
+
+One :class:`Trainer` owns the split model's graph definitions, the optimizer and three jitted functions
+over the device mesh: the train step (augment → client → defense → server → cross-entropy + defense
+losses + ``λ·L_C``), the evaluation step (clean and defended accuracy), and the clean feature pass that
+refreshes the CEM mixture after every epoch. The model and optimizer state are split once into a
+:class:`TrainState` pytree, donated to every step, and merged back only to build a client for the
+attacks. :func:`train` is the epoch loop with checkpoints (resume loses at most the current epoch),
+NaN detection and per-epoch metrics.
+
+Randomness is explicit: every key is folded from ``jax.random.key(cfg.seed)`` with a purpose tag and the
+step or epoch, so a resumed run replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from cem_jax import data as data_lib
+from cem_jax import defenses, entropy, parallel
+from cem_jax.checkpoint import Checkpointer
+from cem_jax.config import RunConfig
+from cem_jax.models import build_split_model, feature_shape
+
+FORMAT_VERSION = 1
+
+# Purpose tags folded into the run key (never change: resuming depends on them).
+_TAG_INIT, _TAG_TRAIN, _TAG_ORDER, _TAG_EVAL, _TAG_KMEANS = 1, 2, 3, 4, 5
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree; checkpointed every epoch)."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    mixture: entropy.MixtureState
+    mixture_ready: (
+        jax.Array
+    )  # float32 scalar: 0 until the first mixture refresh (CEM off in epoch 1)
+    step: jax.Array  # int32 scalar: optimizer steps taken
+
+
+class NaNLossError(FloatingPointError):
+    """The loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+def lr_schedule(cfg: RunConfig, steps_per_epoch: int) -> optax.Schedule:
+    """``lr · decay^(#milestones passed)``, milestones at fractions of the epochs (60/120/180/210 of 240).
+
+    Epoch 1 trains at the base rate (the reference's warm-up leaves it at 0, DESIGN §6).
+    """
+    scales: dict[int, float] = {}
+    for m in cfg.lr_milestones:
+        boundary = int(math.floor(m * cfg.epochs + 0.5)) * steps_per_epoch
+        scales[boundary] = scales.get(boundary, 1.0) * cfg.lr_decay
+    return optax.piecewise_constant_schedule(cfg.lr, scales)
+
+
+def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """PyTorch-style SGD: coupled weight decay, then momentum 0.9, then the schedule (reference §5.1)."""
+    return optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.sgd(lr_schedule(cfg, steps_per_epoch), momentum=cfg.momentum),
+    )
+
+
+class Trainer:
+    """The jitted pieces of a defended split-training run for one config and one dataset."""
+
+    def __init__(
+        self, cfg: RunConfig, dataset: data_lib.Dataset, *, mesh: Mesh | None = None
+    ) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.dataset = dataset
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        parallel.check_batch_size(cfg.batch_size, self.mesh)
+        self.defense = cfg.defense_spec()
+        self.num_classes = dataset.num_classes
+        self.image_size = dataset.image_size
+        self.cut_layer = cfg.resolved_cut_layer
+        self.clusters = cfg.resolved_clusters_per_class
+        self.feature_shape = feature_shape(
+            cfg.arch,
+            image_size=self.image_size,
+            cut_layer=self.cut_layer,
+            bottleneck_channels=cfg.bottleneck_channels,
+        )
+        self.feature_dim = int(np.prod(self.feature_shape))
+        if cfg.batch_size > dataset.num_train:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} is larger than the training set ({dataset.num_train})."
+            )
+        self.steps_per_epoch = dataset.num_train // cfg.batch_size
+        self.tx = make_optimizer(cfg, self.steps_per_epoch)
+        self.schedule = lr_schedule(cfg, self.steps_per_epoch)
+        self.key = jax.random.key(cfg.seed)
+        self.mean = jnp.asarray(dataset.mean, jnp.float32)
+        self.std = jnp.asarray(dataset.std, jnp.float32)
+
+        model = self._build_model()
+        model.train()
+        self.graphdef, params, batch_stats, self.rest = nnx.split(
+            model, nnx.Param, nnx.BatchStat, ...
+        )
+        model.eval()
+        self.graphdef_eval, _, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        self._init_params, self._init_batch_stats = params, batch_stats
+
+        with jax.set_mesh(self.mesh):
+            rep = parallel.replicated(self.mesh)
+            self.train_images = jax.device_put(dataset.train_images, rep)
+            self.train_labels = jax.device_put(dataset.train_labels.astype(np.int32), rep)
+        self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
+        self._eval_step = jax.jit(self._eval_step_impl)
+        self._feature_step = jax.jit(self._feature_step_impl)
+
+    # --------------------------------------------------------------------------- construction
+    def _build_model(self) -> Any:
+        return build_split_model(
+            self.cfg.arch,
+            num_classes=self.num_classes,
+            image_size=self.image_size,
+            cut_layer=self.cut_layer,
+            bottleneck_channels=self.cfg.bottleneck_channels,
+            rngs=nnx.Rngs(jax.random.fold_in(self.key, _TAG_INIT)),
+        )
+
+    def init_state(self) -> TrainState:
+        """A fresh, replicated :class:`TrainState`."""
+        state = TrainState(
+            params=self._init_params,
+            batch_stats=self._init_batch_stats,
+            opt_state=self.tx.init(self._init_params),
+            mixture=entropy.init_mixture(self.num_classes, self.clusters, self.feature_dim),
+            mixture_ready=jnp.zeros((), jnp.float32),
+            step=jnp.zeros((), jnp.int32),
+        )
+        return parallel.replicate(state, self.mesh)
+
+    def model(self, state: TrainState, *, train: bool = False) -> Any:
+        """The nnx SplitModel holding ``state``'s weights (eval mode unless ``train``)."""
+        graphdef = self.graphdef if train else self.graphdef_eval
+        return nnx.merge(graphdef, state.params, state.batch_stats, self.rest)
+
+    # --------------------------------------------------------------------------- jitted pieces
+    def _preprocess(self, images: jax.Array) -> jax.Array:
+        return data_lib.normalize(images, self.mean, self.std)
+
+    def _train_step_impl(
+        self, state: TrainState, idx: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        cfg, d = self.cfg, self.defense
+        sharding = parallel.batch_sharding(self.mesh)
+        idx = jax.lax.with_sharding_constraint(idx, sharding)
+        images = jax.lax.with_sharding_constraint(self.train_images[idx], sharding)
+        labels = jax.lax.with_sharding_constraint(self.train_labels[idx], sharding)
+        key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_TRAIN), state.step)
+        k_aug, k_def, k_drop = jax.random.split(key, 3)
+        x = self._preprocess(data_lib.augment(k_aug, images))
+        model = nnx.merge(self.graphdef, state.params, state.batch_stats, self.rest)
+
+        def loss_fn(model: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            z = model.encode(x)
+            z_sent = d.obfuscate(k_def, z)
+            logits = model.classify(z_sent, rngs=nnx.Rngs(dropout=k_drop))
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            total = ce
+            aux = {"ce": ce, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
+            if d.cem:
+                lc = entropy.cem_loss(z, labels, state.mixture, sigma=d.sigma, mode=cfg.cem_mode)
+                total = total + d.lambd * state.mixture_ready * lc
+                aux["cem"] = lc
+            if d.nopeek_alpha > 0:
+                dcor = defenses.distance_correlation(x, z)
+                total = total + d.nopeek_alpha * dcor
+                aux["dcor"] = dcor
+            aux["loss"] = total
+            return total, aux
+
+        (_, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            params=params,
+            batch_stats=nnx.state(model, nnx.BatchStat),
+            opt_state=opt_state,
+            step=state.step + 1,
+        )
+        aux["lr"] = self.schedule(state.step)
+        return new_state, aux
+
+    def _eval_step_impl(
+        self,
+        state: TrainState,
+        images: jax.Array,
+        labels: jax.Array,
+        mask: jax.Array,
+        key: jax.Array,
+    ) -> dict[str, jax.Array]:
+        model = self.model(state)
+        x = self._preprocess(images)
+        z = model.encode(x)
+        clean = jnp.argmax(model.classify(z), -1) == labels
+        defended = jnp.argmax(model.classify(self.defense.obfuscate(key, z)), -1) == labels
+        return {
+            "clean_correct": jnp.sum(clean * mask),
+            "defended_correct": jnp.sum(defended * mask),
+        }
+
+    def _feature_step_impl(self, state: TrainState, images: jax.Array) -> jax.Array:
+        z = self.model(state).encode(self._preprocess(images))
+        return z.reshape(z.shape[0], -1)
+
+    # --------------------------------------------------------------------------- host loops
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """``[steps_per_epoch, batch_size]`` training indices of ``epoch`` (1-based)."""
+        key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_ORDER), epoch)
+        return np.asarray(
+            data_lib.epoch_batches(key, self.dataset.num_train, self.cfg.batch_size), np.int32
+        )
+
+    def train_epoch(
+        self,
+        state: TrainState,
+        epoch: int,
+        *,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> tuple[TrainState, dict[str, float]]:
+        """One pass over the training set. Raises :class:`NaNLossError` on a non-finite loss."""
+        order = self.epoch_order(epoch)
+        sums: dict[str, float] = {}
+        pending: dict[str, jax.Array] | None = None
+        start = time.perf_counter()
+        first_done = None
+        with jax.set_mesh(self.mesh):
+            for i, idx in enumerate(order):
+                state, metrics = self._train_step(state, jnp.asarray(idx))
+                # Check the previous step while this one runs (keeps accelerators busy).
+                if pending is not None:
+                    self._check_and_accumulate(pending, sums, epoch, i)
+                    if on_step is not None:
+                        on_step(i, {k: float(v) for k, v in pending.items()})
+                if i == 0:
+                    jax.block_until_ready(metrics["loss"])
+                    first_done = time.perf_counter()
+                pending = metrics
+            if pending is not None:
+                self._check_and_accumulate(pending, sums, epoch, len(order))
+                if on_step is not None:
+                    on_step(len(order), {k: float(v) for k, v in pending.items()})
+        elapsed = time.perf_counter() - start
+        n = max(1, len(order))
+        out = {k: v / n for k, v in sums.items()}
+        steady = time.perf_counter() - (first_done or start)
+        out["steps_per_s"] = (n - 1) / steady if n > 1 and steady > 0 else n / max(elapsed, 1e-9)
+        out["epoch_time_s"] = elapsed
+        return state, out
+
+    def _check_and_accumulate(
+        self, metrics: dict[str, jax.Array], sums: dict[str, float], epoch: int, step: int
+    ) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        if not math.isfinite(values["loss"]):
+            raise NaNLossError(
+                f"non-finite loss ({values['loss']}) at epoch {epoch}, step {step} of "
+                f"{self.steps_per_epoch} (cross-entropy {values['ce']}"
+                + (f", L_C {values['cem']}" if "cem" in values else "")
+                + "). Training stopped; the last good checkpoint is kept. Lower --lr or --lambd."
+            )
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+
+    def _padded_batches(self, n: int, batch_size: int) -> tuple[int, int]:
+        devices = self.mesh.shape[parallel.DATA_AXIS]
+        bs = int(math.ceil(min(batch_size, max(n, 1)) / devices) * devices)
+        return bs, int(math.ceil(n / bs))
+
+    def evaluate(self, state: TrainState, epoch: int) -> dict[str, float]:
+        """Clean and defended top-1 on the test set (defense obfuscation with fresh noise)."""
+        images, labels = self.dataset.test_images, self.dataset.test_labels
+        n = len(labels)
+        bs, nb = self._padded_batches(n, self.cfg.eval_batch_size)
+        key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_EVAL), epoch)
+        clean = defended = 0.0
+        sharding = parallel.batch_sharding(self.mesh)
+        with jax.set_mesh(self.mesh):
+            for b in range(nb):
+                sl = slice(b * bs, min(n, (b + 1) * bs))
+                x, y, m = _pad(images[sl], labels[sl], bs)
+                x, y, m = jax.device_put((x, y, m), sharding)
+                out = self._eval_step(state, x, y, m, jax.random.fold_in(key, b))
+                clean += float(out["clean_correct"])
+                defended += float(out["defended_correct"])
+        return {"clean_acc": clean / n, "defended_acc": defended / n}
+
+    def features(self, state: TrainState, images: np.ndarray) -> jax.Array:
+        """Clean client features (eval mode, no noise), flattened: ``[N, D]``."""
+        n = len(images)
+        bs, nb = self._padded_batches(n, self.cfg.eval_batch_size)
+        sharding = parallel.batch_sharding(self.mesh)
+        chunks = []
+        with jax.set_mesh(self.mesh):
+            for b in range(nb):
+                sl = slice(b * bs, min(n, (b + 1) * bs))
+                x, _, _ = _pad(images[sl], np.zeros(sl.stop - sl.start, np.int32), bs)
+                chunks.append(self._feature_step(state, jax.device_put(x, sharding)))
+            feats = jnp.concatenate(chunks)[:n]
+        return parallel.replicate(feats, self.mesh)
+
+    def refresh_mixture(self, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, float]]:
+        """Re-fits the per-class mixture on a clean pass over the training set (DESIGN §1).
+
+        k-means++ the first time, warm-started from the previous centroids afterwards. Also returns the
+        diagonal leakage bound (bits per image) of the current client on the training set.
+        """
+        start = time.perf_counter()
+        feats = self.features(state, self.dataset.train_images)
+        labels = jnp.asarray(self.dataset.train_labels, jnp.int32)
+        key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_KMEANS), epoch)
+        previous = state.mixture if float(state.mixture_ready) > 0 else None
+        with jax.set_mesh(self.mesh):
+            mixture = entropy.fit_mixture(
+                feats,
+                labels,
+                num_classes=self.num_classes,
+                clusters_per_class=self.clusters,
+                key=key,
+                previous=previous,
+                iterations=self.cfg.kmeans_iterations,
+            )
+            mixture = parallel.replicate(mixture, self.mesh)
+            out: dict[str, float] = {"mixture_time_s": 0.0}
+            if self.defense.sigma > 0:
+                out["leakage_bits"] = float(
+                    entropy.leakage_upper_bound(feats, labels, mixture, sigma=self.defense.sigma)
+                )
+        out["mixture_time_s"] = time.perf_counter() - start
+        state = state.replace(mixture=mixture, mixture_ready=jnp.ones((), jnp.float32))
+        return state, out
+
+    def leakage_bound(self, state: TrainState, *, covariance: str = "full") -> float:
+        """The leakage certificate (bits per image) of the client on the training set."""
+        if self.defense.sigma <= 0:
+            return float("inf")  # no noise: the features can carry unbounded information
+        feats = self.features(state, self.dataset.train_images)
+        labels = jnp.asarray(self.dataset.train_labels, jnp.int32)
+        with jax.set_mesh(self.mesh):
+            mixture = state.mixture
+            if float(state.mixture_ready) == 0:
+                mixture = entropy.fit_mixture(
+                    feats,
+                    labels,
+                    num_classes=self.num_classes,
+                    clusters_per_class=self.clusters,
+                    key=jax.random.fold_in(self.key, _TAG_KMEANS),
+                    iterations=self.cfg.kmeans_iterations,
+                )
+            return float(
+                entropy.leakage_upper_bound(
+                    feats, labels, mixture, sigma=self.defense.sigma, covariance=covariance
+                )
+            )
+
+    def client_fn(
+        self, state: TrainState, *, noise_only: bool = False
+    ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        """The trained client as a black box: ``encode(key, images uint8|[0,1]) -> transmitted z``.
+
+        By default it applies every obfuscation of the defense (what the server receives); with
+        ``noise_only`` only the Gaussian noise (the reference attacker's simulation, §6.1).
+        """
+        model = self.model(state)
+        graphdef, params = nnx.split(model)
+        defense = self.defense
+        if noise_only:
+            defense = dataclasses.replace(defense, dropout_ratio=0.0, topk_ratio=0.0)
+        mean, std = self.mean, self.std
+
+        def encode(key: jax.Array, images: jax.Array) -> jax.Array:
+            z = nnx.merge(graphdef, params).encode(data_lib.normalize(images, mean, std))
+            return defense.obfuscate(key, z)
+
+        return encode
+
+
+def _pad(
+    images: np.ndarray, labels: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = len(labels)
+    mask = np.zeros(size, np.float32)
+    mask[:n] = 1
+    if n == size:
+        return images, labels, mask
+    pad_img = np.zeros((size - n, *images.shape[1:]), images.dtype)
+    return (
+        np.concatenate([images, pad_img]),
+        np.concatenate([labels, np.zeros(size - n, labels.dtype)]),
+        mask,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainResult:
+    trainer: Trainer
+    state: TrainState
+    history: list[dict[str, float]]
+    final: dict[str, float]
+    wall_time_s: float
+    resumed_from_epoch: int
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The workdir holds a checkpoint of another configuration (or another version)."""
+
+
+def check_compatible(meta: dict[str, Any], cfg: RunConfig, directory: str) -> None:
+    """Refuses to resume a checkpoint written by another configuration or format version."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise IncompatibleCheckpointError(
+            f"{directory} holds a checkpoint of format {meta.get('format_version')!r}; this version "
+            f"reads format {FORMAT_VERSION}. Use another --workdir."
+        )
+    stored = meta.get("fingerprint", {})
+    wanted = cfg.training_fingerprint()
+    diff = {
+        k: (stored.get(k), wanted.get(k))
+        for k in set(stored) | set(wanted)
+        if stored.get(k) != wanted.get(k)
+    }
+    if diff:
+        lines = ", ".join(
+            f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in sorted(diff.items())
+        )
+        raise IncompatibleCheckpointError(
+            f"{directory} holds a checkpoint of another configuration ({lines}). Refusing to resume "
+            "or overwrite it: use another --workdir, or repeat the original flags to resume."
+        )
+
+
+def train(
+    cfg: RunConfig,
+    dataset: data_lib.Dataset,
+    *,
+    workdir: str | None = None,
+    mesh: Mesh | None = None,
+    on_epoch_start: Callable[[int, Trainer], None] | None = None,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    max_to_keep: int = 3,
+) -> TrainResult:
+    """Trains (or resumes) a defended split model; checkpoints every epoch into ``workdir``.
+
+    Per epoch: train loss, ``L_C``, clean/defended test accuracy, the diagonal leakage bound (bits per
+    image, from the refreshed mixture) and steps/s go into the history. A killed run re-started with
+    the same config and workdir resumes after its last completed epoch.
+    """
+    start = time.perf_counter()
+    trainer = Trainer(cfg, dataset, mesh=mesh)
+    state = trainer.init_state()
+    history: list[dict[str, float]] = []
+    first_epoch = 1
+    ckpt = None
+    if workdir is not None:
+        ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=max_to_keep)
+        if ckpt.latest_step() is not None:
+            check_compatible(ckpt.read_meta(), cfg, ckpt.directory)
+            state, meta = ckpt.restore(state)
+            history = list(meta["history"])
+            first_epoch = int(meta["epoch"]) + 1
+            logging.info("resuming %s after epoch %d", workdir, first_epoch - 1)
+    resumed_from = first_epoch - 1
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, trainer)
+        step_cb = None if on_step is None else (lambda i, m, e=epoch: on_step(e, i, m))
+        state, metrics = trainer.train_epoch(state, epoch, on_step=step_cb)
+        metrics.update(trainer.evaluate(state, epoch))
+        if trainer.defense.cem or trainer.defense.sigma > 0:
+            state, mix = trainer.refresh_mixture(state, epoch)
+            metrics.update(mix)
+        metrics["epoch"] = epoch
+        history.append(metrics)
+        if ckpt is not None:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "epoch": epoch,
+                "finished": epoch == cfg.epochs,
+                "config": cfg.to_dict(),
+                "fingerprint": cfg.training_fingerprint(),
+                "history": history,
+            }
+            ckpt.save(epoch, state, meta)
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+    final = dict(history[-1]) if history else {}
+    if ckpt is not None:
+        ckpt.close()
+    return TrainResult(
+        trainer=trainer,
+        state=state,
+        history=history,
+        final=final,
+        wall_time_s=time.perf_counter() - start,
+        resumed_from_epoch=resumed_from,
+    )
