@@ -1,0 +1,92 @@
+"""Tests of cem_jax/parallel.py and of the sharded train step on 8 fake CPU devices.
+
+The 8-device checks run in their own process (XLA_FLAGS must be set before jax starts).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from cem_jax import parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mesh_of_one_device_and_bad_sizes():
+    mesh = parallel.make_mesh(1)
+    assert mesh.axis_names == (parallel.DATA_AXIS,)
+    assert mesh.shape[parallel.DATA_AXIS] == 1
+    with pytest.raises(ValueError, match="num_devices"):
+        parallel.make_mesh(jax.device_count() + 1)
+    parallel.check_batch_size(7, mesh)
+
+
+EIGHT_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, re
+    import jax, jax.numpy as jnp, numpy as np
+    from cem_jax import config as config_lib, data as data_lib, parallel, train
+    assert jax.device_count() == 8, jax.devices()
+    ds = data_lib.synthetic_dataset(num_train=64, num_test=16, image_size=32, num_classes=4, seed=0)
+    cfg = config_lib.make_config("paper", dataset="synthetic", defense="cem_noise", batch_size=64,
+                                 epochs=2, kmeans_iterations=3, attacks=(), seed=0)
+    out = {}
+    try:
+        parallel.check_batch_size(60, parallel.make_mesh(8))
+    except ValueError as e:
+        out["bad_batch_error"] = str(e)
+    params = {}
+    for n in (1, 8):
+        tr = train.Trainer(cfg, ds, mesh=parallel.make_mesh(n))
+        st = tr.init_state()
+        st, _ = tr.refresh_mixture(st, 1)  # CEM active in the step
+        idx = jnp.asarray(tr.epoch_order(2)[0])
+        with jax.set_mesh(tr.mesh):
+            hlo = tr._train_step.lower(st, idx).compile().as_text()
+            st, m = tr._train_step(st, idx)
+        params[n] = [np.asarray(x) for x in jax.tree.leaves(st.params)]
+        out[f"loss_{n}"] = float(m["loss"])
+        out[f"per_device_batch_{n}"] = bool(re.search(r"f32\\[%d,32,32,3\\]" % (64 // n), hlo))
+        out[f"param_devices_{n}"] = len(jax.tree.leaves(st.params)[0].sharding.device_set)
+    out["max_abs_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(params[1], params[8]))
+    out["max_abs_param"] = max(float(np.max(np.abs(a))) for a in params[1])
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_train_step_on_8_fake_devices_matches_1_device():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICE_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    out = json.loads(line[len("RESULT") :])
+    assert "multiple of the number of devices" in out["bad_batch_error"]
+    # the batch is really split: each device's convolution sees 64/8 = 8 images
+    assert out["per_device_batch_8"], "no per-device [8,32,32,3] batch in the 8-device program"
+    assert out["per_device_batch_1"]
+    # parameters are replicated on all 8 devices
+    assert out["param_devices_8"] == 8 and out["param_devices_1"] == 1
+    # same step, same numbers (up to float reordering of the all-reduce)
+    assert abs(out["loss_1"] - out["loss_8"]) < 1e-4 * max(1.0, abs(out["loss_1"]))
+    assert out["max_abs_diff"] < 1e-4 * max(1.0, out["max_abs_param"])

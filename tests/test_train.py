@@ -1,0 +1,165 @@
+"""Tests of cem_jax/train.py: schedule, optimizer semantics, training, resume, NaN, bad workdirs."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cem_jax import config as config_lib
+from cem_jax import data as data_lib
+from cem_jax import train
+from cem_jax.checkpoint import Checkpointer
+
+
+def small_config(**kw):
+    base = dict(
+        dataset="synthetic",
+        defense="cem_noise",
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=64,
+        kmeans_iterations=5,
+        attacks=(),
+        seed=3,
+    )
+    base.update(kw)
+    return config_lib.make_config("paper", **base)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return data_lib.synthetic_dataset(
+        num_train=128, num_test=64, image_size=32, num_classes=4, seed=1
+    )
+
+
+def test_lr_schedule_milestones_match_reference():
+    cfg = config_lib.make_config("paper", attacks=())
+    sched = train.lr_schedule(cfg, steps_per_epoch=391)
+
+    # epoch e (1-based) starts at step (e-1)*391; decay 0.2 at epochs 60/120/180/210 (0-based boundaries)
+    def lr_at_epoch(e):
+        return float(sched((e - 1) * 391))
+
+    assert lr_at_epoch(1) == pytest.approx(0.05)  # epoch 1 trains (reference: lr 0)
+    assert lr_at_epoch(60) == pytest.approx(0.05)
+    assert lr_at_epoch(61) == pytest.approx(0.01)
+    assert lr_at_epoch(121) == pytest.approx(0.002)
+    assert lr_at_epoch(181) == pytest.approx(0.0004)
+    assert lr_at_epoch(211) == pytest.approx(0.00008)
+    assert lr_at_epoch(240) == pytest.approx(0.00008)
+
+
+def test_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
+    cfg = config_lib.make_config("paper", attacks=(), epochs=4, lr=0.1, weight_decay=0.01)
+    tx = train.make_optimizer(cfg, steps_per_epoch=1)
+    p = {"w": jnp.array([1.0, -2.0, 3.0])}
+    state = tx.init(p)
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=3).astype(np.float32) for _ in range(4)]
+    # PyTorch SGD: d = g + wd*p; buf = m*buf + d; p -= lr(step)*buf
+    pn, buf = np.array([1.0, -2.0, 3.0]), np.zeros(3)
+    lrs = [
+        0.1,
+        0.02,
+        0.004,
+        0.0008,
+    ]  # milestones at epochs 1, 2, 3 (0.25/0.5/0.75 of 4), 0.875 -> 4
+    for t, g in enumerate(grads):
+        upd, state = tx.update({"w": jnp.asarray(g)}, state, p)
+        p = jax.tree.map(lambda a, b: a + b, p, upd)
+        d = g + 0.01 * pn
+        buf = 0.9 * buf + d
+        pn = pn - lrs[t] * buf
+    np.testing.assert_allclose(np.asarray(p["w"]), pn, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_training_learns_and_reports(tiny_data, tmp_path):
+    cfg = small_config(epochs=3, lr=0.02)
+    res = train.train(cfg, tiny_data, workdir=str(tmp_path))
+    h = res.history
+    assert [m["epoch"] for m in h] == [1, 2, 3]
+    for m in h:
+        for k in ("loss", "ce", "cem", "clean_acc", "defended_acc", "leakage_bits", "steps_per_s"):
+            assert k in m and np.isfinite(m[k]), k
+    # synthetic classes are easy: far above chance (0.25) after 3 short epochs
+    assert h[-1]["clean_acc"] > 0.5
+    assert h[-1]["ce"] < h[0]["ce"]
+    assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+
+
+@pytest.mark.slow
+def test_resume_gives_same_result_as_uninterrupted(tiny_data, tmp_path):
+    cfg = small_config(epochs=2)
+    full = train.train(cfg, tiny_data, workdir=str(tmp_path / "full"))
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_2(epoch, trainer):
+        if epoch == 2:
+            raise Killed  # as if the process died mid-way through epoch 2
+
+    with pytest.raises(Killed):
+        train.train(cfg, tiny_data, workdir=str(tmp_path / "part"), on_epoch_start=kill_in_epoch_2)
+    assert Checkpointer(str(tmp_path / "part" / "checkpoints")).latest_step() == 1
+    resumed = train.train(cfg, tiny_data, workdir=str(tmp_path / "part"))
+    assert resumed.resumed_from_epoch == 1
+    for k in ("loss", "clean_acc", "defended_acc", "leakage_bits"):
+        assert resumed.final[k] == pytest.approx(full.final[k], rel=1e-4, abs=1e-5), k
+    a = jax.tree.leaves(full.state.params)
+    b = jax.tree.leaves(resumed.state.params)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_other_config_in_workdir_is_refused(tiny_data, tmp_path):
+    train.train(small_config(epochs=1), tiny_data, workdir=str(tmp_path))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(train.IncompatibleCheckpointError, match="sigma"):
+        train.train(small_config(epochs=1, sigma=0.5), tiny_data, workdir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
+    cfg = small_config(epochs=2)
+
+    def poison_epoch_2(epoch, trainer):
+        if epoch == 2:
+            step = trainer._train_step
+
+            def poisoned(state, idx):
+                bad = jax.tree.map(lambda p: p * jnp.nan, state.params)
+                return step(state.replace(params=bad), idx)
+
+            trainer._train_step = poisoned
+
+    with pytest.raises(train.NaNLossError, match=r"epoch 2, step \d+"):
+        train.train(cfg, tiny_data, workdir=str(tmp_path), on_epoch_start=poison_epoch_2)
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.latest_step() == 1
+    state, meta = ckpt.restore(train.Trainer(cfg, tiny_data).init_state())
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert meta["epoch"] == 1
+
+
+def test_client_fn_applies_the_defense(tiny_data):
+    cfg = small_config(defense="noise", sigma=0.3)
+    tr = train.Trainer(cfg, tiny_data)
+    state = tr.init_state()
+    encode = tr.client_fn(state)
+    imgs = jnp.asarray(tiny_data.test_images[:8])
+    z1 = encode(jax.random.key(0), imgs)
+    z2 = encode(jax.random.key(1), imgs)
+    clean = tr.model(state).encode(data_lib.normalize(imgs, tr.mean, tr.std))
+    assert z1.shape == (8, *tr.feature_shape)
+    # fresh noise per query, with the defense's standard deviation around the clean features
+    assert not np.allclose(z1, z2)
+    np.testing.assert_allclose(np.std(np.asarray(z1 - clean)), 0.3, rtol=0.1)
