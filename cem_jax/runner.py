@@ -167,13 +167,31 @@ def run(
         raise RunError(str(e)) from e
     if result.resumed_from_epoch:
         print(f"(resumed after epoch {result.resumed_from_epoch})", file=out)
-    trainer, state = result.trainer, result.state
+    results = finish(cfg, result.trainer, result.state, result.history, workdir=workdir, stream=out)
+    results["train_wall_time_s"] = result.wall_time_s
+    results["wall_time_s"] = time.perf_counter() - t_start
+    write_json_atomic(results_path, results)
+    print(summary(results), file=out, flush=True)
+    return results
 
+
+def finish(
+    cfg: config_lib.RunConfig,
+    trainer: train.Trainer,
+    state: train.TrainState,
+    history: list[dict[str, float]],
+    *,
+    workdir: str | None,
+    stream: TextIO,
+) -> dict[str, Any]:
+    """The final leakage certificate and the attacks, as the ``results.json`` dictionary."""
+    ds = trainer.dataset
     t0 = time.perf_counter()
     leakage_full = trainer.leakage_bound(state, covariance="full")
-    leakage_s = time.perf_counter() - t0
+    final = dict(history[-1]) if history else {}
     results: dict[str, Any] = {
         "status": "finished",
+        "format_version": train.FORMAT_VERSION,
         "config": cfg.to_dict(),
         "fingerprint": cfg.training_fingerprint(),
         "attack_config": _attack_config(cfg),
@@ -183,22 +201,59 @@ def run(
             "num_train": ds.num_train,
             "num_test": ds.num_test,
         },
-        "devices": f"{mesh.shape[parallel.DATA_AXIS]} x {jax.devices()[0].platform}",
-        "history": result.history,
+        "devices": f"{trainer.mesh.shape[parallel.DATA_AXIS]} x {jax.devices()[0].platform}",
+        "history": history,
         "final": {
-            "clean_acc": result.final.get("clean_acc"),
-            "defended_acc": result.final.get("defended_acc"),
-            "leakage_bits_diagonal": result.final.get("leakage_bits"),
+            "clean_acc": final.get("clean_acc"),
+            "defended_acc": final.get("defended_acc"),
+            "leakage_bits_diagonal": final.get("leakage_bits"),
             "leakage_bits_full": leakage_full,
-            "leakage_time_s": leakage_s,
+            "leakage_time_s": time.perf_counter() - t0,
         },
-        "train_wall_time_s": result.wall_time_s,
         "attacks": {},
     }
     if cfg.attacks:
         from cem_jax import report
 
-        results["attacks"] = report.run_attacks(cfg, trainer, state, workdir=workdir, stream=out)
+        results["attacks"] = report.run_attacks(cfg, trainer, state, workdir=workdir, stream=stream)
+    return results
+
+
+def attack_workdir(
+    workdir: str,
+    *,
+    overrides: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    stream: TextIO | None = None,
+) -> dict[str, Any]:
+    """Re-runs the attacks of a finished run (``experiments.attack``); updates ``results.json``.
+
+    The file is replaced atomically once every attack is done, so an interrupted attack never
+    leaves partial numbers behind; re-running it restarts the attacks cleanly.
+    """
+    import dataclasses
+
+    from cem_jax import client
+
+    out = stream if stream is not None else sys.stdout
+    t_start = time.perf_counter()
+    try:
+        cfg, meta, ckpt = client.read_run(workdir)
+    except client.RunNotFoundError as e:
+        raise RunError(str(e)) from e
+    cfg = dataclasses.replace(cfg, **(overrides or {}))
+    cfg.validate()
+    ds = load_data(cfg, cache_dir)
+    trainer = train.Trainer(cfg, ds)
+    state, _ = ckpt.restore(trainer.init_state())
+    ckpt.close()
+    print(f"attacking the client of {workdir} ({cfg.defense}, {meta['epoch']} epochs)", file=out)
+    results_path = os.path.join(workdir, RESULTS_FILE)
+    results = finish(cfg, trainer, state, list(meta["history"]), workdir=workdir, stream=out)
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            previous = json.load(f)
+        results["train_wall_time_s"] = previous.get("train_wall_time_s")
     results["wall_time_s"] = time.perf_counter() - t_start
     write_json_atomic(results_path, results)
     print(summary(results), file=out, flush=True)

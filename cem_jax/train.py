@@ -79,6 +79,75 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> optax.GradientTransf
     )
 
 
+@dataclasses.dataclass
+class ModelParts:
+    """A freshly initialised split model, split once into graph definitions and state."""
+
+    graphdef: Any  # train mode
+    graphdef_eval: Any
+    params: Any
+    batch_stats: Any
+    rest: Any  # everything else (e.g. dropout RNG streams); constant during training
+    feature_shape: tuple[int, int, int]
+
+
+def build_model_parts(cfg: RunConfig, num_classes: int, image_size: int) -> ModelParts:
+    """Builds ``cfg``'s split model (init key folded from ``cfg.seed``) and splits it."""
+    cut = cfg.resolved_cut_layer
+    model = build_split_model(
+        cfg.arch,
+        num_classes=num_classes,
+        image_size=image_size,
+        cut_layer=cut,
+        bottleneck_channels=cfg.bottleneck_channels,
+        rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(cfg.seed), _TAG_INIT)),
+    )
+    model.train()
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    model.eval()
+    graphdef_eval, _, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    shape = feature_shape(
+        cfg.arch, image_size=image_size, cut_layer=cut, bottleneck_channels=cfg.bottleneck_channels
+    )
+    return ModelParts(graphdef, graphdef_eval, params, batch_stats, rest, tuple(shape))
+
+
+def initial_state(
+    params: Any,
+    batch_stats: Any,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+    clusters_per_class: int,
+    feature_dim: int,
+) -> TrainState:
+    return TrainState(
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        mixture=entropy.init_mixture(num_classes, clusters_per_class, feature_dim),
+        mixture_ready=jnp.zeros((), jnp.float32),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def make_encode(
+    model: Any, defense: defenses.Defense, mean: Any, std: Any
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``encode(key, images uint8 | [0,1] float) -> defense.obfuscate(key, client(images))``.
+
+    ``model`` is a SplitModel in eval mode; it is split here, so the function is pure and traceable.
+    """
+    graphdef, params = nnx.split(model)
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+
+    def encode(key: jax.Array, images: jax.Array) -> jax.Array:
+        z = nnx.merge(graphdef, params).encode(data_lib.normalize(images, mean, std))
+        return defense.obfuscate(key, z)
+
+    return encode
+
+
 class Trainer:
     """The jitted pieces of a defended split-training run for one config and one dataset."""
 
@@ -100,7 +169,7 @@ class Trainer:
             image_size=self.image_size,
             cut_layer=self.cut_layer,
             bottleneck_channels=cfg.bottleneck_channels,
-        )
+        )  # checked before building anything, so a bad image size fails fast
         self.feature_dim = int(np.prod(self.feature_shape))
         if cfg.batch_size > dataset.num_train:
             raise ValueError(
@@ -113,14 +182,13 @@ class Trainer:
         self.mean = jnp.asarray(dataset.mean, jnp.float32)
         self.std = jnp.asarray(dataset.std, jnp.float32)
 
-        model = self._build_model()
-        model.train()
-        self.graphdef, params, batch_stats, self.rest = nnx.split(
-            model, nnx.Param, nnx.BatchStat, ...
+        parts = build_model_parts(cfg, self.num_classes, self.image_size)
+        self.graphdef, self.graphdef_eval, self.rest = (
+            parts.graphdef,
+            parts.graphdef_eval,
+            parts.rest,
         )
-        model.eval()
-        self.graphdef_eval, _, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        self._init_params, self._init_batch_stats = params, batch_stats
+        self._init_params, self._init_batch_stats = parts.params, parts.batch_stats
 
         with jax.set_mesh(self.mesh):
             rep = parallel.replicated(self.mesh)
@@ -131,25 +199,15 @@ class Trainer:
         self._feature_step = jax.jit(self._feature_step_impl)
 
     # --------------------------------------------------------------------------- construction
-    def _build_model(self) -> Any:
-        return build_split_model(
-            self.cfg.arch,
-            num_classes=self.num_classes,
-            image_size=self.image_size,
-            cut_layer=self.cut_layer,
-            bottleneck_channels=self.cfg.bottleneck_channels,
-            rngs=nnx.Rngs(jax.random.fold_in(self.key, _TAG_INIT)),
-        )
-
     def init_state(self) -> TrainState:
         """A fresh, replicated :class:`TrainState`."""
-        state = TrainState(
-            params=self._init_params,
-            batch_stats=self._init_batch_stats,
-            opt_state=self.tx.init(self._init_params),
-            mixture=entropy.init_mixture(self.num_classes, self.clusters, self.feature_dim),
-            mixture_ready=jnp.zeros((), jnp.float32),
-            step=jnp.zeros((), jnp.int32),
+        state = initial_state(
+            self._init_params,
+            self._init_batch_stats,
+            self.tx,
+            self.num_classes,
+            self.clusters,
+            self.feature_dim,
         )
         return parallel.replicate(state, self.mesh)
 
@@ -385,18 +443,10 @@ class Trainer:
         By default it applies every obfuscation of the defense (what the server receives); with
         ``noise_only`` only the Gaussian noise (the reference attacker's simulation, §6.1).
         """
-        model = self.model(state)
-        graphdef, params = nnx.split(model)
         defense = self.defense
         if noise_only:
             defense = dataclasses.replace(defense, dropout_ratio=0.0, topk_ratio=0.0)
-        mean, std = self.mean, self.std
-
-        def encode(key: jax.Array, images: jax.Array) -> jax.Array:
-            z = nnx.merge(graphdef, params).encode(data_lib.normalize(images, mean, std))
-            return defense.obfuscate(key, z)
-
-        return encode
+        return make_encode(self.model(state), defense, self.dataset.mean, self.dataset.std)
 
 
 def _pad(
@@ -505,6 +555,11 @@ def train(
                 "config": cfg.to_dict(),
                 "fingerprint": cfg.training_fingerprint(),
                 "history": history,
+                "num_classes": dataset.num_classes,
+                "image_size": dataset.image_size,
+                "mean": list(dataset.mean),
+                "std": list(dataset.std),
+                "feature_shape": list(trainer.feature_shape),
             }
             ckpt.save(epoch, state, meta)
         if on_epoch_end is not None:

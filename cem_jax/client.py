@@ -1,0 +1,108 @@
+"""A trained client, loaded back from a run's workdir, as a black box anyone can attack.
+
+>>> client = load_client("runs/cifar10_cem_noise_quick")              # doctest: +SKIP
+>>> z = client(images, jax.random.key(0))     # images [B, H, W, 3] in [0, 1] -> transmitted features
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from cem_jax import train
+from cem_jax.checkpoint import Checkpointer
+from cem_jax.config import RunConfig, config_from_dict
+
+
+class RunNotFoundError(FileNotFoundError):
+    """The workdir holds no finished (or no readable) run."""
+
+
+def read_run(workdir: str) -> tuple[RunConfig, dict[str, Any], Checkpointer]:
+    """The config and the metadata of the last checkpoint of a *finished* run in ``workdir``."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise RunNotFoundError(
+            f"{workdir}: no checkpoints/ folder; expected the --workdir of a run of experiments.run."
+        )
+    ckpt = Checkpointer(ckpt_dir)
+    if ckpt.latest_step() is None:
+        raise RunNotFoundError(f"{workdir}: checkpoints/ holds no checkpoint.")
+    meta = ckpt.read_meta()
+    if meta.get("format_version") != train.FORMAT_VERSION:
+        raise RunNotFoundError(
+            f"{workdir}: checkpoint format {meta.get('format_version')!r}, this version reads "
+            f"{train.FORMAT_VERSION}; it was written by an incompatible version of cem_jax."
+        )
+    if not meta.get("finished"):
+        raise RunNotFoundError(
+            f"{workdir}: the run is not finished (last completed epoch {meta.get('epoch')} of "
+            f"{meta.get('config', {}).get('epochs')}); re-run experiments.run with the same flags."
+        )
+    try:
+        cfg = config_from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunNotFoundError(f"{workdir}: unreadable run config ({e}).") from e
+    return cfg, meta, ckpt
+
+
+def restore_state(
+    cfg: RunConfig, meta: dict[str, Any], ckpt: Checkpointer
+) -> tuple[train.ModelParts, Any]:
+    """Rebuilds the model of ``cfg`` and restores the final train state from ``ckpt``."""
+    parts = train.build_model_parts(cfg, meta["num_classes"], meta["image_size"])
+    tx = train.make_optimizer(cfg, 1)
+    template = train.initial_state(
+        parts.params,
+        parts.batch_stats,
+        tx,
+        meta["num_classes"],
+        cfg.resolved_clusters_per_class,
+        int(np.prod(parts.feature_shape)),
+    )
+    state, _ = ckpt.restore(template)
+    return parts, state
+
+
+@dataclasses.dataclass
+class Client:
+    """``client(images, key) -> features`` exactly as the server receives them."""
+
+    config: RunConfig
+    feature_shape: tuple[int, int, int]
+    image_size: int
+    encode: Callable[[jax.Array, jax.Array], jax.Array]  # (key, images) -> features (jitted)
+    encode_clean: Callable[[jax.Array], jax.Array]  # images -> pre-noise features
+
+    def __call__(self, images: jax.Array, key: jax.Array) -> jax.Array:
+        return self.encode(key, images)
+
+
+def load_client(workdir: str, *, noise_only: bool = False) -> Client:
+    """The trained client of a finished run, with its defense's obfuscation (or only its noise)."""
+    cfg, meta, ckpt = read_run(workdir)
+    parts, state = restore_state(cfg, meta, ckpt)
+    ckpt.close()
+    from flax import nnx
+
+    model = nnx.merge(parts.graphdef_eval, state.params, state.batch_stats, parts.rest)
+    defense = cfg.defense_spec()
+    if noise_only:
+        defense = dataclasses.replace(defense, dropout_ratio=0.0, topk_ratio=0.0)
+    encode = train.make_encode(model, defense, meta["mean"], meta["std"])
+    no_defense = dataclasses.replace(
+        defense, sigma=0.0, dropout_ratio=0.0, topk_ratio=0.0, cem=False, lambd=0.0
+    )
+    clean = train.make_encode(model, no_defense, meta["mean"], meta["std"])
+    return Client(
+        config=cfg,
+        feature_shape=tuple(parts.feature_shape),
+        image_size=int(meta["image_size"]),
+        encode=jax.jit(encode),
+        encode_clean=jax.jit(lambda images: clean(jax.random.key(0), images)),
+    )
