@@ -168,6 +168,22 @@ def _ssim_map_zero_pad(x: jax.Array, y: jax.Array) -> jax.Array:
     return ((2 * mu12 + c1) * (2 * s12 + c2)) / ((mu1_sq + mu2_sq + c1) * (s1 + s2 + c2))
 
 
+def reference_ssim(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-image pytorch_ssim SSIM (zero padding 5, no clipping), ``[B]``.
+
+    The mean over images equals ``reference_mse_psnr_ssim(x, y)["ssim"]`` (all images have the same
+    size), so batch-size-weighted means of either agree.
+
+    Args:
+      x, y: ``[B, H, W, C]`` images in ``[0, 1]``.
+    Returns:
+      ``[B]`` float32; 1 for identical images.
+    """
+    _check_images(x, y)
+    m = _ssim_map_zero_pad(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    return jnp.mean(m, axis=(1, 2, 3))
+
+
 def reference_mse_psnr_ssim(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
     """The reference code's per-batch figures (reference §6.4), as float32 scalars.
 

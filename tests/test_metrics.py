@@ -116,6 +116,12 @@ def test_reference_metrics_match_numpy_zero_padded():
     np.testing.assert_allclose(ref["mse"], batch_mse, rtol=1e-5)
     np.testing.assert_allclose(ref["psnr"], 10 * np.log10(1 / batch_mse), rtol=1e-5)
     np.testing.assert_allclose(ref["ssim"], _np_ssim_zero_pad_mean(x, y), rtol=1e-4, atol=1e-5)
+    per_image = metrics.reference_ssim(x, y)
+    chex.assert_shape(per_image, (2,))
+    np.testing.assert_allclose(
+        per_image[1], _np_ssim_zero_pad_mean(x[1:], y[1:]), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(jnp.mean(per_image), ref["ssim"], rtol=1e-5)
     # the reference PSNR (of the batch MSE) differs from the mean of per-image PSNRs
     assert float(ref["psnr"]) <= float(jnp.mean(metrics.psnr(x, y))) + 1e-4
 
