@@ -463,6 +463,11 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _is_hidden(path: str) -> bool:
+    """Dot files and folders (``.ipynb_checkpoints``, ``._x.jpg``) and macOS ``__MACOSX/``."""
+    return any(p.startswith(".") or p == "__MACOSX" for p in path.split("/") if p)
+
+
 def _describe_path(path: str | None, limit: int = 8) -> str:
     if path is None:
         return "nothing (data_dir=None)"
@@ -529,13 +534,15 @@ def _group_by_class(
 def _list_folder(root: str, where: str) -> _Split:
     pairs: list[tuple[str, str]] = []
     empty: list[str] = []
-    classes = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
+    classes = sorted(
+        e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)) and not _is_hidden(e)
+    )
     for cls in classes:
         found = 0
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls)):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
             for f in filenames:
-                if _is_image(f):
+                if _is_image(f) and not _is_hidden(f):
                     pairs.append((cls, os.path.join(dirpath, f)))
                     found += 1
         if not found:
@@ -558,7 +565,11 @@ def _list_folder(root: str, where: str) -> _Split:
 def _list_zip(path: str, prefix: str, where: str, buffer: bytes | None = None) -> _Split:
     """The members ``<prefix><class>/.../<image>`` of the zip at ``path``."""
     with zipfile.ZipFile(path) as zf:
-        infos = [i for i in zf.infolist() if not i.is_dir() and i.filename.startswith(prefix)]
+        infos = [
+            i
+            for i in zf.infolist()
+            if not i.is_dir() and i.filename.startswith(prefix) and not _is_hidden(i.filename)
+        ]
     by_name = {i.filename: i for i in infos}
     pairs = []
     for info in infos:
@@ -610,13 +621,13 @@ def _list_splits(layout: _Layout) -> dict[str, _Split]:
         for s in _SPLITS:
             zpath = os.path.join(layout.path, s + ".zip")
             with zipfile.ZipFile(zpath) as zf:
-                names = [n for n in zf.namelist() if not n.endswith("/")]
+                names = [n for n in zf.namelist() if not n.endswith("/") and not _is_hidden(n)]
             prefix = f"{s}/" if names and all(n.startswith(f"{s}/") for n in names) else ""
             splits[s] = _list_zip(zpath, prefix, zpath)
     else:
         with zipfile.ZipFile(layout.path) as zf:
             names = zf.namelist()
-        tops = {n.split("/", 1)[0] for n in names if "/" in n}
+        tops = {n.split("/", 1)[0] for n in names if "/" in n and not _is_hidden(n)}
         root = ""
         if not all(f"{s}" in tops for s in _SPLITS) and len(tops) == 1:
             root = next(iter(tops)) + "/"  # one top-level folder holding train/ and test/

@@ -178,6 +178,27 @@ def test_zips_with_class_members_at_top(tmp_path):
     np.testing.assert_array_equal(ds.test_labels, _expected(tree, "test")[1])
 
 
+def test_hidden_entries_ignored(tmp_path):
+    """.ipynb_checkpoints, dot files and __MACOSX/ are neither classes nor images."""
+    tree = _make_tree(size=4, seed=9)
+    root = _write_folder(tmp_path / "ds", tree)
+    png = tree["train"]["ant"][0][1]
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / ".ipynb_checkpoints" / "x.png").write_bytes(png)
+    (root / "train" / "ant" / "._000.png").write_bytes(b"resource fork")
+    ds = data.load_dataset("facescrub", str(root))
+    assert ds.class_names == tuple(sorted(CLASSES))
+    np.testing.assert_array_equal(ds.train_images, _expected(tree, "train")[0])
+    zdir = tmp_path / "zips"
+    zdir.mkdir()
+    for split in ("train", "test"):
+        _write_zip(zdir / f"{split}.zip", tree, [split])
+        with zipfile.ZipFile(zdir / f"{split}.zip", "a") as zf:
+            zf.writestr(f"__MACOSX/{split}/ant/._000.png", b"resource fork")
+    ds = data.load_dataset("facescrub", str(zdir))
+    np.testing.assert_array_equal(ds.test_images, _expected(tree, "test")[0])
+
+
 @pytest.mark.parametrize("prefix", ["", "facescrub48/"])
 def test_single_zip(tmp_path, prefix):
     tree = _make_tree(size=6, seed=7)
