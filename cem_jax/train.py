@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from cem_jax import data as data_lib
 from cem_jax import defenses, entropy, parallel
+from cem_jax import metrics as metrics_lib
 from cem_jax.checkpoint import Checkpointer
 from cem_jax.config import RunConfig
 from cem_jax.models import build_split_model, feature_shape
@@ -38,7 +39,11 @@ from cem_jax.models import build_split_model, feature_shape
 FORMAT_VERSION = 1
 
 # Purpose tags folded into the run key (never change: resuming depends on them).
-_TAG_INIT, _TAG_TRAIN, _TAG_ORDER, _TAG_EVAL, _TAG_KMEANS = 1, 2, 3, 4, 5
+_TAG_INIT, _TAG_TRAIN, _TAG_ORDER, _TAG_EVAL, _TAG_KMEANS, _TAG_ADV = 1, 2, 3, 4, 5, 6
+
+# The adversarial defense's local decoder (reference §3.3: res_normN4C64, Adam 1e-3).
+ADVERSARY_DECODER = "res_normN4C64"
+ADVERSARY_LR = 1e-3
 
 
 @flax.struct.dataclass
@@ -53,6 +58,7 @@ class TrainState:
         jax.Array
     )  # float32 scalar: 0 until the first mixture refresh (CEM off in epoch 1)
     step: jax.Array  # int32 scalar: optimizer steps taken
+    adv: Any = None  # adversarial defense: the local decoder's params, batch stats and Adam state
 
 
 class NaNLossError(FloatingPointError):
@@ -138,14 +144,70 @@ def make_encode(
     ``model`` is a SplitModel in eval mode; it is split here, so the function is pure and traceable.
     """
     graphdef, params = nnx.split(model)
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
+    mean = tuple(float(m) for m in mean)
+    std = tuple(float(s) for s in std)
 
     def encode(key: jax.Array, images: jax.Array) -> jax.Array:
         z = nnx.merge(graphdef, params).encode(data_lib.normalize(images, mean, std))
         return defense.obfuscate(key, z)
 
     return encode
+
+
+class Adversary:
+    """The adversarial defense's local decoder (attacker-aware training, reference §3.3).
+
+    Unlike the reference, it is fitted on training data only (no pre-training on the test set) and
+    on the features the server actually receives; one Adam step per training step maximises the SSIM
+    of its reconstructions.
+    """
+
+    def __init__(self, decoder: Any) -> None:
+        decoder.train()
+        self.graphdef, params, batch_stats, self.rest = nnx.split(
+            decoder, nnx.Param, nnx.BatchStat, ...
+        )
+        decoder.eval()
+        self.graphdef_eval = nnx.split(decoder, nnx.Param, nnx.BatchStat, ...)[0]
+        self._params, self._batch_stats = params, batch_stats
+        self.tx = optax.adam(ADVERSARY_LR)
+
+    def init_state(self) -> dict[str, Any]:
+        return {
+            "params": self._params,
+            "batch_stats": self._batch_stats,
+            "opt_state": self.tx.init(self._params),
+        }
+
+    def apply(self, adv: dict[str, Any], z: jax.Array, *, train: bool) -> tuple[jax.Array, Any]:
+        graphdef = self.graphdef if train else self.graphdef_eval
+        decoder = nnx.merge(graphdef, adv["params"], adv["batch_stats"], self.rest)
+        return decoder(z), nnx.state(decoder, nnx.BatchStat)
+
+    def update(
+        self, adv: dict[str, Any], z: jax.Array, x01: jax.Array
+    ) -> tuple[dict[str, Any], jax.Array]:
+        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+            rec, batch_stats = self.apply({**adv, "params": params}, z, train=True)
+            return -jnp.mean(metrics_lib.ssim(rec, x01)), batch_stats
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(adv["params"])
+        updates, opt_state = self.tx.update(grads, adv["opt_state"], adv["params"])
+        params = optax.apply_updates(adv["params"], updates)
+        return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss
+
+
+def build_adversary(cfg: RunConfig, feature_shape: tuple[int, ...], image_size: int) -> Adversary:
+    from cem_jax.models.decoder import decoder_from_name
+
+    decoder = decoder_from_name(
+        ADVERSARY_DECODER,
+        in_channels=feature_shape[2],
+        feature_size=feature_shape[0],
+        image_size=image_size,
+        rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(cfg.seed), _TAG_ADV)),
+    )
+    return Adversary(decoder)
 
 
 class Trainer:
@@ -179,8 +241,8 @@ class Trainer:
         self.tx = make_optimizer(cfg, self.steps_per_epoch)
         self.schedule = lr_schedule(cfg, self.steps_per_epoch)
         self.key = jax.random.key(cfg.seed)
-        self.mean = jnp.asarray(dataset.mean, jnp.float32)
-        self.std = jnp.asarray(dataset.std, jnp.float32)
+        self.mean = tuple(float(m) for m in dataset.mean)
+        self.std = tuple(float(s) for s in dataset.std)
 
         parts = build_model_parts(cfg, self.num_classes, self.image_size)
         self.graphdef, self.graphdef_eval, self.rest = (
@@ -189,6 +251,9 @@ class Trainer:
             parts.rest,
         )
         self._init_params, self._init_batch_stats = parts.params, parts.batch_stats
+        self.adversary = None
+        if self.defense.adversarial_alpha > 0:
+            self.adversary = build_adversary(cfg, self.feature_shape, self.image_size)
 
         with jax.set_mesh(self.mesh):
             rep = parallel.replicated(self.mesh)
@@ -209,6 +274,8 @@ class Trainer:
             self.clusters,
             self.feature_dim,
         )
+        if self.adversary is not None:
+            state = state.replace(adv=self.adversary.init_state())
         return parallel.replicate(state, self.mesh)
 
     def model(self, state: TrainState, *, train: bool = False) -> Any:
@@ -230,8 +297,10 @@ class Trainer:
         labels = jax.lax.with_sharding_constraint(self.train_labels[idx], sharding)
         key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_TRAIN), state.step)
         k_aug, k_def, k_drop = jax.random.split(key, 3)
-        x = self._preprocess(data_lib.augment(k_aug, images))
+        x01 = data_lib.augment(k_aug, images)
+        x = self._preprocess(x01)
         model = nnx.merge(self.graphdef, state.params, state.batch_stats, self.rest)
+        adv = self.adversary
 
         def loss_fn(model: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
             z = model.encode(x)
@@ -248,6 +317,14 @@ class Trainer:
                 dcor = defenses.distance_correlation(x, z)
                 total = total + d.nopeek_alpha * dcor
                 aux["dcor"] = dcor
+            if adv is not None:
+                # the local attacker (eval mode) inverts what the server receives; the client is
+                # penalised when its reconstructions get too good: α·max(0, SSIM − threshold)
+                rec = adv.apply(state.adv, z_sent, train=False)[0]
+                ssim = jnp.mean(metrics_lib.ssim(rec, x01))
+                total = total + d.adversarial_penalty(ssim)
+                aux["adv_ssim"] = ssim
+                aux["_z_sent"] = z_sent
             aux["loss"] = total
             return total, aux
 
@@ -260,6 +337,10 @@ class Trainer:
             opt_state=opt_state,
             step=state.step + 1,
         )
+        if adv is not None:
+            z_sent = jax.lax.stop_gradient(aux.pop("_z_sent"))
+            new_adv, aux["adv_loss"] = adv.update(state.adv, z_sent, x01)
+            new_state = new_state.replace(adv=new_adv)
         aux["lr"] = self.schedule(state.step)
         return new_state, aux
 
