@@ -1,0 +1,305 @@
+"""Tests for cem_jax.kmeans: against NumPy references written with explicit loops, and closed forms."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from cem_jax import kmeans
+from cem_jax.kmeans import group_by_class, kmeans_per_class, max_class_size
+
+
+def _np_assign(x, centroids):
+    """Nearest centroid by explicit loops, ties → lowest id; float64."""
+    assign = np.zeros(len(x), np.int64)
+    d2 = np.zeros(len(x))
+    for i, xi in enumerate(x):
+        best, best_d = 0, np.inf
+        for j, cj in enumerate(centroids):
+            d = float(np.sum((xi - cj) ** 2))
+            if d < best_d:
+                best, best_d = j, d
+        assign[i], d2[i] = best, best_d
+    return assign, d2
+
+
+def _np_lloyd(x, labels, init, iterations):
+    """Independent per-class Lloyd reference; empty clusters keep their centroid."""
+    x = np.asarray(x, np.float64)
+    centroids = np.array(init, np.float64)
+    assignments = np.zeros(len(x), np.int64)
+    inertia = 0.0
+    for c in range(centroids.shape[0]):
+        members = np.flatnonzero(labels == c)
+        xc = x[members]
+        for _ in range(iterations):
+            assign, _ = _np_assign(xc, centroids[c])
+            for j in range(centroids.shape[1]):
+                if np.any(assign == j):
+                    centroids[c, j] = xc[assign == j].mean(axis=0)
+        assign, d2 = _np_assign(xc, centroids[c])
+        assignments[members] = assign
+        inertia += d2.sum()
+    return centroids, assignments, inertia
+
+
+def _same_partition(a, b):
+    """True if the integer labelings a and b define the same partition (contingency is a permutation)."""
+    ua, ia = np.unique(a, return_inverse=True)
+    ub, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((len(ua), len(ub)), np.int64)
+    np.add.at(table, (ia, ib), 1)
+    return (
+        len(ua) == len(ub)
+        and np.all((table > 0).sum(axis=0) == 1)
+        and np.all((table > 0).sum(axis=1) == 1)
+    )
+
+
+def test_group_by_class_matches_numpy():
+    rng = np.random.default_rng(0)
+    num_classes, m = 5, 40
+    labels = rng.choice([0, 1, 3, 4], size=97, p=[0.4, 0.1, 0.3, 0.2])  # class 2 empty
+    layout = jax.jit(group_by_class, static_argnums=(1, 2))(jnp.asarray(labels), num_classes, m)
+    index, mask = np.asarray(layout.index), np.asarray(layout.mask)
+    assert index.shape == mask.shape == (num_classes, m)
+    assert index.dtype == np.int32 and mask.dtype == np.bool_
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        expected_index = np.zeros(m, np.int64)
+        expected_index[: len(members)] = members
+        np.testing.assert_array_equal(index[c], expected_index)
+        np.testing.assert_array_equal(mask[c], np.arange(m) < len(members))
+
+
+def test_max_class_size_rounding():
+    assert max_class_size(jnp.array([0, 0, 1]), 2) == 64
+    assert max_class_size(jnp.array([1] * 64 + [0]), 2) == 64
+    assert max_class_size(jnp.array([1] * 65 + [0]), 2) == 128
+    assert max_class_size(np.array([2] * 21), 3, multiple=10) == 30
+    assert max_class_size(np.array([2] * 20), 3, multiple=10) == 20
+
+
+def test_planted_clusters_recovered():
+    rng = np.random.default_rng(1)
+    num_classes, k, d = 3, 3, 4
+    class_sizes = [[50, 10, 60], [5, 30, 8], [40, 40, 1]]  # uneven classes and clusters
+    xs, ys, truth = [], [], []
+    for c, sizes in enumerate(class_sizes):
+        centers = rng.uniform(-100, 100, size=(k, d))
+        for j, size in enumerate(sizes):
+            xs.append(centers[j] + 0.1 * rng.standard_normal((size, d)))
+            ys += [c] * size
+            truth += [j] * size
+    perm = rng.permutation(len(ys))
+    x = np.concatenate(xs).astype(np.float32)[perm]
+    y, truth = np.array(ys)[perm], np.array(truth)[perm]
+
+    r = kmeans_per_class(
+        x, y, num_classes=num_classes, clusters_per_class=k, key=jax.random.key(3), iterations=10
+    )
+    assignments = np.asarray(r.assignments)
+    expected_inertia = 0.0
+    for c in range(num_classes):
+        members = y == c
+        assert _same_partition(truth[members], assignments[members])
+        for j in range(k):
+            group = x[members & (truth == j)]
+            cluster = assignments[members & (truth == j)][0]
+            np.testing.assert_allclose(r.centroids[c, cluster], group.mean(0), atol=1e-4)
+            assert int(r.cluster_sizes[c, cluster]) == len(group)
+            expected_inertia += np.sum((group.astype(np.float64) - group.mean(0)) ** 2)
+    np.testing.assert_allclose(float(r.inertia), expected_inertia, rtol=1e-4)
+
+
+def test_lloyd_matches_numpy_reference_from_same_init():
+    rng = np.random.default_rng(2)
+    num_classes, k, d = 3, 4, 3
+    y = rng.choice(num_classes, size=300, p=[0.6, 0.3, 0.1])
+    x = rng.standard_normal((300, d)).astype(np.float32)  # no cluster structure
+    init = np.stack([x[rng.choice(np.flatnonzero(y == c), k, replace=False)] for c in range(3)])
+    init[1, 2] = 50.0  # a centroid no member is nearest to: an empty cluster
+    iterations = 8
+    ref_centroids, ref_assign, ref_inertia = _np_lloyd(x, y, init, iterations)
+    r = kmeans_per_class(
+        x,
+        y,
+        num_classes=num_classes,
+        clusters_per_class=k,
+        key=None,
+        init_centroids=init,
+        iterations=iterations,
+    )
+    np.testing.assert_array_equal(np.asarray(r.assignments), ref_assign)
+    np.testing.assert_allclose(np.asarray(r.centroids), ref_centroids, atol=1e-5)
+    assert float(r.inertia) <= ref_inertia * (1 + 1e-5)
+    np.testing.assert_allclose(float(r.inertia), ref_inertia, rtol=1e-5)
+    expected_sizes = [[np.sum((y == c) & (ref_assign == j)) for j in range(k)] for c in range(3)]
+    np.testing.assert_array_equal(np.asarray(r.cluster_sizes), expected_sizes)
+    assert int(r.cluster_sizes[1, 2]) == 0
+    np.testing.assert_array_equal(np.asarray(r.centroids[1, 2]), [50.0] * d)
+
+
+def test_warm_start_from_converged_state_does_not_move():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 5)).astype(np.float32)
+    y = rng.integers(0, 4, 400)
+    common = dict(num_classes=4, clusters_per_class=6)
+    r = kmeans_per_class(x, y, key=jax.random.key(0), iterations=100, **common)
+    again = kmeans_per_class(x, y, key=None, init_centroids=r.centroids, iterations=5, **common)
+    np.testing.assert_allclose(np.asarray(again.centroids), np.asarray(r.centroids), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(again.assignments), np.asarray(r.assignments))
+    np.testing.assert_array_equal(np.asarray(again.cluster_sizes), np.asarray(r.cluster_sizes))
+
+
+def test_kmeanspp_seeding_is_proportional_to_squared_distance():
+    # Many independent 1-D classes {0, 1, 3}, K = 2, no Lloyd step: centroids = (first, second) seed.
+    points = np.array([0.0, 1.0, 3.0])
+    num_classes = 3000
+    x = np.tile(points, num_classes)[:, None].astype(np.float32)
+    y = np.repeat(np.arange(num_classes), 3)
+    r = kmeans_per_class(
+        x,
+        y,
+        num_classes=num_classes,
+        clusters_per_class=2,
+        key=jax.random.key(7),
+        iterations=0,
+        max_class_size=3,
+    )
+    seeds = np.asarray(r.centroids[:, :, 0])
+    pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
+    observed = [np.sum((seeds[:, 0] == points[a]) & (seeds[:, 1] == points[b])) for a, b in pairs]
+    assert sum(observed) == num_classes
+
+    def expected(power):
+        probs = []
+        for a, b in pairs:
+            w = np.abs(points - points[a]) ** power
+            probs.append(w[b] / w.sum() / 3)
+        return np.array(probs) * num_classes
+
+    assert stats.chisquare(observed, expected(2)).pvalue > 1e-3
+    assert stats.chisquare(observed, expected(1)).pvalue < 1e-6  # the test can tell ∝ d from ∝ d²
+
+
+def test_seeding_duplicates_fall_back_to_uniform():
+    # 3 identical members, K = 3: every seed is that point; ties → cluster 0 takes all members.
+    x = np.array([[2.0, -1.0]] * 3 + [[0.0, 0.0], [5.0, 5.0]], np.float32)
+    y = np.array([0, 0, 0, 1, 1])
+    r = kmeans_per_class(x, y, num_classes=2, clusters_per_class=3, key=jax.random.key(1))
+    np.testing.assert_allclose(np.asarray(r.centroids[0]), [[2.0, -1.0]] * 3, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(r.cluster_sizes[0]), [3, 0, 0])
+    np.testing.assert_array_equal(np.asarray(r.assignments[:3]), [0, 0, 0])
+    assert sorted(np.asarray(r.cluster_sizes[1]).tolist()) == [0, 1, 1]
+
+
+def test_small_and_empty_classes():
+    rng = np.random.default_rng(5)
+    d, k = 3, 3
+    counts = [1, 0, 2, 7]  # class 1 is empty, classes 0 and 2 have fewer than K members
+    y = np.repeat(np.arange(4), counts)
+    x = rng.standard_normal((len(y), d)).astype(np.float32)
+    common = dict(num_classes=4, clusters_per_class=k, iterations=5)
+    r = kmeans_per_class(x, y, key=jax.random.key(2), **common)
+    assert np.all(np.isfinite(np.asarray(r.centroids)))
+    np.testing.assert_array_equal(np.asarray(r.cluster_sizes).sum(1), counts)
+    np.testing.assert_array_equal(np.asarray(r.centroids[1]), np.zeros((k, d)))
+    np.testing.assert_allclose(np.asarray(r.centroids[0]), np.repeat(x[:1], k, axis=0), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(r.cluster_sizes[0]), [1, 0, 0])
+    assert np.all(np.asarray(r.assignments) < k)
+
+    # Warm start: centroids nobody is nearest to, and the empty class, keep their values.
+    init = np.array(r.centroids)
+    init[3, 1] = 1e3
+    init[1] = rng.standard_normal((k, d))
+    w = kmeans_per_class(x, y, key=None, init_centroids=init, **common)
+    assert int(w.cluster_sizes[3, 1]) == 0
+    np.testing.assert_array_equal(np.asarray(w.centroids[3, 1]), init[3, 1])
+    np.testing.assert_array_equal(np.asarray(w.centroids[1]), init[1].astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(w.cluster_sizes).sum(1), counts)
+    ref_centroids, ref_assign, _ = _np_lloyd(x, y, init, 5)
+    np.testing.assert_allclose(np.asarray(w.centroids), ref_centroids, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(w.assignments), ref_assign)
+
+
+def test_runs_under_jit_with_explicit_max_class_size():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((50, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 50)
+    init = np.stack([x[np.flatnonzero(y == c)[:2]] for c in range(3)])
+    f = jax.jit(
+        lambda x, y: kmeans_per_class(
+            x, y, num_classes=3, clusters_per_class=2, key=None, init_centroids=init,
+            iterations=4, max_class_size=64,
+        )
+    )  # fmt: skip
+    r = f(x, y)
+    _, ref_assign, ref_inertia = _np_lloyd(x, y, init, 4)
+    np.testing.assert_array_equal(np.asarray(r.assignments), ref_assign)
+    np.testing.assert_allclose(float(r.inertia), ref_inertia, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_class_size=None needs concrete labels"):
+        jax.jit(
+            lambda x, y: kmeans_per_class(x, y, num_classes=3, clusters_per_class=2, key=None,
+                                          init_centroids=init)
+        )(x, y)  # fmt: skip
+
+
+def test_compiles_once_for_equal_shapes(monkeypatch):
+    counted = chex.assert_max_traces(kmeans._kmeans_impl, n=1)
+    static = ("num_classes", "k", "iterations", "m", "class_batch")
+    monkeypatch.setattr(kmeans, "_kmeans_jit", jax.jit(counted, static_argnames=static))
+    rng = np.random.default_rng(8)
+    for seed in range(3):
+        x = rng.standard_normal((120, 3)).astype(np.float32)
+        y = rng.integers(0, 4, 120)  # different labels, same rounded class size (64)
+        r = kmeans_per_class(
+            x, y, num_classes=4, clusters_per_class=2, key=jax.random.key(seed), iterations=3
+        )
+        np.testing.assert_array_equal(np.asarray(r.cluster_sizes).sum(1), np.bincount(y, None, 4))
+    chex.clear_trace_counter()
+
+
+_X = np.zeros((6, 2), np.float32)
+_Y = np.array([0, 0, 1, 1, 2, 2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(features=np.zeros(6, np.float32)), "features has shape"),
+        (dict(labels=np.zeros((6, 1), np.int32)), "labels has shape"),
+        (dict(labels=np.zeros(5, np.int32)), "labels has shape"),
+        (dict(labels=np.zeros(6, np.float32)), "labels has dtype"),
+        (dict(labels=np.array([0, 0, 1, 1, 2, 3])), r"labels range over \[0, 3\]"),
+        (dict(labels=np.array([0, -1, 1, 1, 2, 2])), r"labels range over \[-1, 2\]"),
+        (dict(num_classes=0), "num_classes=0"),
+        (dict(clusters_per_class=0), "clusters_per_class=0"),
+        (dict(iterations=-1), "iterations=-1"),
+        (dict(init_centroids=np.zeros((3, 2, 3))), r"init_centroids has shape \(3, 2, 3\)"),
+        (dict(init_centroids=np.zeros((2, 2, 2))), r"init_centroids has shape \(2, 2, 2\)"),
+        (dict(key=None), "key=None"),
+        (dict(max_class_size=1), "max_class_size=1"),
+        (dict(max_class_size=0), "max_class_size=0"),
+    ],
+)
+def test_bad_inputs_raise(kwargs, match):
+    args = dict(
+        features=_X,
+        labels=_Y,
+        num_classes=3,
+        clusters_per_class=2,
+        key=jax.random.key(0),
+        iterations=2,
+    )
+    args.update(kwargs)
+    features, labels = args.pop("features"), args.pop("labels")
+    with pytest.raises(ValueError, match=match):
+        kmeans_per_class(features, labels, **args)
+
+
+def test_max_class_size_rejects_traced_labels():
+    with pytest.raises(ValueError, match="labels is a traced array"):
+        jax.jit(lambda y: max_class_size(y, 3))(jnp.array(_Y))
