@@ -171,7 +171,9 @@ def _lloyd(x, mask, centroids, iterations: int):
     k = centroids.shape[0]
     maskf = mask.astype(x.dtype)
     count = jnp.maximum(jnp.sum(maskf), 1.0)
-    mu = jnp.sum(x * maskf[:, None], axis=0) / count  # [D]
+    mu = (
+        jnp.matmul(maskf, x, precision=_HIGHEST) / count
+    )  # [D] (a matvec: XLA:CPU column sums are slow)
     xc = (x - mu) * maskf[:, None]
     xc_sq = jnp.sum(xc * xc, axis=-1)
 
