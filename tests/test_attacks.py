@@ -1,0 +1,307 @@
+"""Tests of cem_jax.attacks: the decoder and GAN inversion attacks."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cem_jax import attacks, parallel
+
+try:
+    from cem_jax.entropy import mse_lower_bound
+except ImportError:  # pragma: no cover - fallback until entropy.py lands
+
+    def mse_lower_bound(conditional_entropy, dim):
+        return math.exp(2.0 * float(conditional_entropy) / dim) / (2.0 * math.pi * math.e)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear-Gaussian toy: x ~ N(0, I_d), z = A x + sigma * eps. The MMSE estimator is linear, so a
+# linear decoder trained by the attack must reach the closed-form MMSE, and nothing may beat the
+# entropy floor.
+
+D_IN, D_OUT, SIGMA = 16, 12, 0.5
+
+
+def _toy():
+    rng = np.random.default_rng(0)
+    a = (rng.normal(size=(D_OUT, D_IN)) / math.sqrt(D_IN)).astype(np.float32)
+    a_j = jnp.asarray(a)
+
+    def encode(key, x):
+        return x @ a_j.T + SIGMA * jax.random.normal(key, (x.shape[0], D_OUT))
+
+    x_train = rng.normal(size=(8000, D_IN)).astype(np.float32)
+    x_eval = rng.normal(size=(3500, D_IN)).astype(np.float32)
+    return a, encode, x_train, x_eval
+
+
+TOY_CONFIG = attacks.DecoderAttackConfig(
+    epochs=5, batch_size=200, lr=1e-2, final_lr=1e-4, weight_decay=0.0, eval_batch_size=1000
+)
+
+
+def test_linear_gaussian_toy_reaches_mmse_and_respects_entropy_floor():
+    a, encode, x_train, x_eval = _toy()
+    post_cov = np.linalg.inv(np.eye(D_IN) + a.T.astype(np.float64) @ a / SIGMA**2)
+    mmse = np.trace(post_cov) / D_IN
+    _, logdet = np.linalg.slogdet(2 * np.pi * np.e * post_cov)
+    h_x_given_z = 0.5 * logdet
+    floor = float(mse_lower_bound(h_x_given_z, D_IN))
+    np.testing.assert_allclose(floor, np.linalg.det(post_cov) ** (1 / D_IN), rtol=1e-4)
+    assert floor < mmse
+
+    calls = []
+    result = attacks.decoder_attack(
+        encode,
+        x_train,
+        x_eval,
+        config=TOY_CONFIG,
+        key=jax.random.key(1),
+        feature_shape=(D_OUT,),
+        decoder=nnx.Linear(D_OUT, D_IN, rngs=nnx.Rngs(0)),
+        progress=calls.append,
+    )
+    mse = result.metrics["mse"]
+    assert abs(mse - mmse) < 0.1 * mmse, (mse, mmse)
+    assert mse >= floor
+    # Its excess risk over the Bayes estimator W* = (A^T A + sigma^2 I)^-1 A^T, computed in closed
+    # form from the learned weights, is small: MSE(W) = MMSE + tr((W - W*) C (W - W*)^T) / d with
+    # C = A A^T + sigma^2 I the covariance of z (and the bias adds |b|^2 / d).
+    w_opt = np.linalg.solve(a.T @ a + SIGMA**2 * np.eye(D_IN), a.T)
+    w = np.asarray(result.decoder.kernel[...], np.float64).T
+    b = np.asarray(result.decoder.bias[...], np.float64)
+    cov_z = a @ a.T + SIGMA**2 * np.eye(D_OUT)
+    excess = (np.trace((w - w_opt) @ cov_z @ (w - w_opt).T) + b @ b) / D_IN
+    assert excess < 0.05 * mmse
+    np.testing.assert_allclose(mse, mmse + excess, rtol=0.05)  # eval MSE = its expectation
+    assert math.isnan(result.metrics["ssim"])  # not images
+    assert [c["epoch"] for c in calls] == list(range(1, 6))
+    assert all(c["attack"] == "decoder" and c["epochs"] == 5 for c in calls)
+    lrs = [h["lr"] for h in result.history]
+    expected = [1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    assert result.examples.shape == (16, D_IN)
+
+
+def test_mesh_of_one_device_matches_no_mesh():
+    _, encode, x_train, x_eval = _toy()
+    cfg = attacks.DecoderAttackConfig(
+        epochs=1, batch_size=200, lr=1e-2, final_lr=1e-3, eval_batch_size=500
+    )
+    kw = dict(config=cfg, key=jax.random.key(3), feature_shape=(D_OUT,))
+    lin = nnx.Linear(D_OUT, D_IN, rngs=nnx.Rngs(0))
+    before = np.asarray(lin.kernel[...]).copy()
+    plain = attacks.decoder_attack(encode, x_train[:2000], x_eval[:700], decoder=lin, **kw)
+    meshed = attacks.decoder_attack(
+        encode, x_train[:2000], x_eval[:700], decoder=lin, mesh=parallel.make_mesh(1), **kw
+    )
+    np.testing.assert_array_equal(np.asarray(lin.kernel[...]), before)  # input not modified
+    for k in ("mse", "psnr"):
+        np.testing.assert_allclose(plain.metrics[k], meshed.metrics[k], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(plain.decoder.kernel[...]), np.asarray(meshed.decoder.kernel[...]), rtol=1e-6
+    )
+    np.testing.assert_allclose(plain.history[0]["loss"], meshed.history[0]["loss"], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small images end to end.
+
+SIDE, FEAT, CH = 16, 4, 8
+
+
+def _image_setup():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(210, 4, 4, 3)).astype(np.float32)
+    smooth = np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)
+    images = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+    w = jnp.asarray(rng.normal(size=(4 * 4 * 3, CH)).astype(np.float32) / 7.0)
+
+    def encode(key, x):
+        x = x.astype(jnp.float32) / 255.0
+        b = x.shape[0]
+        patches = x.reshape(b, FEAT, 4, FEAT, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+        z = jax.nn.sigmoid(patches.reshape(b, FEAT, FEAT, 48) @ w - 0.5)
+        return z + 0.05 * jax.random.normal(key, z.shape)
+
+    return encode, images[:160], images[160:]
+
+
+IMG_CONFIG = attacks.DecoderAttackConfig(
+    epochs=4, batch_size=32, lr=3e-3, decoder="res_normN1C8", eval_batch_size=32, num_examples=5
+)
+
+
+@pytest.fixture(scope="module")
+def image_attack():
+    encode, train, test = _image_setup()
+    result = attacks.decoder_attack(
+        encode,
+        train,
+        test,
+        config=IMG_CONFIG,
+        key=jax.random.key(0),
+        feature_shape=(FEAT, FEAT, CH),
+    )
+    return encode, train, test, result
+
+
+def test_decoder_attack_on_images_learns_and_reports_metrics_in_range(image_attack):
+    _, _, test, result = image_attack
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    m = result.metrics
+    assert 0.0 < m["mse"] < 1.0
+    assert 0.0 < m["psnr"] < 100.0 and 0.0 < m["ref_psnr"] < 100.0
+    assert -1.0 <= m["ssim"] <= 1.0 and -1.0 <= m["ref_ssim"] <= 1.0
+    assert result.examples.shape == (5, SIDE, SIDE, 3)
+    assert np.all((result.examples > 0) & (result.examples < 1))
+    assert result.wall_time_s > 0
+    # The decoder's mean eval MSE must beat predicting the training mean image... or at least be
+    # finite and below the variance of the pixels around 0.5 (a trivially bad reconstruction).
+    x01 = test.astype(np.float64) / 255.0
+    assert m["mse"] < np.mean((x01 - 0.5) ** 2) * 1.5
+
+
+def test_evaluate_decoder_matches_a_direct_computation(image_attack):
+    from cem_jax import metrics
+
+    encode, _, test, result = image_attack
+    key = jax.random.key(7)
+    out = attacks.evaluate_decoder(
+        encode, result.decoder, test, key=key, batch_size=32, num_examples=3
+    )
+    # Direct: batches of 32 (the last one short: 50 = 32 + 18), noise key fold_in(key, b).
+    dec = result.decoder
+    dec.eval()
+    apply = nnx.jit(lambda m, z: m(z))
+    mses, ssims, ref_psnr = [], [], []
+    for b, start in enumerate(range(0, len(test), 32)):
+        x = test[start : start + 32]
+        rec = np.asarray(apply(dec, encode(jax.random.fold_in(key, b), jnp.asarray(x))), np.float64)
+        x01 = x.astype(np.float64) / 255.0
+        per = ((rec - x01) ** 2).mean(axis=(1, 2, 3))
+        mses.append(per)
+        ssims.append(np.asarray(metrics.ssim(rec, x01)))
+        ref_psnr.append(np.full(len(x), 10 * np.log10(1 / per.mean())))
+        if b == 0:
+            first = rec[:3]
+    dec.train()
+    mses = np.concatenate(mses)
+    np.testing.assert_allclose(out["mse"], mses.mean(), rtol=1e-4)
+    np.testing.assert_allclose(out["psnr"], np.mean(10 * np.log10(1 / mses)), rtol=1e-4)
+    np.testing.assert_allclose(out["ssim"], np.concatenate(ssims).mean(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(out["ref_psnr"], np.concatenate(ref_psnr).mean(), rtol=1e-4)
+    np.testing.assert_allclose(out["examples"], first, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gan_attack_runs_from_the_decoder(image_attack):
+    encode, train, test, result = image_attack
+    before = jax.tree.map(np.array, nnx.state(result.decoder))
+    cfg = attacks.GanAttackConfig(
+        epochs=1, batch_size=32, n_critic=2, critic_width=8, eval_batch_size=32, num_examples=2
+    )
+    calls = []
+    gan = attacks.gan_attack(
+        encode,
+        train,
+        test,
+        config=cfg,
+        key=jax.random.key(1),
+        init_decoder=result.decoder,
+        progress=calls.append,
+    )
+    for k in ("mse", "psnr", "ssim", "ref_psnr", "ref_ssim"):
+        assert np.isfinite(gan.metrics[k]), k
+    assert 0 < gan.metrics["mse"] < 1
+    assert len(calls) == 1 and calls[0]["attack"] == "gan"
+    h = gan.history[0]
+    assert np.isfinite(h["critic_loss"]) and np.isfinite(h["generator_loss"])
+    assert gan.examples.shape == (2, SIDE, SIDE, 3)
+    after = jax.tree.map(np.array, nnx.state(result.decoder))
+    jax.tree.map(np.testing.assert_array_equal, before, after)  # init_decoder not modified
+    # The generator was trained: its parameters moved away from the decoder's.
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+        nnx.state(gan.decoder, nnx.Param),
+        nnx.state(result.decoder, nnx.Param),
+    )
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_wgan_critic_shapes():
+    for side in (32, 48, 64, 40):
+        critic = nnx.eval_shape(lambda s=side: attacks.WGANCritic(s, width=4, rngs=nnx.Rngs(0)))
+        assert critic.head.kernel.shape == (math.ceil(side / 8),) * 2 + (16, 1)
+        out = jax.eval_shape(
+            lambda m, x: m(x), critic, jax.ShapeDtypeStruct((3, side, side, 3), jnp.float32)
+        )
+        assert out.shape == (3,)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    # For D(x) = <w, x> the input gradient is w everywhere: GP = (||w|| - 1)^2.
+    class Lin(nnx.Module):
+        def __init__(self, w):
+            self.w = w
+
+        def __call__(self, x):
+            return jnp.sum(x * self.w, axis=(1, 2, 3))
+
+    w = jnp.full((1, 2, 2, 3), 0.5)  # ||w|| = sqrt(12) / 2
+    real, fake = jnp.zeros((4, 2, 2, 3)), jnp.ones((4, 2, 2, 3))
+    gp = attacks._gradient_penalty(Lin(w), real, fake, jax.random.key(0))
+    np.testing.assert_allclose(gp, (math.sqrt(12) / 2 - 1) ** 2, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and validation.
+
+
+def test_split_settings():
+    train = np.arange(30)[:, None]
+    test = np.arange(100, 120)[:, None]
+    s = attacks.split_settings(train, test)
+    assert s["train_time"][0] is train and s["train_time"][1] is test
+    np.testing.assert_array_equal(s["inference_time"][0], test[:18])
+    np.testing.assert_array_equal(s["inference_time"][1], test[18:])
+    with pytest.raises(ValueError, match="test_images"):
+        attacks.split_settings(train, test[:1])
+
+
+def test_bad_inputs_raise():
+    _, encode, x_train, x_eval = _toy()
+    kw = dict(
+        config=TOY_CONFIG,
+        key=jax.random.key(0),
+        decoder=nnx.Linear(D_OUT, D_IN, rngs=nnx.Rngs(0)),
+    )
+    with pytest.raises(ValueError, match="eval_images"):
+        attacks.decoder_attack(encode, x_train, x_eval[:, :8], feature_shape=(D_OUT,), **kw)
+    with pytest.raises(ValueError, match="batch_size=200"):
+        attacks.decoder_attack(encode, x_train[:100], x_eval, feature_shape=(D_OUT,), **kw)
+    with pytest.raises(ValueError, match="feature_shape"):
+        attacks.decoder_attack(encode, x_train, x_eval, feature_shape=(D_OUT + 1,), **kw)
+    with pytest.raises(ValueError, match="decoder"):
+        attacks.decoder_attack(
+            encode,
+            x_train,
+            x_eval,
+            feature_shape=(D_OUT,),
+            **{**kw, "decoder": nnx.Linear(D_OUT, D_IN + 1, rngs=nnx.Rngs(0))},
+        )
+    with pytest.raises(ValueError, match="train_images"):
+        attacks.decoder_attack(encode, x_train.astype(np.int32), x_eval, feature_shape=None, **kw)
+    for bad in (dict(epochs=0), dict(batch_size=-1), dict(lr=0.0), dict(final_lr=1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            attacks.DecoderAttackConfig(**bad)
+    for bad in (dict(n_critic=0), dict(b1=1.0), dict(gp_weight=-1.0), dict(critic_lr=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            attacks.GanAttackConfig(**bad)
