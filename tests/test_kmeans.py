@@ -303,3 +303,17 @@ def test_bad_inputs_raise(kwargs, match):
 def test_max_class_size_rejects_traced_labels():
     with pytest.raises(ValueError, match="labels is a traced array"):
         jax.jit(lambda y: max_class_size(y, 3))(jnp.array(_Y))
+
+
+def test_class_chunking_does_not_change_the_result(monkeypatch):
+    # CPU processes classes a few at a time (lax.map batch_size); force chunks of 2 of 3 classes.
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((90, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 90)
+    common = dict(num_classes=3, clusters_per_class=3, key=jax.random.key(5), iterations=6)
+    full = kmeans_per_class(x, y, **common)
+    monkeypatch.setattr(kmeans, "_class_batch", lambda c, m, d: 2)
+    chunked = kmeans_per_class(x, y, **common)
+    np.testing.assert_allclose(np.asarray(chunked.centroids), np.asarray(full.centroids), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(chunked.assignments), np.asarray(full.assignments))
+    np.testing.assert_array_equal(np.asarray(chunked.cluster_sizes), np.asarray(full.cluster_sizes))
