@@ -41,7 +41,8 @@ from jax.sharding import Mesh
 
 from cem_jax import metrics as metrics_lib
 from cem_jax import parallel
-from cem_jax.models.decoder import Conv, decoder_from_name, torch_bias_init, torch_kernel_init
+from cem_jax.models.decoder import decoder_from_name
+from cem_jax.models.layers import Conv, torch_bias_init, torch_kernel_init
 
 Encode = Callable[[jax.Array, jax.Array], jax.Array]
 Progress = Callable[[dict], None]
@@ -420,6 +421,28 @@ def evaluate_decoder(
 # Decoder attack
 
 
+def _decoder_train_step(graphdef, encode: Encode, key: jax.Array, placement: _Placement):
+    """The jitted step ``(state, batch, step) -> (state, loss)`` of the decoder attack.
+
+    ``state`` is ``nnx.state((decoder, optimizer))`` (donated); the features are
+    ``encode(fold_in(key, step), batch)``; loss ``mean((decoder(z) - target)²)``, train mode.
+    """
+
+    def train_step(state, batch, step):
+        decoder, optimizer = nnx.merge(graphdef, state)
+        feats = jax.lax.stop_gradient(encode(jax.random.fold_in(key, step), batch))
+        target = _to_target(batch)
+
+        def loss_fn(d):
+            return jnp.mean((d(feats) - target) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(decoder)
+        optimizer.update(decoder, grads)
+        return nnx.state((decoder, optimizer)), loss
+
+    return placement.jit(train_step, donate_argnums=0)
+
+
 def decoder_attack(
     encode: Encode,
     train_images: np.ndarray,
@@ -499,19 +522,7 @@ def decoder_attack(
     _check_decoder_output(dec_graphdef, dec_state, feature_shape, target_shape)
     state = placement.state(state)
 
-    def train_step(state, batch, step):
-        decoder, optimizer = nnx.merge(graphdef, state)
-        feats = jax.lax.stop_gradient(encode(jax.random.fold_in(k_train, step), batch))
-        target = _to_target(batch)
-
-        def loss_fn(d):
-            return jnp.mean((d(feats) - target) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn)(decoder)
-        optimizer.update(decoder, grads)
-        return nnx.state((decoder, optimizer)), loss
-
-    train_step = placement.jit(train_step, donate_argnums=0)
+    train_step = _decoder_train_step(graphdef, encode, k_train, placement)
     history: list[dict] = []
     step = 0
     with placement.context():
@@ -580,7 +591,7 @@ class WGANCritic(nnx.Module):
                 (k, k),
                 strides=(stride, stride),
                 padding=((pad, pad), (pad, pad)),
-                kernel_init=torch_kernel_init,
+                kernel_init=torch_kernel_init(),
                 bias_init=torch_bias_init(cin * k * k),
                 rngs=rngs,
             )

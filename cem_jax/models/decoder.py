@@ -27,7 +27,6 @@ the requested ``image_size``.
 
 from __future__ import annotations
 
-import math
 import re
 
 import jax
@@ -36,27 +35,11 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-try:  # TEMPORARY until layers.py lands
-    from cem_jax.models.layers import Conv
-except ImportError:  # pragma: no cover
-    Conv = nnx.Conv
+from cem_jax.models.layers import Conv, torch_bias_init, torch_kernel_init
 
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 _DIMS = ("NHWC", "HWIO", "NHWC")
-
-# PyTorch's default kernel init, kaiming_uniform(a=sqrt(5)), is uniform in ±1/sqrt(fan_in).
-torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_bias_init(fan_in: int):
-    """PyTorch's default bias init: uniform in ``±1/sqrt(fan_in)``."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, *, bias: bool, rngs: nnx.Rngs) -> Conv:
@@ -67,7 +50,7 @@ def _conv(in_ch: int, out_ch: int, kernel: int, *, bias: bool, rngs: nnx.Rngs) -
         (kernel, kernel),
         padding=((pad, pad), (pad, pad)),
         use_bias=bias,
-        kernel_init=torch_kernel_init,
+        kernel_init=torch_kernel_init(),
         bias_init=torch_bias_init(in_ch * kernel * kernel),
         rngs=rngs,
     )
