@@ -1,0 +1,304 @@
+"""Layers shared by the models: a CPU-fast convolution, an exact 2x2 max-pool, PyTorch-style inits.
+
+XLA's CPU convolution is very slow on some shapes (a 3x3 conv on a 2x2 map takes seconds at batch
+128), so :class:`Conv` computes the same function either with ``lax.conv_general_dilated`` or as
+im2col patches times one matmul, choosing per shape at trace time (:func:`use_matmul`).
+
+Everything is NHWC; kernels are ``[kh, kw, c_in, c_out]`` exactly like ``nnx.Conv``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+Impl = Literal["auto", "xla", "matmul"]
+Padding = str | int | Sequence[tuple[int, int]]
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisers
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_kernel_init() -> jax.nn.initializers.Initializer:
+    """PyTorch's default Conv/Linear weight init, ``kaiming_uniform_(a=sqrt(5))``.
+
+    That is ``U(-b, b)`` with ``b = gain * sqrt(3 / fan_in)``, ``gain = sqrt(2 / (1 + 5))``,
+    i.e. ``b = 1 / sqrt(fan_in)``; fan_in = ``kh*kw*c_in`` (conv) or ``in_features`` (linear).
+    """
+    return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
+    """PyTorch's default bias init ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    if fan_in <= 0:
+        raise ValueError(f"fan_in must be positive, got {fan_in!r}")
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def xavier_uniform_init() -> jax.nn.initializers.Initializer:
+    """Xavier/Glorot uniform (gain 1), same fans as PyTorch for HWIO kernels and [in, out] weights."""
+    return jax.nn.initializers.xavier_uniform()
+
+
+def he_normal_fan_out_init() -> jax.nn.initializers.Initializer:
+    """``N(0, sqrt(2 / (kh*kw*c_out)))`` (untruncated), the ResNet reference's conv init."""
+    return jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolution
+# --------------------------------------------------------------------------------------------------
+
+
+def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        t = (v, v)
+    else:
+        t = tuple(int(a) for a in v)
+    if len(t) != 2 or min(t) < 1:
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def resolve_padding(
+    padding: Padding, in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Explicit ``((top, bottom), (left, right))`` padding, the way ``nnx.Conv`` resolves it.
+
+    ``'SAME'`` / ``'VALID'`` follow ``lax.padtype_to_pads``; an int ``p`` means ``((p, p), (p, p))``
+    (PyTorch's ``padding=p``); a sequence of two pairs is taken as is.
+    """
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
+        pads = lax.padtype_to_pads(in_hw, kernel_hw, strides, padding.upper())
+        return tuple((int(a), int(b)) for a, b in pads)  # type: ignore[return-value]
+    if isinstance(padding, int):
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding!r}")
+        return ((padding, padding), (padding, padding))
+    pads = tuple((int(a), int(b)) for a, b in padding)
+    if len(pads) != 2 or min(min(p) for p in pads) < 0:
+        raise ValueError(f"padding pairs must be two non-negative pairs, got {padding!r}")
+    return pads  # type: ignore[return-value]
+
+
+def use_matmul(
+    in_hw: tuple[int, int],
+    kernel_hw: tuple[int, int],
+    c_in: int,
+    c_out: int,
+    strides: tuple[int, int],
+    backend: str | None = None,
+) -> bool:
+    """The rule: im2col + matmul instead of XLA's conv, decided per shape at trace time.
+
+    Only on CPU, and only when the feature map is smaller than the kernel in some direction.
+    Measured on the 2-core CPU (forward+backward of one conv, batch 128, ms, XLA vs matmul;
+    ``python -m benchmarks.models --layers``): 3x3 on 2x2 maps 512->512: 4428-7653 vs 33-65;
+    128->128: 75 vs 5; on 1x1: 110 vs 27. At 3x3 maps it is a tie (164 vs 130), from 4x4 maps
+    up XLA is as fast or faster (4x4 512->512: 324 vs 397; 8x8 128->8: XLA 7 vs 170, a thin
+    matmul is slow), so everything else stays on XLA.
+    """
+    del c_in, c_out, strides
+    if (backend or jax.default_backend()) != "cpu":
+        return False
+    return in_hw[0] < kernel_hw[0] or in_hw[1] < kernel_hw[1]
+
+
+def _patches(
+    x: jax.Array,
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """im2col: ``[B, H, W, C] -> [B, Ho, Wo, kh*kw*C]``, ordered (i, j, c) like an HWIO kernel."""
+    kh, kw = kernel_hw
+    sh, sw = strides
+    b, _, _, c = x.shape
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    hp, wp = xp.shape[1], xp.shape[2]
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    cols = [
+        lax.slice(
+            xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    impl: Impl = "auto",
+) -> jax.Array:
+    """2-D convolution (cross-correlation like every deep-learning framework), NHWC / HWIO.
+
+    Args:
+      x: ``[B, H, W, C_in]``.
+      kernel: ``[kh, kw, C_in, C_out]``.
+      strides: int or pair.
+      padding: ``'SAME'``, ``'VALID'``, int (symmetric, PyTorch style) or ``((t, b), (l, r))``.
+      impl: ``'xla'`` (``lax.conv_general_dilated``), ``'matmul'`` (im2col + one dot) or
+        ``'auto'`` (:func:`use_matmul`). All compute the same function.
+
+    Returns:
+      ``[B, Ho, Wo, C_out]``.
+
+    >>> x = jnp.arange(2 * 2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 2, 3)
+    >>> k = jnp.ones((3, 3, 3, 4))
+    >>> bool(jnp.allclose(conv2d(x, k, impl="xla"), conv2d(x, k, impl="matmul")))
+    True
+    """
+    if impl not in ("auto", "xla", "matmul"):
+        raise ValueError(f"impl must be 'auto', 'xla' or 'matmul', got {impl!r}")
+    if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+        raise ValueError(
+            f"x must be [B, H, W, C] and kernel [kh, kw, C, C_out] with matching C, got "
+            f"x {x.shape} and kernel {kernel.shape}"
+        )
+    st = _pair(strides, "strides")
+    khw = (int(kernel.shape[0]), int(kernel.shape[1]))
+    in_hw = (int(x.shape[1]), int(x.shape[2]))
+    pads = resolve_padding(padding, in_hw, khw, st)
+    if impl == "auto":
+        impl = "matmul" if use_matmul(in_hw, khw, x.shape[-1], kernel.shape[-1], st) else "xla"
+    if impl == "xla":
+        return lax.conv_general_dilated(x, kernel, st, pads, dimension_numbers=_DN)
+    pt = _patches(x, khw, st, pads)
+    b, ho, wo, k = pt.shape
+    out = pt.reshape(b * ho * wo, k) @ kernel.reshape(k, kernel.shape[-1])
+    return out.reshape(b, ho, wo, kernel.shape[-1])
+
+
+class Conv(nnx.Module):
+    """Drop-in for ``nnx.Conv`` (same ``kernel [kh, kw, c_in, c_out]`` and ``bias [c_out]``
+    parameters, same function), computed by :func:`conv2d` with the per-shape CPU rule.
+
+    ``padding`` additionally accepts an int ``p`` meaning PyTorch's symmetric ``padding=p``.
+
+    >>> conv = Conv(3, 8, 3, rngs=nnx.Rngs(0))
+    >>> conv(jnp.ones((2, 5, 5, 3))).shape
+    (2, 5, 5, 8)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        *,
+        padding: Padding = "SAME",
+        use_bias: bool = True,
+        kernel_init: jax.nn.initializers.Initializer | None = None,
+        bias_init: jax.nn.initializers.Initializer | None = None,
+        impl: Impl = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if in_features < 1 or out_features < 1:
+            raise ValueError(
+                f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
+            )
+        if impl not in ("auto", "xla", "matmul"):
+            raise ValueError(f"impl must be 'auto', 'xla' or 'matmul', got {impl!r}")
+        kh, kw = _pair(kernel_size, "kernel_size")
+        self.strides = _pair(strides, "strides")
+        if not isinstance(padding, str | int):
+            padding = tuple((int(a), int(b)) for a, b in padding)
+        self.padding = padding
+        self.impl = impl
+        self.in_features, self.out_features = in_features, out_features
+        kernel_init = kernel_init or nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, in_features, out_features)))
+        if use_bias:
+            bias_init = bias_init or nnx.initializers.zeros_init()
+            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,)))
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, H, W, c_in] -> [B, Ho, Wo, c_out]``."""
+        y = conv2d(x, self.kernel[...], strides=self.strides, padding=self.padding, impl=self.impl)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+# --------------------------------------------------------------------------------------------------
+# 2x2 max-pool
+# --------------------------------------------------------------------------------------------------
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C] -> [B, H/2, W/2, 4, C]``, window order (0,0), (0,1), (1,0), (1,1)."""
+    b, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // 2, w // 2, 4, c)
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+    return jnp.max(_windows(x), axis=3)
+
+
+def _max_pool_fwd(x):
+    win = _windows(x)
+    first = jnp.argmax(win, axis=3)  # first maximum in row-major window order
+    return jnp.max(win, axis=3), (first, x.shape)
+
+
+def _max_pool_bwd(res, g):
+    first, shape = res
+    b, h, w, c = shape
+    onehot = (first[:, :, :, None, :] == jnp.arange(4)[:, None]).astype(g.dtype)
+    dwin = onehot * g[:, :, :, None, :]
+    dx = dwin.reshape(b, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    dx = dx.reshape(b, h // 2 * 2, w // 2 * 2, c)
+    dx = jnp.pad(dx, ((0, 0), (0, h - h // 2 * 2), (0, w - w // 2 * 2), (0, 0)))
+    return (dx,)
+
+
+_max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool_2x2(x: jax.Array, *, impl: Literal["reshape", "xla"] = "reshape") -> jax.Array:
+    """2x2 max-pool, stride 2, VALID (odd trailing row/column dropped): ``[B,H,W,C] -> [B,H/2,W/2,C]``.
+
+    Equal to ``nnx.max_pool(x, (2, 2), (2, 2))`` in value and gradient: on ties the whole
+    gradient goes to the first maximum in row-major window order, like XLA's select-and-scatter
+    (and PyTorch). ``impl='reshape'`` uses a reshape + max with that gradient written out;
+    ``impl='xla'`` calls ``nnx.max_pool`` (``lax.reduce_window``).
+
+    >>> x = jnp.array([[1.0, 3.0], [3.0, 2.0]]).reshape(1, 2, 2, 1)
+    >>> jax.grad(lambda x: max_pool_2x2(x).sum())(x).reshape(2, 2)
+    Array([[0., 1.],
+           [0., 0.]], dtype=float32)
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be [B, H, W, C], got shape {x.shape}")
+    if impl == "xla":
+        return nnx.max_pool(x, (2, 2), (2, 2))
+    if impl != "reshape":
+        raise ValueError(f"impl must be 'reshape' or 'xla', got {impl!r}")
+    return _max_pool_2x2(x)
