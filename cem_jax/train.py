@@ -181,7 +181,7 @@ class Adversary:
 
     def apply(self, adv: dict[str, Any], z: jax.Array, *, train: bool) -> tuple[jax.Array, Any]:
         graphdef = self.graphdef if train else self.graphdef_eval
-        decoder = nnx.merge(graphdef, adv["params"], adv["batch_stats"], self.rest)
+        decoder = nnx.merge(graphdef, adv["params"], adv["batch_stats"], self.rest, copy=True)
         return decoder(z), nnx.state(decoder, nnx.BatchStat)
 
     def update(
@@ -281,7 +281,7 @@ class Trainer:
     def model(self, state: TrainState, *, train: bool = False) -> Any:
         """The nnx SplitModel holding ``state``'s weights (eval mode unless ``train``)."""
         graphdef = self.graphdef if train else self.graphdef_eval
-        return nnx.merge(graphdef, state.params, state.batch_stats, self.rest)
+        return nnx.merge(graphdef, state.params, state.batch_stats, self.rest, copy=True)
 
     # --------------------------------------------------------------------------- jitted pieces
     def _preprocess(self, images: jax.Array) -> jax.Array:
@@ -299,7 +299,7 @@ class Trainer:
         k_aug, k_def, k_drop = jax.random.split(key, 3)
         x01 = data_lib.augment(k_aug, images)
         x = self._preprocess(x01)
-        model = nnx.merge(self.graphdef, state.params, state.batch_stats, self.rest)
+        model = nnx.merge(self.graphdef, state.params, state.batch_stats, self.rest, copy=True)
         adv = self.adversary
 
         def loss_fn(model: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
