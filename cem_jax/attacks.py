@@ -215,11 +215,13 @@ def _check_pair(train: Any, eval_: Any, batch_size: int) -> None:
     )
 
 
-def _check_encode(encode: Encode, sample: np.ndarray, feature_shape: tuple[int, ...] | None):
+def _check_encode(
+    encode: Encode, sample: np.ndarray, feature_shape: tuple[int, ...] | None, key: jax.Array
+):
     """Traces ``encode`` abstractly; returns its per-sample feature shape (checked if given)."""
     spec = jax.ShapeDtypeStruct((2, *sample.shape[1:]), sample.dtype)
     try:
-        out = jax.eval_shape(encode, jax.random.key(0), spec)
+        out = jax.eval_shape(encode, key, spec)
     except Exception as e:  # noqa: BLE001 — re-raised with context
         raise ValueError(
             f"encode(key, images) failed on images of shape {spec.shape} {spec.dtype}: {e}"
@@ -484,7 +486,7 @@ def decoder_attack(
     _check_pair(train_images, eval_images, config.batch_size)
     placement = _Placement(mesh)
     placement.check("batch_size", config.batch_size)
-    feature_shape = _check_encode(encode, train_images[:2], feature_shape)
+    feature_shape = _check_encode(encode, train_images[:2], feature_shape, key)
     k_init, k_shuffle, k_train, k_eval = jax.random.split(key, 4)
     target_shape = train_images.shape[1:]
     if decoder is None:
@@ -663,7 +665,7 @@ def gan_attack(
     )
     placement = _Placement(mesh)
     placement.check("batch_size", config.batch_size)
-    feature_shape = _check_encode(encode, train_images[:2], None)
+    feature_shape = _check_encode(encode, train_images[:2], None, key)
     k_init, k_shuffle, k_train, k_eval = jax.random.split(key, 4)
     target_shape = train_images.shape[1:]
 
