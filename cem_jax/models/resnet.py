@@ -34,10 +34,10 @@ def _layer_specs() -> list[tuple[int, int, int]]:
 
 def check_args(image_size: int, cut_layer: int, bottleneck_channels: int) -> None:
     """Raise ``ValueError`` for sizes / cuts ResNet20 cannot take."""
-    if not isinstance(image_size, int) or image_size < 8 or image_size % 8:
+    if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(
-            f"image_size for resnet20 must be a positive multiple of 8 (three exact stride-2 "
-            f"halvings), got {image_size!r}"
+            f"image_size for resnet20 must be an int >= 8 (three stride-2 stages, each "
+            f"rounding odd sizes up like PyTorch's pad-1 convs), got {image_size!r}"
         )
     if not isinstance(cut_layer, int) or not 1 <= cut_layer <= NUM_LAYERS:
         raise ValueError(f"cut_layer for resnet20 must be in [1, {NUM_LAYERS}], got {cut_layer!r}")
@@ -49,7 +49,7 @@ def cut_shape(image_size: int, cut_layer: int) -> tuple[int, int, int]:
     """``(h, w, c)`` of the output of layer ``cut_layer - 1`` (before the bottleneck)."""
     side, c = image_size, 16
     for _, c_out, s in _layer_specs()[: cut_layer - 1]:
-        side //= s
+        side = -(-side // s)  # ceil: conv k3 s2 p1 and the x[::2] shortcut
         c = c_out
     return side, side, c
 

@@ -4,7 +4,8 @@ cfg 'A' = ``[64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M]``; every entr
 included) is one "layer" for the cut. Client = entries ``[:cut]`` + bottleneck conv (3x3, bias, no
 ReLU) + sigmoid. Server = inverse bottleneck conv (3x3, bias, no BN/ReLU) + entries ``[cut:]`` +
 flatten + Dropout(0.5) -> Linear(F, 512) -> ReLU -> Dropout(0.5) -> Linear(512, 512) -> ReLU ->
-Linear(512, C), ``F = 512 * (H / 32)**2``.
+Linear(512, C), ``F = 512 * s**2`` with ``s`` the side after the five pools (floor halvings:
+1 for 32-63 px, 2 for 64-95 px; the reference hard-codes 512 / 2048 and breaks from 96 px).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ BN_EPSILON = 1e-5
 
 def check_args(image_size: int, cut_layer: int, bottleneck_channels: int) -> None:
     """Raise ``ValueError`` for sizes / cuts VGG11 cannot take."""
-    if not isinstance(image_size, int) or image_size < 32 or image_size % 32:
+    if not isinstance(image_size, int) or image_size < 32:
         raise ValueError(
-            f"image_size for vgg11_bn_sgm must be a positive multiple of 32 (five 2x2 max-pools), "
-            f"got {image_size!r}"
+            f"image_size for vgg11_bn_sgm must be an int >= 32 (five 2x2 max-pools, each "
+            f"flooring odd sizes like PyTorch), got {image_size!r}"
         )
     if not isinstance(cut_layer, int) or not 1 <= cut_layer <= len(CFG_A):
         raise ValueError(
@@ -136,7 +137,8 @@ class VGGServer(nnx.Module):
         else:
             self.unbottleneck = None
         self.layers = _make_layers(CFG_A[cut_layer:], c, torch_init=True, rngs=rngs)
-        flat = 512 * (image_size // 32) ** 2
+        side = cut_shape(image_size, len(CFG_A))[0]
+        flat = 512 * side**2  # 512 (32-63 px), 2048 (64-95 px), like the reference up to 95 px
 
         def linear(i: int, o: int) -> nnx.Linear:
             return nnx.Linear(
