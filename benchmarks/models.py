@@ -11,6 +11,7 @@ so compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -47,16 +48,24 @@ RESNET_CONVS_64 = [
 VGG_POOLS_32 = [(32, 64), (16, 128), (8, 256), (4, 512), (2, 512)]
 
 
-def round_robin(fns: dict, n: int) -> dict[str, float]:
-    """Median seconds per call of each ``name -> (jitted fn, args)``, run interleaved."""
+def round_robin(fns: dict, n: int, cpu: dict | None = None) -> dict[str, float]:
+    """Median wall seconds per call of each ``name -> (jitted fn, args)``, run interleaved.
+
+    ``cpu``, if given, receives the median process CPU seconds per call (all threads): on a
+    machine shared with other jobs, CPU seconds / cores estimates the unloaded wall time.
+    """
     for f, a in fns.values():
         jax.block_until_ready(f(*a))
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpus: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(n):
         for k, (f, a) in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             jax.block_until_ready(f(*a))
             times[k].append(time.perf_counter() - t)
+            cpus[k].append(time.process_time() - c)
+    if cpu is not None:
+        cpu.update({k: statistics.median(v) for k, v in cpus.items()})
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -79,12 +88,11 @@ def bench_convs(batch: int, n: int) -> None:
 
                 fns[impl] = (jax.jit(jax.grad(loss, argnums=(0, 1))), (x, w))
             r = round_robin(fns, n)
-            auto = layers.use_matmul((h, h), (k, k), ci, co, (s, s))
+            auto = "matmul" if layers.use_matmul((h, h), (k, k), ci, co, (s, s)) else "xla"
             gflop = 3 * 2 * batch * (h // s) ** 2 * k * k * ci * co / 1e9
             print(
                 f"  {h:3d}x{h:<3d} {ci:4d}->{co:<4d} k{k} s{s}: xla {r['xla'] * 1e3:8.1f}  "
-                f"matmul {r['matmul'] * 1e3:8.1f}  ({gflop:5.2f} GFLOP)  rule -> "
-                f"{'matmul' if auto else 'xla'}",
+                f"matmul {r['matmul'] * 1e3:8.1f}  ({gflop:5.2f} GFLOP)  rule -> {auto}",
                 flush=True,
             )
     print(f"\n2x2 max-pool forward+backward, B={batch}, VGG11 32 px  [ms]")
@@ -105,15 +113,10 @@ def bench_convs(batch: int, n: int) -> None:
     for h, c in VGG_POOLS_32[:3]:
         x = jax.random.normal(key, (batch, h, h, c))
         bn = nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
-        gd, st = nnx.split(bn)
-
-        def bn_loss(x, st=st, gd=gd):
-            return jnp.sum(nnx.merge(gd, st)(x) ** 2)
+        bn_grad = nnx.jit(nnx.grad(lambda bn, x: jnp.sum(bn(x) ** 2), argnums=1))
 
         relu = lambda x: jnp.sum(jax.nn.relu(x) ** 2)
-        r = round_robin(
-            {"bn": (jax.jit(jax.grad(bn_loss)), (x,)), "relu": (jax.jit(jax.grad(relu)), (x,))}, n
-        )
+        r = round_robin({"bn": (bn_grad, (bn, x)), "relu": (jax.jit(jax.grad(relu)), (x,))}, n)
         print(
             f"  {h:3d}x{h:<3d} c={c:4d}: batchnorm {r['bn'] * 1e3:7.1f}  (relu for scale {r['relu'] * 1e3:6.1f})"
         )
@@ -152,10 +155,17 @@ def bench_step(arch: str, image_size: int, batch: int, n: int) -> None:
         set_impl(model, conv=conv, pool=pool)
         model.train()
         step, opt = make_step(model)
-        fns[name] = (step, (model, opt, x, y, nnx.Rngs(dropout=key)))
-    r = round_robin(fns, n)
+        args = (model, opt, x, y, nnx.Rngs(dropout=key))
+        fns[name] = (step, args)
+    cpu: dict[str, float] = {}
+    r = round_robin(fns, n, cpu)
+    cores = len(os.sched_getaffinity(0))
     for name, t in r.items():
-        print(f"  {name:40s} {t * 1e3:8.1f} ms/step  {batch / t:7.1f} img/s")
+        print(
+            f"  {name:40s} {t * 1e3:8.1f} ms/step  {batch / t:7.1f} img/s   "
+            f"(CPU {cpu[name]:6.2f} s/step; {cores} cores -> {batch * cores / cpu[name]:6.1f} img/s "
+            f"if unshared)"
+        )
 
 
 def main() -> None:

@@ -112,7 +112,10 @@ def use_matmul(
     ``python -m benchmarks.models --layers``): 3x3 on 2x2 maps 512->512: 4428-7653 vs 33-65;
     128->128: 75 vs 5; on 1x1: 110 vs 27. At 3x3 maps it is a tie (164 vs 130), from 4x4 maps
     up XLA is as fast or faster (4x4 512->512: 324 vs 397; 8x8 128->8: XLA 7 vs 170, a thin
-    matmul is slow), so everything else stays on XLA.
+    matmul is slow), so everything else stays on XLA. Also tried and dropped: XLA forward and
+    input gradient with the kernel gradient as ``patches^T @ dy`` (a custom VJP): alone it looked
+    faster (16x16 64->128 kernel gradient ~158 -> ~75 ms), but the whole VGG step did not change
+    (1497 vs 1476 ms) and ResNet's 32x32 32->32 got slower (162 -> 266 ms).
     """
     del c_in, c_out, strides
     if (backend or jax.default_backend()) != "cpu":
