@@ -69,6 +69,7 @@ class RunConfig:
     attack_batch_size: int = 256
     attack_train_subset: int | None = None
     gan_epochs: int = 150
+    gan_train_subset: int | None = None  # the GAN attack trains on the first N attacker images
     threat_model: str = "server_view"
     attack_seed: int = 200
 
@@ -141,7 +142,7 @@ class RunConfig:
             raise ValueError(
                 f"lr_milestones={self.lr_milestones}: accepted values are fractions of the run in (0, 1)."
             )
-        for name in ("train_subset", "test_subset", "attack_train_subset"):
+        for name in ("train_subset", "test_subset", "attack_train_subset", "gan_train_subset"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: accepted values are >= 1 or unset.")
@@ -183,10 +184,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 6,
         "train_subset": 5000,
         "test_subset": 2000,
+        "lr_milestones": (0.5, 0.75),
         "kmeans_iterations": 20,
         "attack_epochs": 3,
         "attack_train_subset": 5000,
         "gan_epochs": 1,
+        "gan_train_subset": 1024,
     },
 }
 

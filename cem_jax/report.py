@@ -89,12 +89,13 @@ def run_attacks(
             results["decoder"][setting] = {**dec.metrics, "wall_time_s": dec.wall_time_s}
             rows.append(np.asarray(dec.examples[:num_examples]))
         if "gan" in results and cfg.gan_epochs > 0:
+            gan_x = train_x if cfg.gan_train_subset is None else train_x[: cfg.gan_train_subset]
             gan_cfg = attacks.GanAttackConfig(
-                epochs=cfg.gan_epochs, batch_size=batch_for(len(train_x), 128)
+                epochs=cfg.gan_epochs, batch_size=batch_for(len(gan_x), 128)
             )
             gan = attacks.gan_attack(
                 encode,
-                train_x,
+                gan_x,
                 eval_x,
                 config=gan_cfg,
                 key=jax.random.fold_in(key, 1),

@@ -71,6 +71,9 @@ flags.DEFINE_list("attacks", None, "Attacks to run after training: decoder,gan (
 flags.DEFINE_integer("attack_epochs", None, "Decoder attack epochs (paper 50).")
 flags.DEFINE_integer("gan_epochs", None, "GAN attack epochs (paper 150).")
 flags.DEFINE_integer("attack_train_subset", None, "Train the train-time decoder on N images only.")
+flags.DEFINE_integer(
+    "gan_train_subset", None, "Train the GAN attack on the first N attacker images."
+)
 flags.DEFINE_enum(
     "threat_model",
     None,
@@ -87,7 +90,7 @@ flags.DEFINE_string(
 _OVERRIDES = (
     "defense dataset data_dir arch cut_layer bottleneck_channels sigma lambd cem_mode clusters_per_class "
     "dropout_ratio topk_ratio nopeek_alpha epochs batch_size lr seed train_subset test_subset "
-    "attack_epochs gan_epochs attack_train_subset threat_model"
+    "attack_epochs gan_epochs attack_train_subset gan_train_subset threat_model"
 ).split()
 
 
