@@ -187,9 +187,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_milestones": (0.5, 0.75),
         "kmeans_iterations": 20,
         "attack_epochs": 3,
-        "attack_train_subset": 5000,
+        "attack_train_subset": 4000,
         "gan_epochs": 1,
-        "gan_train_subset": 1024,
+        "gan_train_subset": 1280,  # 10 critic steps, 1 generator step
     },
 }
 

@@ -54,8 +54,9 @@ def run_attacks(
 
     def progress(d: dict) -> None:
         extra = f" critic {d['critic_loss']:.3f}" if "critic_loss" in d else ""
+        loss = f"{d['loss']:.5f}" if d["loss"] == d["loss"] else "- (no generator step yet)"
         print(
-            f"  {d['attack']} [{setting}] epoch {d['epoch']}/{d['epochs']}: loss {d['loss']:.5f}{extra}"
+            f"  {d['attack']} [{setting}] epoch {d['epoch']}/{d['epochs']}: loss {loss}{extra}"
             f" | {d.get('steps_per_s', 0):.2f} steps/s",
             file=out,
             flush=True,
