@@ -490,7 +490,8 @@ class Trainer:
                     entropy.leakage_upper_bound(feats, labels, mixture, sigma=self.defense.sigma)
                 )
         out["mixture_time_s"] = time.perf_counter() - start
-        state = state.replace(mixture=mixture, mixture_ready=jnp.ones((), jnp.float32))
+        ready = parallel.replicate(jnp.ones((), jnp.float32), self.mesh)
+        state = state.replace(mixture=mixture, mixture_ready=ready)
         return state, out
 
     def leakage_bound(self, state: TrainState, *, covariance: str = "full") -> float:

@@ -166,3 +166,37 @@ def test_client_fn_applies_the_defense(tiny_data):
     # fresh noise per query, with the defense's standard deviation around the clean features
     assert not np.allclose(z1, z2)
     np.testing.assert_allclose(np.std(np.asarray(z1 - clean)), 0.3, rtol=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", sorted(__import__("cem_jax.defenses").defenses.DEFENSES))
+def test_every_defense_trains_and_compiles_once(defense, tiny_data):
+    cfg = small_config(defense=defense, batch_size=16, epochs=1)
+    tr = train.Trainer(cfg, tiny_data)
+    state = tr.init_state()
+    if tr.defense.cem:
+        state, _ = tr.refresh_mixture(state, 1)
+    before = jax.tree.map(np.asarray, state.params)
+    order = tr.epoch_order(1)
+    with jax.set_mesh(tr.mesh):
+        for i in range(3):
+            state, m = tr._train_step(state, jnp.asarray(order[i]))
+            assert np.isfinite(float(m["loss"])), (defense, m)
+    assert tr._train_step._cache_size() == 1  # one compilation per configuration
+    moved = [
+        not np.allclose(a, np.asarray(b))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))
+    ]
+    assert any(moved)
+    d = tr.defense
+    assert ("cem" in m) == d.cem
+    assert ("dcor" in m) == (d.nopeek_alpha > 0)
+    if d.adversarial_alpha > 0:
+        assert 0.0 <= float(m["adv_ssim"]) <= 1.0 and np.isfinite(float(m["adv_loss"]))
+        assert state.adv is not None
+    # the server, the evaluation and the attacker see the same obfuscation
+    enc = tr.client_fn(state)
+    x = jnp.asarray(tiny_data.test_images[:16])
+    clean = tr.model(state).encode(tr._preprocess(x))
+    key = jax.random.key(11)
+    np.testing.assert_allclose(enc(key, x), d.obfuscate(key, clean), rtol=1e-5, atol=1e-6)
