@@ -1,7 +1,9 @@
 """A trained client, loaded back from a run's workdir, as a black box anyone can attack.
 
->>> client = load_client("runs/cifar10_cem_noise_quick")              # doctest: +SKIP
->>> z = client(images, jax.random.key(0))     # images [B, H, W, 3] in [0, 1] -> transmitted features
+Example (after ``python -m experiments.run --preset=quick``)::
+
+    client = load_client("runs/cifar10_cem_noise_quick")
+    z = client(images, jax.random.key(0))  # images [B, H, W, 3] in [0, 1] -> transmitted features
 """
 
 from __future__ import annotations
