@@ -19,7 +19,9 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON object {step: images/s} and nothing else.")
-flags.DEFINE_list("defenses", ["none", "noise", "cem_noise"], "Steps to time.")
+flags.DEFINE_list(
+    "defenses", ["none", "noise", "cem_noise", "adversarial"], "Steps to time (any defense preset)."
+)
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("steps", 8, "Timed steps per round.")
 flags.DEFINE_integer("rounds", 3, "Interleaved rounds (median reported).")
@@ -83,6 +85,10 @@ def main(argv: list[str]) -> None:
     print(f"{'step':<18}{'images/s':>10}   (rounds: ...)")
     for n, r in rates.items():
         print(f"{n:<18}{result[n]:>10.1f}   {', '.join(f'{x:.0f}' for x in r)}")
+    if "none" in result:
+        for n in result:
+            if n != "none":
+                print(f"{n} / none = {result[n] / result['none']:.3f}")
     if "noise" in result and "cem_noise" in result:
         ratio = result["cem_noise"] / result["noise"]
         print(
