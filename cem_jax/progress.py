@@ -18,7 +18,8 @@ def format_duration(seconds: float) -> str:
 class ProgressBar:
     """``desc [#####-----] 120/390 12.3 steps/s ETA 0:21``, redrawn in place on a terminal.
 
-    Off a terminal (CI logs, files) it prints a line every ``log_every`` fraction so logs stay short.
+    Off a terminal (CI logs, files) it prints a line every ``log_every`` fraction of the loop or
+    every ``log_seconds``, whichever comes first, so logs stay short but never go silent.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class ProgressBar:
         stream: TextIO | None = None,
         width: int = 24,
         log_every: float = 0.25,
+        log_seconds: float = 30.0,
         unit: str = "steps",
     ) -> None:
         self.total = max(1, total)
@@ -39,6 +41,8 @@ class ProgressBar:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.log_every = log_every
         self._next_log = log_every
+        self.log_seconds = log_seconds
+        self._last_log = time.perf_counter()
         self._start = time.perf_counter()
         self._first_done: float | None = None
         self.count = 0
@@ -59,9 +63,14 @@ class ProgressBar:
         if self.tty:
             self.stream.write("\r" + self.line() + "\x1b[K")
             self.stream.flush()
-        elif frac + 1e-9 >= self._next_log or self.count == self.total:
+        elif (
+            frac + 1e-9 >= self._next_log
+            or self.count == self.total
+            or time.perf_counter() - self._last_log >= self.log_seconds
+        ):
             while self._next_log <= frac + 1e-9:
                 self._next_log += self.log_every
+            self._last_log = time.perf_counter()
             self.stream.write(self.line() + "\n")
             self.stream.flush()
 
