@@ -130,10 +130,15 @@ def run(
         )
 
     def on_step(epoch: int, i: int, m: dict[str, float]) -> None:
+        bar = bars["bar"]
         extra = f"loss {m['loss']:.3f}"
         if "cem" in m:
             extra += f" L_C {m['cem']:.4f}"
-        bars["bar"].update(1, extra)
+        rate = bar.rate()
+        if rate > 0:
+            steps_left = (bar.total - bar.count - 1) + (cfg.epochs - epoch) * bar.total
+            extra += f" | run ETA {format_duration(steps_left / rate)}"
+        bar.update(1, extra)
 
     def on_epoch_end(m: dict[str, float]) -> None:
         bars["bar"].close()
