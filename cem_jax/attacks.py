@@ -377,6 +377,38 @@ def _evaluate(
     return out, ex
 
 
+def _finish(
+    encode: Encode,
+    decoder: nnx.Module,
+    eval_images: np.ndarray,
+    *,
+    key: jax.Array,
+    config: Any,
+    placement: _Placement,
+    t0: float,
+    history: list[dict],
+) -> AttackResult:
+    """Evaluates a trained decoder/generator (eval mode) and packs the :class:`AttackResult`."""
+    graphdef, state = nnx.split(decoder)
+    metrics, examples = _evaluate(
+        encode,
+        graphdef,
+        state,
+        eval_images,
+        key=key,
+        batch_size=config.eval_batch_size,
+        placement=placement,
+        num_examples=config.num_examples,
+    )
+    return AttackResult(
+        metrics=metrics,
+        wall_time_s=time.perf_counter() - t0,
+        decoder=decoder,
+        examples=examples,
+        history=history,
+    )
+
+
 def evaluate_decoder(
     encode: Encode,
     decoder: nnx.Module,
@@ -550,22 +582,14 @@ def decoder_attack(
                 progress(dict(rec))
 
     decoder, _ = nnx.merge(graphdef, state)
-    dec_graphdef, dec_state = nnx.split(decoder)
-    metrics, examples = _evaluate(
+    return _finish(
         encode,
-        dec_graphdef,
-        dec_state,
+        decoder,
         eval_images,
         key=k_eval,
-        batch_size=config.eval_batch_size,
+        config=config,
         placement=placement,
-        num_examples=config.num_examples,
-    )
-    return AttackResult(
-        metrics=metrics,
-        wall_time_s=time.perf_counter() - t0,
-        decoder=decoder,
-        examples=examples,
+        t0=t0,
         history=history,
     )
 
@@ -758,21 +782,13 @@ def gan_attack(
                 progress(dict(rec))
 
     generator, _, _, _ = nnx.merge(graphdef, state)
-    g_graphdef, g_state = nnx.split(generator)
-    metrics, examples = _evaluate(
+    return _finish(
         encode,
-        g_graphdef,
-        g_state,
+        generator,
         eval_images,
         key=k_eval,
-        batch_size=config.eval_batch_size,
+        config=config,
         placement=placement,
-        num_examples=config.num_examples,
-    )
-    return AttackResult(
-        metrics=metrics,
-        wall_time_s=time.perf_counter() - t0,
-        decoder=generator,
-        examples=examples,
+        t0=t0,
         history=history,
     )
