@@ -41,9 +41,13 @@ FORMAT_VERSION = 1
 # Purpose tags folded into the run key (never change: resuming depends on them).
 _TAG_INIT, _TAG_TRAIN, _TAG_ORDER, _TAG_EVAL, _TAG_KMEANS, _TAG_ADV = 1, 2, 3, 4, 5, 6
 
-# The adversarial defense's local decoder (reference §3.3: res_normN4C64, Adam 1e-3).
+# The adversarial defense's local decoder (reference §3.3: res_normN4C64, Adam 1e-3, MultiStepLR with
+# milestones [60, 150, 240, 260] and gamma 0.2 over 240 epochs; the last two are never reached, so
+# they are kept as fractions 0.25 and 0.625 of the run).
 ADVERSARY_DECODER = "res_normN4C64"
 ADVERSARY_LR = 1e-3
+ADVERSARY_LR_MILESTONES = (60 / 240, 150 / 240)
+ADVERSARY_LR_DECAY = 0.2
 
 
 @flax.struct.dataclass
@@ -65,16 +69,37 @@ class NaNLossError(FloatingPointError):
     """The loss became NaN/inf; the run stops and keeps its last good checkpoint."""
 
 
+def multistep_schedule(
+    lr: float,
+    milestones: tuple[float, ...],
+    decay: float,
+    epochs: int,
+    steps_per_epoch: int,
+) -> optax.Schedule:
+    """PyTorch's MultiStepLR stepped per epoch: ``lr · decay^(#milestones passed)``.
+
+    ``milestones`` are fractions of ``epochs``; each is rounded to the nearest epoch.
+    """
+    scales: dict[int, float] = {}
+    for m in milestones:
+        boundary = int(math.floor(m * epochs + 0.5)) * steps_per_epoch
+        scales[boundary] = scales.get(boundary, 1.0) * decay
+    return optax.piecewise_constant_schedule(lr, scales)
+
+
 def lr_schedule(cfg: RunConfig, steps_per_epoch: int) -> optax.Schedule:
     """``lr · decay^(#milestones passed)``, milestones at fractions of the epochs (60/120/180/210 of 240).
 
     Epoch 1 trains at the base rate (the reference's warm-up leaves it at 0, DESIGN §6).
     """
-    scales: dict[int, float] = {}
-    for m in cfg.lr_milestones:
-        boundary = int(math.floor(m * cfg.epochs + 0.5)) * steps_per_epoch
-        scales[boundary] = scales.get(boundary, 1.0) * cfg.lr_decay
-    return optax.piecewise_constant_schedule(cfg.lr, scales)
+    return multistep_schedule(cfg.lr, cfg.lr_milestones, cfg.lr_decay, cfg.epochs, steps_per_epoch)
+
+
+def adversary_lr_schedule(cfg: RunConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The adversarial defense's decoder rate: Adam 1e-3, ×0.2 after 25 % and 62.5 % of the run."""
+    return multistep_schedule(
+        ADVERSARY_LR, ADVERSARY_LR_MILESTONES, ADVERSARY_LR_DECAY, cfg.epochs, steps_per_epoch
+    )
 
 
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -162,7 +187,7 @@ class Adversary:
     of its reconstructions.
     """
 
-    def __init__(self, decoder: Any) -> None:
+    def __init__(self, decoder: Any, learning_rate: float | optax.Schedule = ADVERSARY_LR) -> None:
         decoder.train()
         self.graphdef, params, batch_stats, self.rest = nnx.split(
             decoder, nnx.Param, nnx.BatchStat, ...
@@ -170,7 +195,7 @@ class Adversary:
         decoder.eval()
         self.graphdef_eval = nnx.split(decoder, nnx.Param, nnx.BatchStat, ...)[0]
         self._params, self._batch_stats = params, batch_stats
-        self.tx = optax.adam(ADVERSARY_LR)
+        self.tx = optax.adam(learning_rate)
 
     def init_state(self) -> dict[str, Any]:
         return {
@@ -197,7 +222,13 @@ class Adversary:
         return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss
 
 
-def build_adversary(cfg: RunConfig, feature_shape: tuple[int, ...], image_size: int) -> Adversary:
+def build_adversary(
+    cfg: RunConfig,
+    feature_shape: tuple[int, ...],
+    image_size: int,
+    steps_per_epoch: int | None = None,
+) -> Adversary:
+    """The local decoder; with ``steps_per_epoch`` its rate follows :func:`adversary_lr_schedule`."""
     from cem_jax.models.decoder import decoder_from_name
 
     decoder = decoder_from_name(
@@ -207,7 +238,9 @@ def build_adversary(cfg: RunConfig, feature_shape: tuple[int, ...], image_size: 
         image_size=image_size,
         rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(cfg.seed), _TAG_ADV)),
     )
-    return Adversary(decoder)
+    if steps_per_epoch is None:
+        return Adversary(decoder)
+    return Adversary(decoder, adversary_lr_schedule(cfg, steps_per_epoch))
 
 
 class Trainer:
@@ -253,7 +286,9 @@ class Trainer:
         self._init_params, self._init_batch_stats = parts.params, parts.batch_stats
         self.adversary = None
         if self.defense.adversarial_alpha > 0:
-            self.adversary = build_adversary(cfg, self.feature_shape, self.image_size)
+            self.adversary = build_adversary(
+                cfg, self.feature_shape, self.image_size, self.steps_per_epoch
+            )
 
         with jax.set_mesh(self.mesh):
             rep = parallel.replicated(self.mesh)

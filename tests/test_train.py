@@ -54,6 +54,32 @@ def test_lr_schedule_milestones_match_reference():
     assert lr_at_epoch(240) == pytest.approx(0.00008)
 
 
+def test_adversary_decoder_rate_follows_reference_multistep():
+    # reference §3.3: Adam 1e-3, MultiStepLR milestones [60, 150, 240, 260], gamma 0.2, 240 epochs
+    cfg = config_lib.make_config("paper", defense="adversarial", attacks=())
+    sched = train.adversary_lr_schedule(cfg, steps_per_epoch=391)
+
+    def lr_at_epoch(e):
+        return float(sched((e - 1) * 391))
+
+    assert lr_at_epoch(1) == pytest.approx(1e-3)
+    assert lr_at_epoch(60) == pytest.approx(1e-3)
+    assert lr_at_epoch(61) == pytest.approx(2e-4)
+    assert lr_at_epoch(150) == pytest.approx(2e-4)
+    assert lr_at_epoch(151) == pytest.approx(4e-5)
+    assert lr_at_epoch(240) == pytest.approx(4e-5)
+    # the Adam step the trainer builds uses that rate: after the first milestone an update is 5x smaller
+    adv_tx = train.build_adversary(cfg, (8, 8, 16), 32, steps_per_epoch=1).tx
+    p = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([0.5, 0.5])}
+    st = adv_tx.init(p)
+    first, st = adv_tx.update(g, st, p)
+    for _ in range(59):
+        _, st = adv_tx.update(g, st, p)
+    after, _ = adv_tx.update(g, st, p)  # step 61 (epoch 61 with one step per epoch)
+    np.testing.assert_allclose(np.asarray(after["w"]), np.asarray(first["w"]) * 0.2, rtol=1e-4)
+
+
 def test_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
     cfg = config_lib.make_config("paper", attacks=(), epochs=4, lr=0.1, weight_decay=0.01)
     tx = train.make_optimizer(cfg, steps_per_epoch=1)
