@@ -120,6 +120,11 @@ def test_training_learns_and_reports(tmp_path):
     assert h[-1]["clean_acc"] > 0.5
     assert h[-1]["ce"] < h[0]["ce"]
     assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+    # only the last refresh computes the full-covariance certificate, equal to a separate pass's
+    assert [("leakage_bits_full" in m) for m in h] == [False, False, True]
+    full = res.trainer.leakage_bound(res.state, covariance="full")
+    np.testing.assert_allclose(h[-1]["leakage_bits_full"], full, rtol=1e-5)
+    assert h[-1]["leakage_bits_full"] <= h[-1]["leakage_bits"] + 1e-3
 
 
 @pytest.mark.slow
