@@ -353,6 +353,19 @@ DEFENSES: dict[str, dict[str, Any]] = {
 _FIELDS = tuple(f.name for f in dataclasses.fields(Defense) if f.name != "name")
 
 
+def describe_presets() -> str:
+    """One line listing every preset of :data:`DEFENSES` with its non-default values (for ``--help``).
+
+    >>> describe_presets().split("; ")[:3]
+    ['none', 'noise (sigma=0.1)', 'cem_noise (sigma=0.1, cem, lambd=1.0)']
+    """
+    parts = []
+    for name, values in DEFENSES.items():
+        items = [k if v is True else f"{k}={v}" for k, v in values.items()]
+        parts.append(f"{name} ({', '.join(items)})" if items else name)
+    return "; ".join(parts)
+
+
 def make_defense(name: str, **overrides: Any) -> Defense:
     """The preset ``name`` of :data:`DEFENSES` with ``overrides`` applied (``None`` keeps the default).
 

@@ -31,7 +31,9 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "defense",
     "cem_noise",
-    "Defense preset, one of: " + ", ".join(defenses.DEFENSES) + ". cem_X = noise(sigma) + X + CEM.",
+    "Defense preset, cem_X = noise(sigma) + X + CEM; the presets and their defaults: "
+    + defenses.describe_presets()
+    + ". Every value can be overridden by its flag.",
 )
 flags.DEFINE_string("dataset", "cifar10", "One of: " + ", ".join(config_lib.DATASETS) + ".")
 flags.DEFINE_string(
@@ -58,7 +60,22 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_float("dropout_ratio", None, "Dropout ratio for the dropout defenses.")
 flags.DEFINE_float("topk_ratio", None, "Fraction of features zeroed by the top-k defenses.")
+flags.DEFINE_bool(
+    "dropout_rescale", None, "Rescale kept features by 1/(1-r) (default off, as the reference)."
+)
+flags.DEFINE_enum(
+    "topk_scope",
+    None,
+    list(defenses.TOPK_SCOPES),
+    "Top-k per sample (default, what a deployed client can do) or over the whole batch (reference).",
+)
 flags.DEFINE_float("nopeek_alpha", None, "Weight of the NoPeek distance-correlation loss.")
+flags.DEFINE_float(
+    "adversarial_alpha", None, "Weight of the adversarial defense's SSIM penalty (default 0.3)."
+)
+flags.DEFINE_float(
+    "ssim_threshold", None, "SSIM above which the adversarial defense penalises (default 0.5)."
+)
 flags.DEFINE_integer("epochs", None, "Training epochs (paper 240, quick 6).")
 flags.DEFINE_integer("batch_size", None, "Global batch size (default 128).")
 flags.DEFINE_float(
@@ -89,7 +106,7 @@ flags.DEFINE_string(
 
 _OVERRIDES = (
     "defense dataset data_dir arch cut_layer bottleneck_channels sigma lambd cem_mode clusters_per_class "
-    "dropout_ratio topk_ratio nopeek_alpha epochs batch_size lr seed train_subset test_subset "
+    "dropout_ratio dropout_rescale topk_ratio topk_scope nopeek_alpha adversarial_alpha ssim_threshold epochs batch_size lr seed train_subset test_subset "
     "attack_epochs gan_epochs attack_train_subset gan_train_subset threat_model"
 ).split()
 

@@ -50,12 +50,53 @@ def run_module(module: str, *args: str, timeout: float = 900) -> subprocess.Comp
         (["--arch=vgg16"], "vgg11_bn_sgm"),
         (["--dataset=synthetic", "--epochs=0"], "epochs=0"),
         (["--dataset=synthetic", "--attacks=decoder,diffusion"], "unknown attacks 'diffusion'"),
+        (["--defense=cem_dropout", "--dropout_ratio=1.0"], "accepted 0 (off) or a ratio in (0, 1)"),
+        (["--defense=nopeek", "--nopeek_alpha=-1"], "nopeek_alpha=-1.0: accepted a value >= 0"),
+        (
+            ["--defense=adversarial", "--ssim_threshold=1.5"],
+            "ssim_threshold=1.5: accepted a value < 1",
+        ),
+        (["--defense=topk", "--topk_scope=layer"], "should be one of <sample|batch>"),
     ],
 )
 def test_bad_flags_fail_fast_with_clear_errors(args, message, tmp_path):
     proc = run_module("experiments.run", *args, f"--workdir={tmp_path}", timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_every_defense_setting_has_a_flag():
+    code = (
+        "from experiments import run\n"
+        "run.FLAGS(['x', '--defense=cem_topk', '--topk_scope=batch', '--adversarial_alpha=0.2',\n"
+        "           '--ssim_threshold=0.4', '--dropout_ratio=0.1', '--dropout_rescale',\n"
+        "           '--nopeek_alpha=0.05', '--topk_ratio=0.3', '--sigma=0.2', '--lambd=2'])\n"
+        "print(repr(run.config_from_flags().defense_spec()))\n"
+        "print(run.FLAGS['defense'].help)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    spec, help_text = proc.stdout.split("\n", 1)
+    for expected in (
+        "name='cem_topk'",
+        "sigma=0.2",
+        "dropout_ratio=0.1",
+        "dropout_rescale=True",
+        "topk_ratio=0.3",
+        "topk_scope='batch'",
+        "nopeek_alpha=0.05",
+        "adversarial_alpha=0.2",
+        "ssim_threshold=0.4",
+        "cem=True",
+        "lambd=2.0",
+    ):
+        assert expected in spec, spec
+    # --help names every preset with its defaults
+    for preset in __import__("cem_jax.defenses").defenses.DEFENSES:
+        assert preset in help_text
+    assert "adversarial (adversarial_alpha=0.3, ssim_threshold=0.5)" in help_text
 
 
 def test_data_dir_with_wrong_layout_is_explained(tmp_path):
