@@ -7,7 +7,9 @@
 Times the jitted step of :func:`cem_jax.attacks.decoder_attack` (``res_normN8C64`` decoder, Adam with
 weight decay, donated state) at batch 256 on 32 px images with 8x8x8 features from a fixed random
 patch-linear + sigmoid + Gaussian-noise client, once with each ``ConvTranspose2x`` implementation.
-Also times value-and-grad of one upsampling layer alone (16 -> 32 px, 64 -> 64 channels). Reported:
+Also times value-and-grad of one upsampling layer alone (16 -> 32 px, 64 -> 64 channels), and of
+the WGAN-GP critic's loss with its gradient penalty (half the batch) with the strided convs as im2col
+matmuls (``auto`` on CPU) or as plain XLA convolutions. Reported:
 median seconds per step over ``--repeats`` timed blocks of ``--steps`` steps (after a warm-up
 compile), and images/s.
 """
@@ -101,6 +103,26 @@ def bench_upsample_grad(impl: str, batch: int, steps: int, repeats: int) -> floa
     return _time(lambda: grad(state, x), steps, repeats)
 
 
+def bench_critic_step(conv_impl: str, batch: int, steps: int, repeats: int) -> float:
+    """Value-and-grad of the WGAN-GP critic loss (with its gradient penalty) on 32 px images."""
+    critic = attacks.WGANCritic(SIDE, rngs=nnx.Rngs(0))
+    critic.set_attributes(impl=conv_impl, raise_if_not_found=False)
+    graphdef, state = nnx.split(critic)
+    real = jax.random.uniform(jax.random.key(1), (batch, SIDE, SIDE, 3))
+    fake = jax.random.uniform(jax.random.key(2), (batch, SIDE, SIDE, 3))
+
+    @jax.jit
+    def grad(state, real, fake):
+        def loss(state):
+            d = nnx.merge(graphdef, state)
+            w = jnp.mean(d(real)) - jnp.mean(d(fake))
+            return -w + 10.0 * attacks._gradient_penalty(d, real, fake, jax.random.key(3))
+
+        return jax.value_and_grad(loss)(state)
+
+    return _time(lambda: grad(state, real, fake), steps, repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
@@ -120,6 +142,10 @@ def main() -> None:
         s = bench_attack_step(impl, args.batch, args.steps, args.repeats)
         out[f"step_s_{impl}"] = s
         out[f"images_per_s_{impl}"] = args.batch / s
+    for impl in ("auto", "xla"):
+        s = bench_critic_step(impl, args.batch // 2, max(1, args.steps // 2), args.repeats)
+        out[f"critic_step_s_{impl}"] = s
+    out["critic_speedup_auto"] = out["critic_step_s_xla"] / out["critic_step_s_auto"]
     out["step_speedup_subpixel"] = out["step_s_transpose"] / out["step_s_subpixel"]
     out["upsample_grad_speedup_subpixel"] = (
         out["upsample_grad_s_transpose"] / out["upsample_grad_s_subpixel"]
@@ -137,6 +163,11 @@ def main() -> None:
     print(
         f"  sub-pixel speed-up: step x{out['step_speedup_subpixel']:.2f}, "
         f"upsampling x{out['upsample_grad_speedup_subpixel']:.2f}"
+    )
+    print(
+        f"WGAN-GP critic value+grad with gradient penalty, batch {args.batch // 2}: "
+        f"convs 'auto' (strided as im2col matmul on CPU) {out['critic_step_s_auto'] * 1e3:.1f} ms, "
+        f"plain XLA {out['critic_step_s_xla'] * 1e3:.1f} ms, x{out['critic_speedup_auto']:.2f}"
     )
 
 

@@ -24,6 +24,7 @@ SHAPES = [
     (16, 3, 16, 5, 1, 2),  # ResNet stem
     (16, 16, 32, 3, 2, 1),  # ResNet stride-2 conv, PyTorch padding
     (9, 8, 8, 3, 2, "SAME"),  # odd size, asymmetric SAME padding
+    (8, 8, 16, 5, 2, 2),  # WGAN-GP critic's 5x5 stride-2 conv
     (6, 8, 8, 3, 1, "VALID"),
     (6, 8, 8, 3, 1, ((0, 2), (1, 0))),
 ]
@@ -91,6 +92,28 @@ def test_conv2d_gradients_equal(h, ci, co, k, s, padding):
         np.testing.assert_allclose(gw, gw_ref, rtol=1e-5, atol=1e-5 * np.abs(gw_ref).max())
 
 
+@pytest.mark.parametrize("h,ci,co,k,s,padding", [(8, 8, 16, 5, 2, 2), (9, 8, 8, 3, 2, "SAME")])
+def test_conv2d_second_derivatives_equal(h, ci, co, k, s, padding):
+    # a gradient penalty differentiates the input gradient again (WGAN-GP critic)
+    x, w = _xw(h, ci, co, k, seed=3)
+    pads = _pads(padding, h, k, s)
+
+    def penalty(conv, w, x):
+        g = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, w))))(x)
+        return jnp.sum((jnp.sqrt(jnp.sum(g**2, axis=(1, 2, 3))) - 1.0) ** 2)
+
+    def lax_conv(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    ref = jax.grad(penalty, argnums=1)(lax_conv, w, x)
+    for impl in ("xla", "matmul", "auto"):
+        conv = lambda x, w, impl=impl: layers.conv2d(x, w, strides=s, padding=padding, impl=impl)
+        got = jax.grad(penalty, argnums=1)(conv, w, x)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("impl", ["xla", "matmul", "auto"])
 @pytest.mark.parametrize("h,padding", [(8, "SAME"), (2, "SAME"), (5, ((1, 1), (1, 1)))])
 def test_conv_module_equals_nnx_conv(impl, h, padding):
@@ -119,6 +142,10 @@ def test_use_matmul_rule():
     assert layers.use_matmul((2, 2), (3, 3), 512, 512, (1, 1), backend="cpu")
     assert layers.use_matmul((4, 2), (3, 3), 8, 8, (1, 1), backend="cpu")
     assert not layers.use_matmul((4, 4), (3, 3), 512, 512, (1, 1), backend="cpu")
+    # strided convs: XLA:CPU's dilated-conv gradients fall back to a naive loop
+    assert layers.use_matmul((8, 8), (5, 5), 128, 256, (2, 2), backend="cpu")
+    assert layers.use_matmul((64, 64), (3, 3), 16, 32, (2, 2), backend="cpu")
+    assert not layers.use_matmul((8, 8), (5, 5), 128, 256, (2, 2), backend="gpu")
     assert not layers.use_matmul((2, 2), (3, 3), 512, 512, (1, 1), backend="gpu")
 
 

@@ -107,7 +107,13 @@ def use_matmul(
 ) -> bool:
     """The rule: im2col + matmul instead of XLA's conv, decided per shape at trace time.
 
-    Only on CPU, and only when the feature map is smaller than the kernel in some direction.
+    Only on CPU, when the feature map is smaller than the kernel in some direction, or when the
+    conv is strided. Strided convs: XLA:CPU computes their kernel gradient (and any second
+    derivative, as in the WGAN-GP critic's gradient penalty) as a dilated convolution that falls
+    back to a naive loop. Measured (forward+backward, batch 64, ms, XLA vs matmul): 8x8 128->256 k5
+    s2: 792 vs 48; 64x64 16->32 k3 s2: 122 vs 78; 32x32 32->64 k3 s2: 47 vs 40; 16x16 64->128 k3
+    s2: 27 vs 24; 16x16 64->128 k5 s2: 54 vs 82 (the one loss, outweighed in the critic); the
+    whole critic step with its gradient penalty at batch 32: 2692 vs 269.
     Measured on the 2-core CPU (forward+backward of one conv, batch 128, ms, XLA vs matmul;
     ``python -m benchmarks.models --layers``): 3x3 on 2x2 maps 512->512: 4428-7653 vs 33-65;
     128->128: 75 vs 5; on 1x1: 110 vs 27. At 3x3 maps it is a tie (164 vs 130), from 4x4 maps
@@ -117,9 +123,11 @@ def use_matmul(
     faster (16x16 64->128 kernel gradient ~158 -> ~75 ms), but the whole VGG step did not change
     (1497 vs 1476 ms) and ResNet's 32x32 32->32 got slower (162 -> 266 ms).
     """
-    del c_in, c_out, strides
+    del c_in, c_out
     if (backend or jax.default_backend()) != "cpu":
         return False
+    if max(strides) > 1:
+        return True
     return in_hw[0] < kernel_hw[0] or in_hw[1] < kernel_hw[1]
 
 
