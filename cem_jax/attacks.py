@@ -64,6 +64,25 @@ def _require(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_fields(
+    cfg: Any,
+    *,
+    ints: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+    nonnegative: tuple[str, ...] = (),
+) -> None:
+    """Raises ``ValueError`` naming the first field of ``cfg`` outside its accepted range."""
+    for name in ints:
+        v = getattr(cfg, name)
+        _require(isinstance(v, int) and v >= 1, f"{name}={v!r}: accepted an integer >= 1.")
+    for name in positive:
+        v = getattr(cfg, name)
+        _require(v > 0, f"{name}={v}: accepted > 0.")
+    for name in nonnegative:
+        v = getattr(cfg, name)
+        _require(v >= 0, f"{name}={v}: accepted >= 0.")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderAttackConfig:
     """The decoder attack (reference §6.3). ``lr`` follows a per-epoch cosine to ``final_lr``."""
@@ -78,12 +97,12 @@ class DecoderAttackConfig:
     num_examples: int = 16
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"{name}={v!r}: accepted an integer >= 1.")
-        _require(self.num_examples >= 0, f"num_examples={self.num_examples}: accepted >= 0.")
-        _require(self.lr > 0, f"lr={self.lr}: accepted > 0.")
-        _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay}: accepted >= 0.")
+        _check_fields(
+            self,
+            ints=("epochs", "batch_size", "eval_batch_size"),
+            positive=("lr",),
+            nonnegative=("num_examples", "weight_decay"),
+        )
         _require(
             0 <= self.final_lr <= self.lr,
             f"final_lr={self.final_lr}: accepted 0 <= final_lr <= lr ({self.lr}).",
@@ -108,16 +127,12 @@ class GanAttackConfig:
     num_examples: int = 16
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "n_critic", "critic_width", "eval_batch_size"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"{name}={v!r}: accepted an integer >= 1.")
-        _require(self.num_examples >= 0, f"num_examples={self.num_examples}: accepted >= 0.")
-        for name in ("critic_lr", "generator_lr"):
-            v = getattr(self, name)
-            _require(v > 0, f"{name}={v}: accepted > 0.")
-        for name in ("mse_weight", "gp_weight"):
-            v = getattr(self, name)
-            _require(v >= 0, f"{name}={v}: accepted >= 0.")
+        _check_fields(
+            self,
+            ints=("epochs", "batch_size", "n_critic", "critic_width", "eval_batch_size"),
+            positive=("critic_lr", "generator_lr"),
+            nonnegative=("num_examples", "mse_weight", "gp_weight"),
+        )
         for name in ("b1", "b2"):
             v = getattr(self, name)
             _require(0 <= v < 1, f"{name}={v}: accepted 0 <= {name} < 1.")

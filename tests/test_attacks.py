@@ -299,9 +299,25 @@ def test_bad_inputs_raise():
         )
     with pytest.raises(ValueError, match="train_images"):
         attacks.decoder_attack(encode, x_train.astype(np.int32), x_eval, feature_shape=None, **kw)
-    for bad in (dict(epochs=0), dict(batch_size=-1), dict(lr=0.0), dict(final_lr=1.0)):
+    for bad in (
+        dict(epochs=0),
+        dict(batch_size=-1),
+        dict(batch_size=2.5),
+        dict(lr=0.0),
+        dict(final_lr=1.0),
+        dict(weight_decay=-1e-4),
+        dict(num_examples=-1),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             attacks.DecoderAttackConfig(**bad)
-    for bad in (dict(n_critic=0), dict(b1=1.0), dict(gp_weight=-1.0), dict(critic_lr=0)):
+    for bad in (
+        dict(n_critic=0),
+        dict(critic_width=0),
+        dict(b1=1.0),
+        dict(gp_weight=-1.0),
+        dict(mse_weight=-1.0),
+        dict(critic_lr=0),
+        dict(generator_lr=-1e-4),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             attacks.GanAttackConfig(**bad)
