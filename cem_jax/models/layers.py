@@ -107,26 +107,34 @@ def use_matmul(
 ) -> bool:
     """The rule: im2col + matmul instead of XLA's conv, decided per shape at trace time.
 
-    Only on CPU, when the feature map is smaller than the kernel in some direction, or when the
-    conv is strided. Strided convs: XLA:CPU computes their kernel gradient (and any second
-    derivative, as in the WGAN-GP critic's gradient penalty) as a dilated convolution that falls
-    back to a naive loop. Measured (forward+backward, batch 64, ms, XLA vs matmul): 8x8 128->256 k5
-    s2: 792 vs 48; 64x64 16->32 k3 s2: 122 vs 78; 32x32 32->64 k3 s2: 47 vs 40; 16x16 64->128 k3
-    s2: 27 vs 24; 16x16 64->128 k5 s2: 54 vs 82 (the one loss, outweighed in the critic); the
-    whole critic step with its gradient penalty at batch 32: 2692 vs 269.
-    Measured on the 2-core CPU (forward+backward of one conv, batch 128, ms, XLA vs matmul;
-    ``python -m benchmarks.models --layers``): 3x3 on 2x2 maps 512->512: 4428-7653 vs 33-65;
-    128->128: 75 vs 5; on 1x1: 110 vs 27. At 3x3 maps it is a tie (164 vs 130), from 4x4 maps
-    up XLA is as fast or faster (4x4 512->512: 324 vs 397; 8x8 128->8: XLA 7 vs 170, a thin
-    matmul is slow), so everything else stays on XLA. Also tried and dropped: XLA forward and
-    input gradient with the kernel gradient as ``patches^T @ dy`` (a custom VJP): alone it looked
-    faster (16x16 64->128 kernel gradient ~158 -> ~75 ms), but the whole VGG step did not change
-    (1497 vs 1476 ms) and ResNet's 32x32 32->32 got slower (162 -> 266 ms).
+    Only on CPU, in three cases. Figures: forward + both gradients of one conv, ms, XLA vs matmul,
+    batch 128 unless noted (``python -m benchmarks.models --layers``).
+
+    (a) The map is smaller than the kernel in some direction (XLA takes a very slow path):
+        2x2 512->512: 1532 vs 29; 2x2 128->128: 75 vs 5; 1x1: 110 vs 27.
+    (b) The conv is strided. XLA:CPU computes the kernel gradient, and any second derivative (the
+        WGAN-GP critic's gradient penalty), as a dilated convolution that runs a naive loop.
+        Batch 64: 8x8 128->256 k5 s2: 792 vs 48; 64x64 16->32 k3 s2: 122 vs 78; 32x32 32->64
+        k3 s2: 47 vs 40; 16x16 64->128 k5 s2: 54 vs 82 (the one loss). The whole critic step
+        with its gradient penalty, batch 32: 2692 vs 269.
+    (c) At least 16x16 positions with ``c_in >= 32`` and ``c_out >= 64``: XLA's kernel-gradient
+        convolution is slow there. 16x16 64->128: 153-161 vs 114-124; 16x16 64->64: 110 vs 93;
+        16x16 128->256: 494 vs 344; 16x16 256->256: 1019 vs 670; 32x32 64->128 (batch 64):
+        357 vs 236; 32x32 32->64 (batch 64): 131 vs 88.
+
+    Everything else stays on XLA, which is as fast or faster there: 32x32 32->32: 141 vs 157;
+    8x8 128->128: 46 vs 56; 4x4 512->512: 128 vs 125 (a tie); thin outputs lose badly as a
+    matmul (16x16 64->8: 19 vs 91; 8x8 128->8: 9 vs 38).
+
+    Also tried and dropped: XLA's forward and input gradient with the kernel gradient as ``kh``
+    GEMMs over row-shifted inputs (a custom VJP). It was exact but never clearly faster than the
+    better of the two paths (16x16 64->128: 139 ms; 8x8 256->256: 166 vs 165).
     """
-    del c_in, c_out
     if (backend or jax.default_backend()) != "cpu":
         return False
     if max(strides) > 1:
+        return True
+    if in_hw[0] * in_hw[1] >= 256 and c_in >= 32 and c_out >= 64:
         return True
     return in_hw[0] < kernel_hw[0] or in_hw[1] < kernel_hw[1]
 
