@@ -264,6 +264,28 @@ class Conv(nnx.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# The client side of a split model
+# --------------------------------------------------------------------------------------------------
+
+
+class BottleneckClient(nnx.Module):
+    """Base of the split clients: ``self.layers`` in order, then the optional ``self.bottleneck``
+    conv, then a sigmoid (features in (0, 1), reference §2). Subclasses build both in ``__init__``.
+    """
+
+    layers: nnx.List
+    bottleneck: Conv | None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, H, W, 3] -> [B, h, w, c]`` in (0, 1)."""
+        for layer in self.layers:
+            x = layer(x)
+        if self.bottleneck is not None:
+            x = self.bottleneck(x)
+        return jax.nn.sigmoid(x)
+
+
+# --------------------------------------------------------------------------------------------------
 # 2x2 max-pool
 # --------------------------------------------------------------------------------------------------
 

@@ -119,7 +119,7 @@ def _make_layers(start: int, stop: int, *, rngs: nnx.Rngs) -> nnx.List:
     return nnx.List(out)
 
 
-class ResNetClient(nnx.Module):
+class ResNetClient(layers.BottleneckClient):
     """Client: ``[B, H, W, 3] -> [B, h, w, bottleneck_channels]`` in (0, 1)."""
 
     def __init__(self, cut_layer: int, bottleneck_channels: int, *, rngs: nnx.Rngs):
@@ -128,13 +128,6 @@ class ResNetClient(nnx.Module):
         self.bottleneck = (
             _conv(c, bottleneck_channels, 3, rngs=rngs, bias=True) if bottleneck_channels else None
         )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x)
-        if self.bottleneck is not None:
-            x = self.bottleneck(x)
-        return jax.nn.sigmoid(x)
 
 
 class ResNetServer(nnx.Module):

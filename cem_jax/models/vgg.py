@@ -84,7 +84,7 @@ def _make_layers(entries, c_in: int, *, torch_init: bool, rngs: nnx.Rngs) -> nnx
     return nnx.List(out)
 
 
-class VGGClient(nnx.Module):
+class VGGClient(layers.BottleneckClient):
     """Client: ``[B, H, W, 3] -> [B, h, w, bottleneck_channels]`` in (0, 1)."""
 
     def __init__(self, cut_layer: int, bottleneck_channels: int, *, rngs: nnx.Rngs):
@@ -102,13 +102,6 @@ class VGGClient(nnx.Module):
             )
         else:
             self.bottleneck = None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x)
-        if self.bottleneck is not None:
-            x = self.bottleneck(x)
-        return jax.nn.sigmoid(x)
 
 
 class VGGServer(nnx.Module):
