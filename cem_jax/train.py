@@ -187,7 +187,7 @@ class Adversary:
     of its reconstructions.
     """
 
-    def __init__(self, decoder: Any, learning_rate: float | optax.Schedule = ADVERSARY_LR) -> None:
+    def __init__(self, decoder: Any, learning_rate: float | optax.Schedule) -> None:
         decoder.train()
         self.graphdef, params, batch_stats, self.rest = nnx.split(
             decoder, nnx.Param, nnx.BatchStat, ...
@@ -226,9 +226,9 @@ def build_adversary(
     cfg: RunConfig,
     feature_shape: tuple[int, ...],
     image_size: int,
-    steps_per_epoch: int | None = None,
+    steps_per_epoch: int,
 ) -> Adversary:
-    """The local decoder; with ``steps_per_epoch`` its rate follows :func:`adversary_lr_schedule`."""
+    """The local decoder, its Adam rate following :func:`adversary_lr_schedule`."""
     from cem_jax.models.decoder import decoder_from_name
 
     decoder = decoder_from_name(
@@ -238,8 +238,6 @@ def build_adversary(
         image_size=image_size,
         rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(cfg.seed), _TAG_ADV)),
     )
-    if steps_per_epoch is None:
-        return Adversary(decoder)
     return Adversary(decoder, adversary_lr_schedule(cfg, steps_per_epoch))
 
 
