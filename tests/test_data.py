@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import pathlib
 import zipfile
@@ -584,3 +586,40 @@ def test_real_cifar10_zips():
     np.testing.assert_array_equal(np.bincount(ds.test_labels), [1000] * 10)
     # The reference CIFAR-10 mean, recomputed on the test set, agrees to JPEG precision.
     np.testing.assert_allclose(_numpy_stats(ds.test_images)[0], ds.mean, atol=0.01)
+
+
+def test_dataset_identity_is_json_and_tracks_content():
+    ds = data.synthetic_dataset(num_train=40, num_test=20, image_size=8, num_classes=4)
+    ident = data.dataset_identity(ds)
+    assert set(ident) == {"name", "source", "class_names", "num_train", "num_test", "digest"}
+    assert json.loads(json.dumps(ident)) == ident
+    assert (ident["num_train"], ident["num_test"]) == (40, 20)
+    assert ident["class_names"] == list(ds.class_names)
+    assert len(ident["digest"]) == 64
+    # Same data (fresh copies of the arrays) -> same dict.
+    again = data.synthetic_dataset(num_train=40, num_test=20, image_size=8, num_classes=4)
+    assert data.dataset_identity(again) == ident
+
+    def changed(**kw) -> str:
+        return data.dataset_identity(dataclasses.replace(ds, **kw))["digest"]
+
+    px = ds.test_images.copy()
+    px[3, 1, 2, 0] ^= 1
+    lab = ds.train_labels.copy()
+    lab[0] = (lab[0] + 1) % 4
+    swapped = ds.train_images.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    digests = {
+        ident["digest"],
+        changed(test_images=px),
+        changed(train_labels=lab),
+        changed(train_images=swapped),
+        # The same bytes moved from train to test are other data.
+        changed(
+            train_images=ds.train_images[:-1],
+            train_labels=ds.train_labels[:-1],
+            test_images=np.concatenate([ds.train_images[-1:], ds.test_images]),
+            test_labels=np.concatenate([ds.train_labels[-1:], ds.test_labels]),
+        ),
+    }
+    assert len(digests) == 5
