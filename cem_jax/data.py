@@ -2,19 +2,34 @@
 
 Sources, chosen by ``data_dir`` in :func:`load_dataset`:
 
-* an image folder ``<data_dir>/{train,test}/<class>/*.{png,jpg,jpeg}``;
+* an image folder ``<data_dir>/{train,test}/<class>/*.{png,jpg,jpeg}`` (images may sit in
+  subfolders of a class folder);
 * a folder holding ``train.zip`` and ``test.zip`` whose members are ``train/<class>/...`` and
   ``test/<class>/...`` (or ``<class>/...``);
 * a single ``.zip`` file holding both ``train/<class>/...`` and ``test/<class>/...`` (optionally under
   one top-level folder);
-* tensorflow-datasets for ``"cifar10"`` / ``"cifar100"`` when ``data_dir`` is ``None`` or holds none of
-  the layouts above;
+* Tiny ImageNet's own layout, extracted or as the original ``tiny-imagenet-200.zip``:
+  ``train/<wnid>/images/*.JPEG``, ``val/images/*`` labelled by ``val/val_annotations.txt`` (the val
+  split is the test split; the unlabelled ``test/`` is ignored; ``wnids.txt``, if present, must list
+  the train classes);
+* ``cifar10`` / ``cifar100``: the official python archive (``cifar-10-python.tar.gz``), or the
+  ``<name>.npz`` prepared from it by :mod:`cem_jax.download`, or a folder holding either; with
+  ``data_dir=None`` they are downloaded and prepared on first use (:func:`cem_jax.download.fetch_cifar`);
 * ``"synthetic"``: class-dependent smooth patterns plus noise, generated from a seed.
 
-Class names are the sorted class folder names and labels index them (``torchvision.ImageFolder``
-order). Images are decoded once, with Pillow in a thread pool, into ``[N, H, W, 3]`` uint8 arrays that
-stay on the host; :func:`epoch_batches` gives the index batches, and :func:`augment` /
-:func:`normalize` run on the device inside the jitted step.
+A given ``data_dir`` in none of these layouts is an error that says what it holds; nothing is ever
+downloaded into it. Class names are the sorted class folder names and labels index them
+(``torchvision.ImageFolder`` order); files that are not images are skipped with a warning that
+counts them, and a class folder without images is an error. Images are decoded once, with Pillow in
+a thread pool, into ``[N, H, W, 3]`` uint8 arrays that stay on the host; :func:`epoch_batches` gives
+the index batches, and :func:`augment` / :func:`normalize` run on the device inside the jitted step.
+
+Decode cache (``cache_dir``): one ``decoded-<key>.npz`` per dataset, keyed by content — every
+member's path inside the dataset, its label and its bytes (a zip's CRC-32 and size from its central
+directory; a hash of each file of a folder) — so renaming, moving or re-timestamping files does not
+matter and swapped contents are never read under old labels. The :data:`CACHE_KEEP` most recently
+used entries are kept, older ones (also those of earlier cache versions) are deleted when a new one
+is written. A damaged entry is decoded again; an unwritable ``cache_dir`` is a warning.
 
 >>> ds = synthetic_dataset(num_train=40, num_test=20, image_size=8, num_classes=4)
 >>> ds.train_images.shape, ds.train_images.dtype, ds.num_classes, ds.image_size
@@ -32,12 +47,15 @@ stay on the host; :func:`epoch_batches` gives the index batches, and :func:`augm
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import io
 import os
+import re
 import struct
+import threading
 import time
 import zipfile
 import zlib
@@ -48,6 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from cem_jax import download
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "facescrub", "tinyimagenet", "synthetic")
 
@@ -63,14 +83,52 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
 }
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+# Class names (label order) that identify a folder dataset as a known one (see load_dataset).
+KNOWN_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),  # fmt: skip
+    "cifar100": tuple(
+        """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+        butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+        crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
+        keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain
+        mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain
+        plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+        skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank
+        telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf
+        woman worm""".split()
+    ),
+}
+
+# Decode cache: entries are decoded-<content key>.npz; the CACHE_KEEP most recently used are kept.
+CACHE_KEEP = 3
+_CACHE_VERSION = 2
+_CACHE_FILE_RE = re.compile(
+    r"decoded-[0-9a-f]{32}\.npz|(?:cifar10|cifar100|facescrub|tinyimagenet)-[0-9a-f]{20}\.npz"
+)
 _SPLITS = ("train", "test")
-_TFDS_NAMES = ("cifar10", "cifar100")
-_CACHE_VERSION = 1
+_TINY_ANNOTATIONS = "val_annotations.txt"
+_WNID_RE = re.compile(r"n\d{8}")
 
 _LAYOUT_HELP = (
-    "Expected one of: a folder with train/<class>/*.{png,jpg,jpeg} and test/<class>/...; a folder "
-    "holding train.zip and test.zip whose members are train/<class>/... and test/<class>/...; or a "
-    "single .zip holding train/<class>/... and test/<class>/...."
+    "Accepted: a folder with train/<class>/*.{png,jpg,jpeg} and test/<class>/...; a folder "
+    "holding train.zip and test.zip whose members are train/<class>/... and test/<class>/...; a "
+    "single .zip holding train/<class>/... and test/<class>/...; Tiny ImageNet's own layout "
+    "(train/<wnid>/images/*.JPEG, val/images/* and val/val_annotations.txt), extracted or as "
+    "tiny-imagenet-200.zip; for cifar10/cifar100 also the official python archive "
+    "(cifar-10-python.tar.gz, cifar-100-python.tar.gz) or a prepared <name>.npz, or a folder "
+    "holding one. Without --data_dir, cifar10/cifar100 are downloaded."
 )
 
 
@@ -79,14 +137,16 @@ class Dataset:
     """A dataset in host memory.
 
     Attributes:
-      name: dataset name (one of :data:`DATASETS`, or any name for :func:`load_image_folder`).
+      name: what the data is (one of :data:`DATASETS`, else a folder dataset's own name; see
+        :func:`load_dataset` for the rule).
       train_images: ``[N, H, W, 3]`` uint8, square images (``H == W``).
       train_labels: ``[N]`` int32 in ``[0, num_classes)``.
       test_images: ``[M, H, W, 3]`` uint8.
       test_labels: ``[M]`` int32.
       class_names: ``num_classes`` names; label ``i`` is ``class_names[i]``.
       mean, std: per-channel normalisation constants for images on ``[0, 1]``.
-      source: where the arrays came from, e.g. ``"zip:/path"``, ``"tfds:cifar10"``, ``"synthetic"``.
+      source: where the arrays came from, e.g. ``"zip:/path"``, ``"download:/path/cifar10.npz"``,
+        ``"synthetic:seed=0"``.
     """
 
     name: str
@@ -155,17 +215,25 @@ def load_dataset(
 
     Args:
       name: one of :data:`DATASETS`.
-      data_dir: an image folder, a folder with ``train.zip``/``test.zip``, or a ``.zip`` (see module
-        docstring). For ``cifar10``/``cifar100`` a folder without that layout (or ``None``) is used
-        as tensorflow-datasets' ``data_dir``. Ignored for ``synthetic``.
+      data_dir: a dataset in one of the layouts of the module docstring. A given ``data_dir`` that
+        holds none of them is an error (never a download). ``None``: ``cifar10``/``cifar100`` are
+        read from :func:`cem_jax.download.fetch_cifar`'s folder, downloaded there on first use;
+        other datasets need a ``data_dir``. Ignored for ``synthetic``.
       train_subset: keep a class-balanced random subset of this many training images.
       subset_seed: seed of that subset.
-      cache_dir: if given, decoded folder/zip arrays are stored there as ``.npz`` and reused while
-        the source files keep their size and modification time.
+      cache_dir: if given, decoded folder/zip arrays are stored there as ``.npz`` keyed by content
+        (see the module docstring) and reused; damaged entries are decoded again, an unwritable
+        ``cache_dir`` only loses the cache.
       synthetic_shape: ``(num_train, num_test, image_size, num_classes)`` for ``synthetic``.
 
     Returns:
-      The :class:`Dataset`, with the reference normalisation constants of ``name``.
+      The :class:`Dataset`. Its ``name`` is ``name`` only where the data is that dataset: a folder
+      or zip is named ``cifar10``/``cifar100`` only when its class names are those datasets'
+      classes, ``tinyimagenet`` when it is in Tiny ImageNet's layout (or has wnid class names),
+      ``facescrub`` when asked (it cannot be checked); otherwise it is named after the folder or
+      zip (``/data/fashion_mnist.zip`` -> ``fashion_mnist``), with a warning. ``mean``/``std`` are
+      the reference constants of that name (:data:`NORMALIZATION`), otherwise the statistics of
+      the training images (after ``train_subset``).
     """
     if name not in DATASETS:
         raise ValueError(f"name={name!r}: accepted datasets are {', '.join(DATASETS)}.")
@@ -180,26 +248,28 @@ def load_dataset(
             keys = ("num_train", "num_test", "image_size", "num_classes")
             kwargs = dict(zip(keys, (int(v) for v in synthetic_shape)))
         ds = synthetic_dataset(**kwargs)
+    elif data_dir is None:
+        if name not in download.ARCHIVES:
+            raise ValueError(
+                f"data_dir=None: dataset {name!r} is read from a folder or zip only (only "
+                f"{', '.join(download.ARCHIVES)} are downloaded). {_LAYOUT_HELP}"
+            )
+        ds = _load_cifar(name, None)
     else:
-        layout = _detect_layout(data_dir) if data_dir is not None else None
-        if layout is not None:
-            ds = _load_layout(
+        layout = _detect_layout(data_dir, name)
+        if layout is None:
+            raise ValueError(
+                f"data_dir={data_dir!r}: found {_describe_path(data_dir)}. {_LAYOUT_HELP}"
+            )
+        if layout.kind in ("prepared", "archive"):
+            ds = _load_cifar(name, layout)
+        else:
+            return _load_layout(  # the subset is taken before decoding
                 name,
                 layout,
                 train_subset=train_subset,
                 subset_seed=subset_seed,
                 cache_dir=cache_dir,
-            )
-            return ds  # the subset was taken before decoding
-        if name in _TFDS_NAMES:
-            ds = _load_tfds(name, data_dir)
-        elif data_dir is None:
-            raise ValueError(
-                f"data_dir=None: dataset {name!r} is read from a folder or zip only. {_LAYOUT_HELP}"
-            )
-        else:
-            raise ValueError(
-                f"data_dir={data_dir!r}: found {_describe_path(data_dir)}. {_LAYOUT_HELP}"
             )
     if train_subset is not None:
         ds = subset(ds, train_subset, seed=subset_seed)
@@ -216,14 +286,12 @@ def load_image_folder(
 ) -> Dataset:
     """Loads any folder/zip dataset (layouts as in the module docstring), under any ``name``.
 
-    ``mean``/``std`` are the reference constants when ``name`` is one of them, else they are computed
-    from the (possibly subset) training images: per channel, over all pixels, on ``[0, 1]``.
+    ``name=None``: a known dataset when its class names are that dataset's, else the folder's or
+    zip's name. ``mean``/``std`` as in :func:`load_dataset`.
     """
     layout = _detect_layout(data_dir)
-    if layout is None:
+    if layout is None or layout.kind in ("prepared", "archive"):
         raise ValueError(f"data_dir={data_dir!r}: found {_describe_path(data_dir)}. {_LAYOUT_HELP}")
-    if name is None:
-        name = os.path.splitext(os.path.basename(os.path.normpath(data_dir)))[0]
     return _load_layout(
         name, layout, train_subset=train_subset, subset_seed=subset_seed, cache_dir=cache_dir
     )
@@ -469,20 +537,128 @@ def _channel_vector(values: Sequence[float], arg: str) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Where the two splits live: ``kind`` is "folder", "zips" (train.zip + test.zip) or "zip"."""
+    """Where the splits live. ``kind``: "folder", "zips" (train.zip + test.zip), "zip" (one zip,
+    splits under ``root``), "tiny_folder" / "tiny_zip" (Tiny ImageNet's own layout under ``root``),
+    "prepared" (a ``<name>.npz`` from :mod:`cem_jax.download`), "archive" (an official CIFAR
+    ``.tar.gz``)."""
 
     kind: str
     path: str
+    root: str = ""
 
 
 @dataclasses.dataclass
 class _Split:
-    """A listed (not yet decoded) split: ``names[i]`` is read by ``read(i)``; labels by class."""
+    """A listed (not yet decoded) split: ``names[i]`` is read by ``read(i)``; labels by class.
+
+    ``keys[i]`` names member ``i`` independently of where the dataset lies (its path relative to the
+    dataset), and ``content_id(i)`` identifies its bytes (CRC and size for a zip member, a hash of
+    the file for a folder): together they key the decode cache.
+    """
 
     class_names: tuple[str, ...]
     names: list[str]
     labels: np.ndarray
     read: Callable[[int], bytes]
+    keys: list[str]
+    content_id: Callable[[int], bytes]
+
+
+class _FolderSource:
+    """Files under a folder, by ``/``-separated path relative to it (hidden entries left out)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def list(self, prefix: str) -> list[str]:
+        top = os.path.join(self.path, prefix)
+        out = []
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            rel = os.path.relpath(dirpath, self.path).replace(os.sep, "/")
+            rel = "" if rel == "." else rel + "/"
+            out.extend(rel + f for f in sorted(filenames) if not _is_hidden(f))
+        return out
+
+    def is_dir(self, rel: str) -> bool:
+        return os.path.isdir(os.path.join(self.path, rel))
+
+    def full(self, rel: str) -> str:
+        return os.path.join(self.path, *rel.split("/"))
+
+    def read(self, rel: str) -> bytes:
+        with open(self.full(rel), "rb") as fh:
+            return fh.read()
+
+    def content_id(self, rel: str) -> bytes:
+        return hashlib.blake2b(self.read(rel), digest_size=16).digest()
+
+
+class _ZipSource:
+    """Members of a zip, read from the whole file in memory (read once, on first use).
+
+    A member name stored twice with the same CRC and size counts once (with a warning); twice with
+    different contents is an error. A zip that cannot be opened is an error naming the path.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+            raise ValueError(
+                f"{path}: cannot open this zip ({type(e).__name__}: {e}); the file is truncated "
+                "(an interrupted copy or download?), damaged, or not a zip. Copy it again."
+            ) from e
+        self.infos: dict[str, zipfile.ZipInfo] = {}
+        dups: list[str] = []
+        for info in infos:
+            if info.is_dir() or _is_hidden(info.filename):
+                continue
+            old = self.infos.get(info.filename)
+            if old is not None:
+                if (old.CRC, old.file_size) != (info.CRC, info.file_size):
+                    raise ValueError(
+                        f"{path}: member {info.filename} is stored twice with different contents; "
+                        "accepted each member name once. Rebuild the zip."
+                    )
+                dups.append(info.filename)
+            self.infos[info.filename] = info
+        if dups:
+            logging.warning(
+                "data: %s stores %d member names twice with the same contents (%s); each is "
+                "counted once.",
+                path,
+                len(dups),
+                _few(sorted(set(dups)), 3),
+            )
+        self.duplicates = len(dups)
+        self._data: bytes | None = None
+        self._lock = threading.Lock()
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.infos if n.startswith(prefix))
+
+    def is_dir(self, rel: str) -> bool:
+        rel = rel.rstrip("/") + "/"
+        return any(n.startswith(rel) for n in self.infos)
+
+    def full(self, rel: str) -> str:
+        return f"{self.path}:{rel}"
+
+    def read(self, rel: str) -> bytes:
+        with self._lock:
+            if self._data is None:
+                self._data = _read_file(self.path)
+        return _zip_member(self._data, self.infos[rel], self.path)
+
+    def content_id(self, rel: str) -> bytes:
+        info = self.infos[rel]
+        return struct.pack("<IQ", info.CRC, info.file_size)
+
+
+_Source = _FolderSource | _ZipSource
 
 
 def _is_image(name: str) -> bool:
@@ -506,7 +682,7 @@ def _describe_path(path: str | None, limit: int = 8) -> str:
                     {n.split("/", 1)[0] + ("/" if "/" in n else "") for n in zf.namelist()}
                 )
             return f"a zip whose top-level entries are {_few(tops, limit)}"
-        return "a file that is not a zip"
+        return "a file that is not a readable zip (not a zip, or a truncated or damaged one)"
     entries = sorted(
         e + ("/" if os.path.isdir(os.path.join(path, e)) else "") for e in os.listdir(path)
     )
@@ -518,13 +694,28 @@ def _few(items: Sequence[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _detect_layout(data_dir: str) -> _Layout | None:
-    """The layout of ``data_dir``, or None if it has none of the accepted ones."""
+def _detect_layout(data_dir: str, name: str | None = None) -> _Layout | None:
+    """The layout of ``data_dir``, or None if it has none of the accepted ones.
+
+    With ``name`` one of the downloadable datasets, a folder holding its prepared ``<name>.npz`` or
+    its official archive also counts.
+    """
     path = os.path.abspath(data_dir)
     if os.path.isfile(path):
-        return _Layout("zip", path) if zipfile.is_zipfile(path) else None
+        low = path.lower()
+        if low.endswith(".npz"):
+            return _Layout("prepared", path)
+        if low.endswith((".tar.gz", ".tgz")):
+            return _Layout("archive", path)
+        if low.endswith(".zip") or zipfile.is_zipfile(path):
+            return _Layout("zip", path)
+        return None
     if not os.path.isdir(path):
         return None
+    if os.path.isdir(os.path.join(path, "train")) and os.path.isfile(
+        os.path.join(path, "val", _TINY_ANNOTATIONS)
+    ):
+        return _Layout("tiny_folder", path)
     if all(os.path.isdir(os.path.join(path, s)) for s in _SPLITS):
         return _Layout("folder", path)
     if all(os.path.isfile(os.path.join(path, s + ".zip")) for s in _SPLITS):
@@ -533,83 +724,132 @@ def _detect_layout(data_dir: str) -> _Layout | None:
         os.path.isdir(os.path.join(path, s)) or os.path.isfile(os.path.join(path, s + ".zip"))
         for s in _SPLITS
     ):
-        # Half a layout is a mistake, not a tfds data_dir.
+        # Half a layout is a mistake.
         raise ValueError(
             f"data_dir={data_dir!r}: found {_describe_path(path)}, which has one split but not "
             f"both. {_LAYOUT_HELP}"
         )
+    if name in download.ARCHIVES:
+        for fname, kind in (
+            (download.prepared_filename(name), "prepared"),
+            (download.archive_filename(name), "archive"),
+        ):
+            if os.path.isfile(os.path.join(path, fname)):
+                return _Layout(kind, os.path.join(path, fname))
     return None
 
 
-def _group_by_class(
-    pairs: list[tuple[str, str]], where: str
-) -> tuple[tuple[str, ...], list[str], np.ndarray]:
-    """``pairs`` of (class, name) -> sorted class names, names sorted within class, labels."""
-    if not pairs:
-        raise ValueError(
-            f"{where}: no images (*{', *'.join(IMAGE_EXTENSIONS)}) in class folders. {_LAYOUT_HELP}"
-        )
-    pairs = sorted(pairs)
-    class_names = tuple(sorted({c for c, _ in pairs}))
-    index = {c: i for i, c in enumerate(class_names)}
-    names = [n for _, n in pairs]
-    labels = np.fromiter((index[c] for c, _ in pairs), np.int32, len(pairs))
-    return class_names, names, labels
+def _class_split(src: _Source, prefix: str, where: str) -> _Split:
+    """The images ``<prefix><class>/.../<image>`` of ``src``, labelled by sorted class name.
 
-
-def _list_folder(root: str, where: str) -> _Split:
+    Files that are not images are skipped and counted (a warning names a few); a class folder
+    without any image is an error.
+    """
+    members = src.list(prefix)
     pairs: list[tuple[str, str]] = []
-    empty: list[str] = []
-    classes = sorted(
-        e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)) and not _is_hidden(e)
-    )
-    for cls in classes:
-        found = 0
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls)):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-            for f in filenames:
-                if _is_image(f) and not _is_hidden(f):
-                    pairs.append((cls, os.path.join(dirpath, f)))
-                    found += 1
-        if not found:
-            empty.append(cls)
+    skipped: list[str] = []
+    classes: dict[str, int] = {}
+    for rel in members:
+        rest = rel[len(prefix) :]
+        if "/" not in rest:
+            skipped.append(rel)
+            continue
+        cls = rest.split("/", 1)[0]
+        classes.setdefault(cls, 0)
+        if _is_image(rest):
+            pairs.append((cls, rel))
+            classes[cls] += 1
+        else:
+            skipped.append(rel)
+    if isinstance(src, _FolderSource):  # empty class folders have no members to list
+        top = os.path.join(src.path, prefix)
+        for e in os.listdir(top):
+            if not _is_hidden(e) and os.path.isdir(os.path.join(top, e)):
+                classes.setdefault(e, 0)
     if not classes:
-        raise ValueError(
-            f"{where}: found {_describe_path(root)} but no class folders. {_LAYOUT_HELP}"
-        )
+        found = _describe_path(src.full(prefix)) if isinstance(src, _FolderSource) else None
+        found = found or f"{_few([m[len(prefix) :] for m in members])} in {src.path}"
+        raise ValueError(f"{where}: found {found} but no class folders. {_LAYOUT_HELP}")
+    empty = sorted(c for c, n in classes.items() if n == 0)
     if empty:
-        raise ValueError(f"{where}: class folders without images: {_few(empty)}. {_LAYOUT_HELP}")
-    class_names, names, labels = _group_by_class(pairs, where)
-
-    def read(i: int) -> bytes:
-        with open(names[i], "rb") as fh:
-            return fh.read()
-
-    return _Split(class_names, names, labels, read)
-
-
-def _list_zip(path: str, prefix: str, where: str, buffer: bytes | None = None) -> _Split:
-    """The members ``<prefix><class>/.../<image>`` of the zip at ``path``."""
-    with zipfile.ZipFile(path) as zf:
-        infos = [
-            i
-            for i in zf.infolist()
-            if not i.is_dir() and i.filename.startswith(prefix) and not _is_hidden(i.filename)
-        ]
-    by_name = {i.filename: i for i in infos}
-    pairs = []
-    for info in infos:
-        rest = info.filename[len(prefix) :]
-        if "/" in rest and _is_image(rest):
-            pairs.append((rest.split("/", 1)[0], info.filename))
-    if not pairs:
         raise ValueError(
-            f"{where}: no images under {prefix or '/'}<class>/ in {path}; found "
-            f"{_describe_path(path)}. {_LAYOUT_HELP}"
+            f"{where}: class folders without images (*{', *'.join(IMAGE_EXTENSIONS)}): "
+            f"{_few(empty)}. {_LAYOUT_HELP}"
         )
-    class_names, names, labels = _group_by_class(pairs, where)
-    data = buffer if buffer is not None else _read_file(path)
-    return _Split(class_names, names, labels, lambda i: _zip_member(data, by_name[names[i]], path))
+    _report_skipped(where, skipped)
+    pairs.sort()
+    class_names = tuple(sorted(classes))
+    index = {c: i for i, c in enumerate(class_names)}
+    names = [rel for _, rel in pairs]
+    labels = np.fromiter((index[c] for c, _ in pairs), np.int32, len(pairs))
+    return _make_split(src, class_names, names, labels)
+
+
+def _make_split(
+    src: _Source, class_names: tuple[str, ...], rels: list[str], labels: np.ndarray
+) -> _Split:
+    return _Split(
+        class_names=class_names,
+        names=[src.full(r) for r in rels],
+        labels=labels,
+        read=lambda i: src.read(rels[i]),
+        keys=rels,
+        content_id=lambda i: src.content_id(rels[i]),
+    )
+
+
+def _report_skipped(where: str, skipped: list[str]) -> None:
+    if skipped:
+        logging.warning(
+            "data: %s: skipped %d files that are not images (*%s): %s",
+            where,
+            len(skipped),
+            ", *".join(IMAGE_EXTENSIONS),
+            _few(skipped, 5),
+        )
+
+
+def _tiny_splits(src: _Source, root: str, where: str) -> dict[str, _Split]:
+    """Tiny ImageNet: ``train/<wnid>/images/*.JPEG`` and ``val/images/*`` labelled by
+    ``val/val_annotations.txt`` (the val split becomes the test split; ``test/`` has no labels)."""
+    train = _class_split(src, f"{root}train/", f"{where}/train")
+    wnids_file = f"{root}wnids.txt"
+    try:
+        wnids = sorted(src.read(wnids_file).decode().split())
+    except (KeyError, FileNotFoundError):
+        wnids = None
+    if wnids is not None and tuple(wnids) != train.class_names:
+        only_w, only_t = set(wnids) - set(train.class_names), set(train.class_names) - set(wnids)
+        raise ValueError(
+            f"{where}: wnids.txt lists other classes than train/: only in wnids.txt: "
+            f"{_few(sorted(only_w))}; only in train/: {_few(sorted(only_t))}."
+        )
+    index = {c: i for i, c in enumerate(train.class_names)}
+    ann = f"{root}val/{_TINY_ANNOTATIONS}"
+    rels, labels = [], []
+    for lineno, line in enumerate(src.read(ann).decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t") if "\t" in line else line.split()
+        if len(fields) < 2 or fields[1] not in index:
+            raise ValueError(
+                f"{src.full(ann)}:{lineno}: {line.strip()!r}; accepted '<file>\\t<wnid>\\t...' with "
+                f"a wnid of train/ ({_few(list(train.class_names), 3)})."
+            )
+        rels.append(f"{root}val/images/{fields[0]}")
+        labels.append(index[fields[1]])
+    listed = set(src.list(f"{root}val/images/"))
+    missing = [r for r in rels if r not in listed]
+    if missing or not rels:
+        raise ValueError(
+            f"{where}: {_TINY_ANNOTATIONS} names {len(rels)} images, {len(missing)} of them "
+            f"missing from val/images/ ({_few(missing, 3)})."
+        )
+    _report_skipped(f"{where}/val/images", sorted(listed - set(rels)))
+    order = np.argsort(np.asarray(rels), kind="stable")
+    rels = [rels[i] for i in order]
+    test = _make_split(src, train.class_names, rels, np.asarray(labels, np.int32)[order])
+    return {"train": train, "test": test}
 
 
 def _read_file(path: str) -> bytes:
@@ -620,57 +860,68 @@ def _read_file(path: str) -> bytes:
 def _zip_member(data: bytes, info: zipfile.ZipInfo, path: str) -> bytes:
     """A member's bytes sliced from the whole zip in memory (stored or deflated, CRC checked)."""
     off = info.header_offset
-    if data[off : off + 4] != b"PK\x03\x04" or info.flag_bits & 0x1:
-        with zipfile.ZipFile(path) as zf:  # unusual member: let zipfile handle it
-            return zf.read(info)
-    name_len, extra_len = struct.unpack_from("<HH", data, off + 26)
-    start = off + 30 + name_len + extra_len
-    raw = data[start : start + info.compress_size]
-    if info.compress_type == zipfile.ZIP_STORED:
-        out = bytes(raw)
-    elif info.compress_type == zipfile.ZIP_DEFLATED:
-        out = zlib.decompress(raw, -15)
-    else:
-        with zipfile.ZipFile(path) as zf:
-            return zf.read(info)
+    try:
+        if data[off : off + 4] != b"PK\x03\x04" or info.flag_bits & 0x1:
+            with zipfile.ZipFile(path) as zf:  # unusual member: let zipfile handle it
+                return zf.read(info)
+        name_len, extra_len = struct.unpack_from("<HH", data, off + 26)
+        start = off + 30 + name_len + extra_len
+        raw = data[start : start + info.compress_size]
+        if info.compress_type == zipfile.ZIP_STORED:
+            out = bytes(raw)
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            out = zlib.decompress(raw, -15)
+        else:
+            with zipfile.ZipFile(path) as zf:
+                return zf.read(info)
+    except (zlib.error, struct.error, zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(
+            f"{path}: member {info.filename} cannot be read ({type(e).__name__}: {e}); the zip is "
+            "damaged or truncated. Copy it again."
+        ) from e
     if zlib.crc32(out) != info.CRC:
         raise ValueError(f"{path}: member {info.filename} fails its CRC check (corrupt zip).")
     return out
 
 
-def _list_splits(layout: _Layout) -> dict[str, _Split]:
+def _list_splits(layout: _Layout) -> tuple[dict[str, _Split], _Layout]:
+    """The listed splits, and ``layout`` (kind "tiny_zip" for a zip in Tiny ImageNet's layout)."""
     splits: dict[str, _Split] = {}
     if layout.kind == "folder":
+        src = _FolderSource(layout.path)
         for s in _SPLITS:
-            splits[s] = _list_folder(os.path.join(layout.path, s), f"{layout.path}/{s}")
+            splits[s] = _class_split(src, f"{s}/", f"{layout.path}/{s}")
+    elif layout.kind == "tiny_folder":
+        splits = _tiny_splits(_FolderSource(layout.path), "", layout.path)
     elif layout.kind == "zips":
         for s in _SPLITS:
-            zpath = os.path.join(layout.path, s + ".zip")
-            with zipfile.ZipFile(zpath) as zf:
-                names = [n for n in zf.namelist() if not n.endswith("/") and not _is_hidden(n)]
+            zsrc = _ZipSource(os.path.join(layout.path, s + ".zip"))
+            names = list(zsrc.infos)
             prefix = f"{s}/" if names and all(n.startswith(f"{s}/") for n in names) else ""
-            splits[s] = _list_zip(zpath, prefix, zpath)
-    else:
-        with zipfile.ZipFile(layout.path) as zf:
-            names = zf.namelist()
-        tops = {n.split("/", 1)[0] for n in names if "/" in n and not _is_hidden(n)}
-        root = ""
-        if not all(f"{s}" in tops for s in _SPLITS) and len(tops) == 1:
-            root = next(iter(tops)) + "/"  # one top-level folder holding train/ and test/
-        if not all(any(n.startswith(f"{root}{s}/") for n in names) for s in _SPLITS):
+            splits[s] = _class_split(zsrc, prefix, zsrc.path)
+    else:  # "zip": one archive, maybe Tiny ImageNet's
+        zsrc = _ZipSource(layout.path)
+        names = list(zsrc.infos)
+        tops = {n.split("/", 1)[0] for n in names if "/" in n}
+        roots = [""] + ([next(iter(tops)) + "/"] if len(tops) == 1 else [])
+        for root in roots:
+            if f"{root}val/{_TINY_ANNOTATIONS}" in zsrc.infos and zsrc.is_dir(f"{root}train"):
+                where = f"{layout.path}:{root}".rstrip(":/")
+                return _tiny_splits(zsrc, root, where), _Layout("tiny_zip", layout.path, root)
+        root = next((r for r in roots if all(zsrc.is_dir(f"{r}{s}") for s in _SPLITS)), None)
+        if root is None:
             raise ValueError(
                 f"data_dir={layout.path!r}: found {_describe_path(layout.path)}. {_LAYOUT_HELP}"
             )
-        data = _read_file(layout.path)
         for s in _SPLITS:
-            splits[s] = _list_zip(layout.path, f"{root}{s}/", f"{layout.path}:{root}{s}", data)
+            splits[s] = _class_split(zsrc, f"{root}{s}/", f"{layout.path}:{root}{s}")
     if splits["train"].class_names != splits["test"].class_names:
         tr, te = set(splits["train"].class_names), set(splits["test"].class_names)
         raise ValueError(
             f"{layout.path}: test classes differ from train classes; only in train: "
             f"{_few(sorted(tr - te))}; only in test: {_few(sorted(te - tr))}."
         )
-    return splits
+    return splits, layout
 
 
 def _decode_one(data: bytes, name: str) -> np.ndarray:
@@ -708,22 +959,8 @@ def _decode_split(
     return out
 
 
-def _cache_path(
-    cache_dir: str, name: str, layout: _Layout, splits: dict[str, _Split] | None
-) -> str:
-    """The cache file for ``layout``: keyed by the source path and the size and mtime of every
-    source file (each image for a folder, which needs ``splits``; the zip files otherwise)."""
-    h = hashlib.sha256(f"v{_CACHE_VERSION}|{layout.kind}|{layout.path}".encode())
-    if layout.kind == "folder":
-        files = [n for s in _SPLITS for n in splits[s].names]
-    elif layout.kind == "zips":
-        files = [os.path.join(layout.path, s + ".zip") for s in _SPLITS]
-    else:
-        files = [layout.path]
-    for f in files:
-        st = os.stat(f)
-        h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return os.path.join(cache_dir, f"{name}-{h.hexdigest()[:20]}.npz")
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _decode_layout(
@@ -740,7 +977,7 @@ def _decode_layout(
             "of one size."
         )
     reference = f"the first training image {first_name}"
-    workers = max(1, min(8, os.cpu_count() or 1))
+    workers = _workers()
     arrays = {"class_names": np.asarray(train.class_names, dtype=str)}
     for s in _SPLITS:
         idx = train_idx if s == "train" else np.arange(len(splits[s].names))
@@ -757,6 +994,96 @@ def _decode_layout(
     return arrays
 
 
+# Decode cache -------------------------------------------------------------------------------------
+
+
+def _cache_key(layout: _Layout, splits: dict[str, _Split]) -> str:
+    """A key of the listed content: for every member of both splits its path inside the dataset,
+    its label and the identity of its bytes (zip: CRC-32 + size from the central directory; folder:
+    a hash of the file). Independent of where the dataset lies and of file times."""
+    h = hashlib.sha256(f"cem_jax.decode_cache.v{_CACHE_VERSION}|{layout.kind}".encode())
+    with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+        for s in _SPLITS:
+            split = splits[s]
+            h.update(f"|{s}|{len(split.names)}|{'/'.join(split.class_names)}|".encode())
+            ids = pool.map(split.content_id, range(len(split.names)), chunksize=256)
+            for key, label, cid in zip(split.keys, split.labels.tolist(), ids):
+                h.update(f"{key}\0{label}\0".encode())
+                h.update(cid)
+    return h.hexdigest()[:32]
+
+
+def _cache_entries(cache_dir: str) -> list[str]:
+    """This module's cache files in ``cache_dir`` (also those of older cache versions), newest
+    use first."""
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return []
+    paths = [os.path.join(cache_dir, n) for n in names if _CACHE_FILE_RE.fullmatch(n)]
+    stamped = []
+    for p in paths:
+        with contextlib.suppress(OSError):
+            stamped.append((os.stat(p).st_mtime, p))
+    return [p for _, p in sorted(stamped, reverse=True)]
+
+
+def _read_cache(path: str, splits: dict[str, _Split]) -> dict[str, np.ndarray] | None:
+    """The arrays cached at ``path``, or None when absent; a damaged entry (truncated, empty, other
+    contents) is removed and counts as absent."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        for s in _SPLITS:
+            images, labels = arrays[f"{s}_images"], arrays[f"{s}_labels"]
+            if (
+                images.dtype != np.uint8
+                or images.ndim != 4
+                or images.shape[-1] != 3
+                or labels.shape != (len(splits[s].names),)
+                or images.shape[0] != labels.shape[0]
+            ):
+                raise ValueError(f"{s} arrays {images.shape} {images.dtype} / {labels.shape}")
+        if tuple(str(c) for c in arrays["class_names"]) != splits["train"].class_names:
+            raise ValueError("other class names")
+    except Exception as e:  # any damage: decode again
+        logging.warning(
+            "data: cache entry %s is damaged (%s: %s); decoding again.", path, type(e).__name__, e
+        )
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # most recently used
+    return arrays
+
+
+def _write_cache(cache_dir: str, path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Stores ``arrays`` at ``path`` atomically, then keeps only the :data:`CACHE_KEEP` most
+    recently used entries. An unwritable cache is a warning: the run goes on uncached."""
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        logging.warning(
+            "data: cannot write the decode cache in %s (%s); going on without it (pass "
+            "--cache_dir='' to skip it, or a writable folder).",
+            cache_dir,
+            e,
+        )
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        return
+    for old in _cache_entries(cache_dir)[CACHE_KEEP:]:
+        with contextlib.suppress(OSError):
+            os.remove(old)
+            logging.info("data: removed old cache entry %s", old)
+
+
 def _load_layout(
     name: str,
     layout: _Layout,
@@ -765,8 +1092,25 @@ def _load_layout(
     subset_seed: int,
     cache_dir: str | None,
 ) -> Dataset:
-    splits = _list_splits(layout) if layout.kind == "folder" or cache_dir is None else None
-    if cache_dir is None:
+    splits, layout = _list_splits(layout)
+    arrays = None
+    if cache_dir is not None:
+        start = time.perf_counter()
+        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(layout, splits)}.npz")
+        arrays = _read_cache(cache_file, splits)
+        if arrays is not None:
+            logging.info(
+                "data: %s read from cache %s in %.2f s",
+                layout.path,
+                cache_file,
+                time.perf_counter() - start,
+            )
+        else:
+            arrays = _decode_layout(
+                name, splits, np.arange(len(splits["train"].names)), layout.path
+            )
+            _write_cache(cache_dir, cache_file, arrays)
+    else:
         train_idx = np.arange(len(splits["train"].names))
         if train_subset is not None:  # decode only the subset: labels are known from the listing
             train_idx = subset_indices(
@@ -776,80 +1120,99 @@ def _load_layout(
                 seed=subset_seed,
             )
         arrays = _decode_layout(name, splits, train_idx, layout.path)
-    else:
-        cache_file = _cache_path(cache_dir, name, layout, splits)
-        if os.path.exists(cache_file):
-            start = time.perf_counter()
-            with np.load(cache_file, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            logging.info(
-                "data: %s read from cache %s in %.2f s",
-                name,
-                cache_file,
-                time.perf_counter() - start,
-            )
-        else:
-            splits = splits or _list_splits(layout)
-            train_idx = np.arange(len(splits["train"].names))
-            arrays = _decode_layout(name, splits, train_idx, layout.path)
-            os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{cache_file}.tmp{os.getpid()}.npz"
-            np.savez(tmp, **arrays)
-            os.replace(tmp, cache_file)
+    class_names = tuple(str(c) for c in arrays["class_names"])
     ds = Dataset(
-        name=name,
+        name=_dataset_name(name, layout, class_names),
         train_images=arrays["train_images"],
         train_labels=arrays["train_labels"].astype(np.int32),
         test_images=arrays["test_images"],
         test_labels=arrays["test_labels"].astype(np.int32),
-        class_names=tuple(str(c) for c in arrays["class_names"]),
+        class_names=class_names,
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
         source=f"{layout.kind}:{layout.path}",
     )
     if train_subset is not None and ds.num_train != train_subset:  # full arrays (cache): subset now
         ds = subset(ds, train_subset, seed=subset_seed)
-    mean, std = NORMALIZATION[name] if name in NORMALIZATION else channel_stats(ds.train_images)
+    return _with_stats(ds)
+
+
+def _with_stats(ds: Dataset) -> Dataset:
+    """``ds`` with the reference constants of its name, or statistics of its training images."""
+    if ds.name in NORMALIZATION:
+        mean, std = NORMALIZATION[ds.name]
+    else:
+        mean, std = channel_stats(ds.train_images)
     return dataclasses.replace(ds, mean=mean, std=std)
 
 
-# --------------------------------------------------------------------------------------------------
-# tensorflow-datasets
-
-
-def _load_tfds(name: str, data_dir: str | None) -> Dataset:
-    """CIFAR through ``tfds.data_source`` (ArrayRecord; no TensorFlow needed to read)."""
-    start = time.perf_counter()
-    try:
-        import tensorflow_datasets as tfds
-
-        sources = tfds.data_source(
+def _dataset_name(requested: str | None, layout: _Layout, class_names: Sequence[str]) -> str:
+    """The name a folder/zip dataset is reported under (see :func:`load_dataset`)."""
+    classes = tuple(class_names)
+    base = os.path.basename(os.path.normpath(layout.path))
+    for ext in (".zip", ".npz", ".tar.gz", ".tgz"):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+    if layout.kind.startswith("tiny"):
+        name = "tinyimagenet"
+    elif requested in KNOWN_CLASS_NAMES:
+        name = requested if classes == KNOWN_CLASS_NAMES[requested] else ""
+    elif requested == "tinyimagenet":
+        name = requested if all(_WNID_RE.fullmatch(c) for c in classes) else ""
+    else:
+        name = requested or ""  # facescrub, or a name given to load_image_folder
+    if not name:
+        name = next((k for k, v in KNOWN_CLASS_NAMES.items() if classes == v), base or "folder")
+    if requested and name != requested:
+        logging.warning(
+            "data: %s is named %r, not %r: its %d classes (%s) are not %s's.",
+            layout.path,
             name,
-            split=list(_SPLITS),
-            data_dir=data_dir,
-            builder_kwargs={"file_format": "array_record"},
+            requested,
+            len(classes),
+            _few(list(classes), 4),
+            requested,
         )
-        class_names = tuple(tfds.builder(name, data_dir=data_dir).info.features["label"].names)
-        arrays = {}
-        for s, src in zip(_SPLITS, sources):
-            records = src.__getitems__(list(range(len(src))))
-            arrays[f"{s}_images"] = np.stack([r["image"] for r in records]).astype(np.uint8)
-            arrays[f"{s}_labels"] = np.asarray([r["label"] for r in records], np.int32)
-    except Exception as e:  # any tfds failure becomes one clear message
-        raise ValueError(
-            f"data_dir={data_dir!r}: could not load {name!r}. Found {_describe_path(data_dir)}. "
-            f"{_LAYOUT_HELP} Otherwise tensorflow-datasets is used; it needs internet the first "
-            f"time: run `tfds build {name} --file_format=array_record` (or "
-            f"tfds.builder({name!r}).download_and_prepare(file_format='array_record')) with that "
-            f"data_dir. tfds said: {type(e).__name__}: {e}"
-        ) from e
-    logging.info("data: read %s from tfds in %.2f s", name, time.perf_counter() - start)
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# Official CIFAR archives (cem_jax.download)
+
+
+def _load_cifar(name: str, layout: _Layout | None) -> Dataset:
+    """CIFAR from a prepared ``.npz`` or an official archive (``layout``), or, with ``layout=None``,
+    downloaded and prepared under :func:`cem_jax.download.default_root` on first use."""
+    start = time.perf_counter()
+    if layout is None:
+        path = download.fetch_cifar(name)
+        arrays = download.load_prepared(path, name)
+        source = f"download:{path}"
+    else:
+        base = os.path.basename(layout.path)
+        for known in download.ARCHIVES:  # the file's own name says which CIFAR it is
+            if base in (download.prepared_filename(known), download.archive_filename(known)):
+                name = known
+        if name not in download.ARCHIVES:
+            raise ValueError(
+                f"data_dir={layout.path!r}: a {layout.kind} CIFAR file, but dataset {name!r}; "
+                f"accepted for {', '.join(download.ARCHIVES)}."
+            )
+        if layout.kind == "prepared":
+            arrays = download.load_prepared(layout.path, name)
+        else:
+            arrays = download.read_cifar_archive(name, layout.path)
+        source = f"{layout.kind}:{layout.path}"
+    logging.info("data: read %s from %s in %.2f s", name, source, time.perf_counter() - start)
     mean, std = NORMALIZATION[name]
     return Dataset(
         name=name,
-        class_names=class_names,
+        train_images=arrays["train_images"],
+        train_labels=arrays["train_labels"].astype(np.int32),
+        test_images=arrays["test_images"],
+        test_labels=arrays["test_labels"].astype(np.int32),
+        class_names=tuple(str(c) for c in arrays["class_names"]),
         mean=mean,
         std=std,
-        source=f"tfds:{name}",
-        **arrays,
+        source=source,
     )

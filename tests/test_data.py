@@ -7,7 +7,9 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import zipfile
+from collections.abc import Sequence
 
 import chex
 import jax
@@ -159,7 +161,9 @@ def test_train_test_zips_jpeg_stored_and_deflated(tmp_path):
     ds = data.load_dataset("cifar10", str(tmp_path))
     assert ds.source == f"zips:{tmp_path}"
     assert ds.class_names == tuple(sorted(CLASSES))
-    assert ds.mean == data.NORMALIZATION["cifar10"][0]
+    # Not CIFAR-10's classes: named after the folder, normalised with its own statistics.
+    assert ds.name == tmp_path.name
+    np.testing.assert_allclose(ds.mean, _numpy_stats(ds.train_images)[0], rtol=1e-10)
     for split in ("train", "test"):
         _, labels, payloads = _expected(tree, split)
         decoded = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in payloads])
@@ -213,38 +217,108 @@ def test_single_zip(tmp_path, prefix):
         np.testing.assert_array_equal(getattr(ds, f"{split}_labels"), labels)
 
 
+def _no_decode(*args, **kwargs):
+    raise AssertionError("decoded although the cache should have been used")
+
+
 @pytest.mark.parametrize("kind", ["folder", "zips"])
-def test_cache_hit_equal_and_invalidated(tmp_path, monkeypatch, kind):
+def test_cache_hit_equal_and_keyed_by_content(tmp_path, monkeypatch, kind):
     tree = _make_tree(size=5, seed=8)
     src = tmp_path / "src"
     if kind == "folder":
         _write_folder(src, tree)
-        touched = src / "train" / "ant" / "000.png"
     else:
         src.mkdir()
         _write_zip(src / "train.zip", tree, ["train"])
         _write_zip(src / "test.zip", tree, ["test"])
-        touched = src / "test.zip"
     cache = tmp_path / "cache"
     first = data.load_dataset("facescrub", str(src), cache_dir=str(cache))
-    assert len(list(cache.glob("*.npz"))) == 1
-
-    def no_decode(*args, **kwargs):
-        raise AssertionError("decoded although the cache should have been used")
-
+    assert len(list(cache.glob("decoded-*.npz"))) == 1
     with monkeypatch.context() as m:
-        m.setattr(data, "_decode_split", no_decode)
+        m.setattr(data, "_decode_split", _no_decode)
         second = data.load_dataset("facescrub", str(src), cache_dir=str(cache))
+        # New file times, or the dataset moved elsewhere: same content, still a hit.
+        for f in src.rglob("*"):
+            os.utime(f, ns=(10**18, 10**18))
+        moved = tmp_path / "moved"
+        src.rename(moved)
+        src = moved
+        data.load_dataset("facescrub", str(src), cache_dir=str(cache))
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
         np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
         assert getattr(first, field).dtype == getattr(second, field).dtype
     assert first.class_names == second.class_names
-    # A source file with a new mtime is a new cache key: decoded again.
-    st = os.stat(touched)
-    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    # Swap two images between classes, keeping every file's size and mtime (cp -p / rsync -a):
+    # a new key, decoded again, labels follow the content.
+    tree["train"]["ant"][0], tree["train"]["mole"][0] = (
+        tree["train"]["mole"][0],
+        tree["train"]["ant"][0],
+    )
+    if kind == "folder":
+        _write_folder(src, tree)
+    else:
+        _write_zip(src / "train.zip", tree, ["train"])
+    for f in src.rglob("*"):
+        os.utime(f, ns=(10**18, 10**18))
     third = data.load_dataset("facescrub", str(src), cache_dir=str(cache))
-    np.testing.assert_array_equal(third.train_images, first.train_images)
-    assert len(list(cache.glob("*.npz"))) == 2
+    uncached = data.load_dataset("facescrub", str(src))
+    np.testing.assert_array_equal(third.train_images, uncached.train_images)
+    np.testing.assert_array_equal(third.train_images, _expected(tree, "train")[0])
+    assert not np.array_equal(third.train_images, first.train_images)
+    assert len(list(cache.glob("decoded-*.npz"))) == 2
+
+
+def test_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_KEEP", 2)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "unrelated.npz").write_bytes(b"not ours")
+    (cache / "cifar10-0123456789abcdef0123.npz").write_bytes(b"old cache version")
+    os.utime(cache / "cifar10-0123456789abcdef0123.npz", (0, 0))
+    roots = [_write_folder(tmp_path / f"ds{i}", _make_tree(size=4, seed=i)) for i in range(3)]
+
+    def entries() -> set[str]:
+        return {p.name for p in cache.glob("decoded-*.npz")}
+
+    data.load_dataset("facescrub", str(roots[0]), cache_dir=str(cache))
+    (a,) = entries()
+    os.utime(cache / a, (1, 1))  # make the order unambiguous on coarse clocks
+    data.load_dataset("facescrub", str(roots[1]), cache_dir=str(cache))
+    (b,) = entries() - {a}
+    os.utime(cache / b, (2, 2))
+    assert not (cache / "cifar10-0123456789abcdef0123.npz").exists()  # old version evicted
+    data.load_dataset("facescrub", str(roots[0]), cache_dir=str(cache))  # hit: a is now newest
+    data.load_dataset("facescrub", str(roots[2]), cache_dir=str(cache))
+    assert a in entries() and b not in entries() and len(entries()) == 2
+    assert (cache / "unrelated.npz").read_bytes() == b"not ours"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "other_arrays"])
+def test_damaged_cache_entry_is_a_miss_and_rewritten(tmp_path, damage):
+    root = _write_folder(tmp_path / "ds", _make_tree(size=4))
+    cache = tmp_path / "cache"
+    first = data.load_dataset("facescrub", str(root), cache_dir=str(cache))
+    (entry,) = cache.glob("decoded-*.npz")
+    good = entry.read_bytes()
+    if damage == "truncated":
+        entry.write_bytes(good[: len(good) // 2])
+    elif damage == "empty":
+        entry.write_bytes(b"")
+    else:
+        np.savez(entry, train_images=np.zeros((1, 4, 4, 3), np.uint8))
+    again = data.load_dataset("facescrub", str(root), cache_dir=str(cache))
+    np.testing.assert_array_equal(again.train_images, first.train_images)
+    np.testing.assert_array_equal(again.test_labels, first.test_labels)
+    assert entry.read_bytes() == good  # rewritten
+
+
+def test_unwritable_cache_runs_uncached_with_a_warning(tmp_path, caplog):
+    root = _write_folder(tmp_path / "ds", _make_tree(size=4))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    ds = data.load_dataset("facescrub", str(root), cache_dir=str(blocker / "cache"))
+    np.testing.assert_array_equal(ds.train_images, _expected(_make_tree(size=4), "train")[0])
+    assert "cannot write the decode cache" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,14 +342,14 @@ def test_no_class_folders(tmp_path):
     for split in ("train", "test"):
         (tmp_path / split).mkdir()
         (tmp_path / split / "a.png").write_bytes(_encode(np.zeros((4, 4, 3), np.uint8), "PNG"))
-    with pytest.raises(ValueError, match=r"a\.png.*no class folders.*Expected"):
+    with pytest.raises(ValueError, match=r"a\.png but no class folders.*Accepted"):
         data.load_dataset("facescrub", str(tmp_path))
 
 
 def test_empty_class_folder(tmp_path):
     _write_folder(tmp_path, _make_tree())
     (tmp_path / "train" / "empty_cls").mkdir()
-    with pytest.raises(ValueError, match="without images: empty_cls"):
+    with pytest.raises(ValueError, match=r"without images \(\*\.png.*\): empty_cls"):
         data.load_dataset("facescrub", str(tmp_path))
 
 
@@ -326,31 +400,180 @@ def test_single_zip_without_splits(tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("images/a/1.png", _encode(np.zeros((4, 4, 3), np.uint8), "PNG"))
         zf.writestr("other/b/1.png", _encode(np.zeros((4, 4, 3), np.uint8), "PNG"))
-    with pytest.raises(ValueError, match=r"top-level entries are images/, other/.*Expected"):
+    with pytest.raises(ValueError, match=r"top-level entries are images/, other/.*Accepted"):
         data.load_dataset("facescrub", str(path))
 
 
-def test_tfds_failure_is_explained(tmp_path, monkeypatch):
-    """Offline, tfds cannot download: the error says what data_dir held and what to do."""
-    import tensorflow_datasets as tfds
+def test_wrong_data_dir_is_an_error_never_a_download(tmp_path, monkeypatch):
+    """A given data_dir without a dataset layout errors, saying what it holds and what is
+    accepted; nothing is downloaded or written into it."""
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("no internet")
+    def no_download(*args, **kwargs):
+        raise AssertionError("a given data_dir must never trigger a download")
 
-    monkeypatch.setattr(tfds, "data_source", offline)
+    monkeypatch.setattr(data.download, "fetch_cifar", no_download)
     (tmp_path / "something_else").mkdir()
-    with pytest.raises(ValueError) as err:
-        data.load_dataset("cifar100", str(tmp_path))
-    msg = str(err.value)
-    for part in (
-        "something_else/",
-        "train/<class>",
-        "train.zip",
-        "internet",
-        "tfds build cifar100",
+    for name in ("cifar10", "cifar100"):
+        with pytest.raises(ValueError) as err:
+            data.load_dataset(name, str(tmp_path))
+        msg = str(err.value)
+        for part in ("something_else/", "train/<class>", "train.zip", "val_annotations.txt"):
+            assert part in msg, part
+    with pytest.raises(ValueError, match="no such file or folder"):
+        data.load_dataset("cifar10", str(tmp_path / "missing"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["something_else"]
+
+
+def test_zip_class_without_supported_images_is_an_error(tmp_path):
+    tree = _make_tree()
+    path = _write_zip(tmp_path / "all.zip", tree, ["train", "test"])
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("train/gifs_only/1.gif", b"GIF89a")
+        zf.writestr("train/gifs_only/2.bmp", b"BM")
+    with pytest.raises(
+        ValueError, match=r"all\.zip:train: class folders without images.*gifs_only"
     ):
-        assert part in msg, part
-    assert "no internet" in msg
+        data.load_dataset("facescrub", str(path))
+
+
+def test_zip_duplicates_counted_once_and_skipped_files_reported(tmp_path, caplog):
+    tree = _make_tree()
+    path = _write_zip(tmp_path / "all.zip", tree, ["train", "test"])
+    fname, payload, _ = tree["train"]["ant"][0]
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(f"train/ant/{fname}", payload)  # the same member again
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("train/ant/notes.txt", b"x")
+        zf.writestr("test/readme.md", b"x")
+    ds = data.load_dataset("facescrub", str(path))
+    images, labels, _ = _expected(tree, "train")
+    np.testing.assert_array_equal(ds.train_images, images)  # counted once
+    np.testing.assert_array_equal(ds.train_labels, labels)
+    assert "stores 1 member names twice" in caplog.text
+    assert "skipped 1 files that are not images" in caplog.text
+    assert "notes.txt" in caplog.text and "readme.md" in caplog.text
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(f"train/ant/{fname}", tree["train"]["ant"][1][1])  # other contents
+    with pytest.raises(ValueError, match=rf"train/ant/{fname} is stored twice with different"):
+        data.load_dataset("facescrub", str(path))
+
+
+@pytest.mark.parametrize("layout", ["zip", "zips"])
+def test_truncated_zip_names_its_path(tmp_path, layout):
+    tree = _make_tree()
+    if layout == "zip":
+        path = _write_zip(tmp_path / "all.zip", tree, ["train", "test"])
+        data_dir = path
+    else:
+        _write_zip(tmp_path / "train.zip", tree, ["train"])
+        path = _write_zip(tmp_path / "test.zip", tree, ["test"])
+        data_dir = tmp_path
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{path}: cannot open this zip.*truncated"):
+        data.load_dataset("facescrub", str(data_dir))
+
+
+FASHION_CLASSES = ("Ankle_boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt")
+
+
+def _class_folder(root: pathlib.Path, classes: Sequence[str], size: int = 4) -> pathlib.Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            (root / split / cls / "0.png").write_bytes(_encode(_rng_images(rng, 1, size)[0], "PNG"))
+    return root
+
+
+def test_folder_named_by_its_classes_or_folder(tmp_path, caplog):
+    cifar = _class_folder(tmp_path / "my_cifar_copy", CIFAR10_CLASSES)
+    ds = data.load_dataset("cifar10", str(cifar))
+    assert ds.name == "cifar10"
+    assert (ds.mean, ds.std) == data.NORMALIZATION["cifar10"]
+    # Asked for cifar100 but holding CIFAR-10's classes: it is CIFAR-10.
+    assert data.load_dataset("cifar100", str(cifar)).name == "cifar10"
+    # Fashion-MNIST under the default --dataset=cifar10 is never called cifar10.
+    fashion = _class_folder(tmp_path / "fashion_mnist", FASHION_CLASSES)
+    ds = data.load_dataset("cifar10", str(fashion))
+    assert ds.name == "fashion_mnist"
+    np.testing.assert_allclose(ds.mean, _numpy_stats(ds.train_images)[0], rtol=1e-10)
+    assert "named 'fashion_mnist', not 'cifar10'" in caplog.text
+    zpath = shutil.make_archive(str(tmp_path / "fmnist"), "zip", fashion)
+    assert data.load_dataset("cifar100", zpath).name == "fmnist"
+    assert data.load_image_folder(str(fashion)).name == "fashion_mnist"
+    assert data.load_image_folder(str(fashion), name="fmnist28").name == "fmnist28"
+    assert data.load_image_folder(str(cifar)).name == "cifar10"
+    # tinyimagenet is claimed only for wnid classes.
+    assert data.load_dataset("tinyimagenet", str(fashion)).name == "fashion_mnist"
+    wnids = _class_folder(tmp_path / "tiny_as_classes", ("n01443537", "n01629819"))
+    assert data.load_dataset("tinyimagenet", str(wnids)).name == "tinyimagenet"
+
+
+WNIDS = ("n02000003", "n01000001", "n01000002")
+
+
+def _tiny_tree(root: str, size: int = 6) -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
+    """Tiny ImageNet's layout as {member path: bytes}; expected train images and test labels."""
+    rng = np.random.default_rng(4)
+    files: dict[str, bytes] = {}
+    train = []
+    for wnid in sorted(WNIDS):
+        files[f"{root}train/{wnid}/{wnid}_boxes.txt"] = b"boxes"
+        for i, arr in enumerate(_rng_images(rng, 2, size)):
+            files[f"{root}train/{wnid}/images/{wnid}_{i}.JPEG"] = _encode(arr, "PNG")
+            train.append(arr)
+    val_labels = [2, 0, 1, 2, 1]  # indices into sorted WNIDS
+    lines = []
+    for i, lab in enumerate(val_labels):
+        files[f"{root}val/images/val_{i}.JPEG"] = _encode(_rng_images(rng, 1, size)[0], "PNG")
+        lines.append(f"val_{i}.JPEG\t{sorted(WNIDS)[lab]}\t0\t0\t5\t5")
+    files[f"{root}val/val_annotations.txt"] = ("\n".join(lines) + "\n").encode()
+    files[f"{root}test/images/test_0.JPEG"] = _encode(_rng_images(rng, 1, size)[0], "PNG")
+    files[f"{root}wnids.txt"] = "\n".join(WNIDS).encode()
+    files[f"{root}words.txt"] = "\n".join(f"{w}\tthing {w}" for w in WNIDS).encode()
+    return files, np.stack(train), np.asarray(val_labels, np.int32)
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_tiny_imagenet_own_layout(tmp_path, kind):
+    if kind == "folder":
+        files, train, val_labels = _tiny_tree("")
+        data_dir = tmp_path / "tiny-imagenet-200"
+        for rel, payload in files.items():
+            (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data_dir / rel).write_bytes(payload)
+    else:
+        files, train, val_labels = _tiny_tree("tiny-imagenet-200/")
+        data_dir = tmp_path / "tiny-imagenet-200.zip"
+        with zipfile.ZipFile(data_dir, "w") as zf:
+            for rel, payload in files.items():
+                zf.writestr(rel, payload)
+    ds = data.load_dataset("cifar10", str(data_dir), cache_dir=str(tmp_path / "cache"))
+    assert ds.name == "tinyimagenet"
+    assert ds.class_names == tuple(sorted(WNIDS))
+    np.testing.assert_array_equal(ds.train_images, train)
+    np.testing.assert_array_equal(ds.train_labels, np.repeat(np.arange(3), 2))
+    np.testing.assert_array_equal(
+        ds.test_labels, val_labels
+    )  # val -> test, unlabelled test/ unused
+    assert ds.num_test == 5
+    assert (ds.mean, ds.std) == data.NORMALIZATION["tinyimagenet"]
+    cached = data.load_dataset("tinyimagenet", str(data_dir), cache_dir=str(tmp_path / "cache"))
+    np.testing.assert_array_equal(cached.test_images, ds.test_images)
+
+
+def test_tiny_imagenet_bad_annotations(tmp_path):
+    files, _, _ = _tiny_tree("")
+    files["val/val_annotations.txt"] += b"val_9.JPEG\tn99999999\t0\t0\t1\t1\n"
+    for rel, payload in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(payload)
+    with pytest.raises(ValueError, match=r"val_annotations\.txt:6: .*n99999999.*accepted"):
+        data.load_dataset("tinyimagenet", str(tmp_path))
+    files["val/val_annotations.txt"] = b"val_7.JPEG\tn01000001\t0\t0\t1\t1\n"
+    (tmp_path / "val/val_annotations.txt").write_bytes(files["val/val_annotations.txt"])
+    with pytest.raises(ValueError, match=r"1 of them missing from val/images/ \(.*val_7\.JPEG"):
+        data.load_dataset("tinyimagenet", str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------------
