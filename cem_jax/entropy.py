@@ -30,6 +30,7 @@ Only ``jax`` and :mod:`cem_jax.kmeans` are used: no flax, no optax.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -408,13 +409,41 @@ def _cluster_entropy(sizes, total):
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)), p
 
 
-@jax.jit
-def _diagonal_bound(z, labels, centroids, sigma):
+def _chi2_lower_quantile(k: jax.Array, confidence: float) -> jax.Array:
+    """Wilson–Hilferty approximation of the ``1 − confidence`` quantile of χ²(k) (k ≥ 1).
+
+    Below the exact quantile for small ``k`` (e.g. 3e-8 against 0.0039 at k = 1, 95 %), so the
+    upper confidence limits built from it are, if anything, too high.
+    """
+    z = jax.scipy.special.ndtri(1.0 - confidence)
+    a = 2.0 / (9.0 * k)
+    q = k * (1.0 - a + z * jnp.sqrt(a)) ** 3
+    return jnp.maximum(q, 1e-12 * k)
+
+
+def _variance_upper_limit(var_ml, n, confidence):
+    """One-sided upper ``confidence`` limit of a Gaussian variance from ``n`` samples.
+
+    ``n·v_ML / χ²_{1−confidence}(n − 1)``; ``var_ml`` ``[M, D]``, ``n`` ``[M, 1]`` (n ≥ 2).
+    """
+    k = jnp.maximum(n - 1.0, 1.0)
+    return n * var_ml / _chi2_lower_quantile(k, confidence)
+
+
+@functools.partial(jax.jit, static_argnames=("confidence",))
+def _diagonal_bound(z, labels, centroids, sigma, confidence=None):
     group, sizes = _assign_groups(z, labels, centroids)
     num = centroids.shape[0] * centroids.shape[1]
     n = jnp.maximum(sizes, 1).astype(z.dtype)[:, None]
     means = jax.ops.segment_sum(z, group, num_segments=num) / n
     var = jax.ops.segment_sum((z - means[group]) ** 2, group, num_segments=num) / n
+    if confidence is not None:
+        # Clusters of one sample have no variance estimate: they take the upper limit of the
+        # variance of all samples (N of them) instead.
+        n_all = jnp.asarray(z.shape[0], z.dtype)
+        var_all = jnp.var(z, axis=0, keepdims=True)
+        var_all = _variance_upper_limit(var_all, n_all[None, None], confidence)
+        var = jnp.where(n >= 2, _variance_upper_limit(var, n, confidence), var_all)
     h_c, p = _cluster_entropy(sizes, z.shape[0])
     logdet = jnp.sum(jnp.log1p(var / sigma**2), axis=1)
     return h_c + 0.5 * jnp.sum(p * logdet)
@@ -437,8 +466,15 @@ def _log_det_eye_plus(x, n, sigma):
     return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
 
 
+#: The full-covariance estimate uses a cluster's sample covariance only when it holds more than
+#: this many samples per feature dimension; smaller clusters use their diagonal term (which, for
+#: the true covariance, is never below the full one: Hadamard's inequality).
+FULL_MIN_SAMPLES_PER_DIM = 10
+
+
 def _full_bound(z, group, sizes, sigma, *, max_group_size):
     num = sizes.shape[0]
+    d = z.shape[1]
     layout = kmeans.group_by_class(group, num, max_group_size)
 
     def one_cluster(args):
@@ -447,7 +483,9 @@ def _full_bound(z, group, sizes, sigma, *, max_group_size):
         x = z[index] * maskf  # [M, D]
         n = jnp.maximum(jnp.sum(maskf), 1.0)
         centred = (x - jnp.sum(x, axis=0) / n) * maskf  # two-pass: own mean first
-        return _log_det_eye_plus(centred, n, sigma)
+        diagonal = jnp.sum(jnp.log1p(jnp.sum(centred**2, axis=0) / (n * sigma**2)))
+        full = _log_det_eye_plus(centred, n, sigma)
+        return jnp.where(n > FULL_MIN_SAMPLES_PER_DIM * d, full, diagonal)
 
     logdets = lax.map(one_cluster, (layout.index, layout.mask))  # one cluster at a time
     h_c, p = _cluster_entropy(sizes, z.shape[0])
@@ -464,29 +502,44 @@ def leakage_upper_bound(
     *,
     sigma: float | jax.Array,
     covariance: str = "diagonal",
+    confidence: float | None = None,
 ) -> jax.Array:
-    """Rigorous upper bound on ``I(x; z)``, in bits per example, for ``z = ẑ + σ·ε`` (DESIGN §1).
+    """Upper bound on ``I(x; z)``, in bits per example, for ``z = ẑ + σ·ε`` (DESIGN §1).
 
     Each sample goes to the nearest centroid of its own class (``state.centroids``); clusters
-    ``c = (y, k)`` have ``p_c = n_c/N`` and the ML within-cluster covariance ``Σ_c`` of ``ẑ``
-    around the cluster's own mean. Since ``h(z) ≤ H(c) + h(z|c)`` and a Gaussian maximises entropy
-    for a given covariance,
+    ``c = (y, k)`` have ``p_c = n_c/N`` and the within-cluster covariance ``Σ_c`` of ``ẑ`` around
+    the cluster's own mean. Since ``h(z) ≤ H(c) + h(z|c)`` and a Gaussian maximises entropy for a
+    given covariance,
 
     - ``covariance="full"``: ``I ≤ H(c) + ½ Σ_c p_c · log det(I + Σ_c/σ²)``,
     - ``covariance="diagonal"``: ``I ≤ H(c) + ½ Σ_c p_c · Σ_j log(1 + v_cj/σ²)`` (looser, by
       Hadamard's inequality),
 
-    divided by ``ln 2``. Valid for any encoder and any clustering, up to the estimation error of
-    ``Σ_c``. The full version runs one cluster at a time (memory ``O(M·D + min(M, D)²)``, ``M`` the
-    padded largest cluster), with a Cholesky log-determinant; it must be called outside ``jax.jit``
-    (it sizes the padded layout on the host). The diagonal version is jittable.
+    divided by ``ln 2``. The inequality holds for any encoder and any clustering **with the true
+    covariances**; computed from samples it is an *estimate* of that bound:
+
+    - The sample covariance of a cluster of ``n ≤ D`` points has rank ``< n``, so its
+      ``log det`` drops most directions and falls far below the truth. ``"full"`` therefore uses a
+      cluster's sample covariance only when ``n > FULL_MIN_SAMPLES_PER_DIM·D`` and that cluster's
+      diagonal term otherwise; even then ``log det`` of a sample covariance is biased low by about
+      ``D²/(2n)`` nats. Use it as a tighter estimate, not as a certificate.
+    - ``confidence`` (diagonal only), e.g. ``0.95``, replaces every variance by its one-sided upper
+      confidence limit under Gaussian sampling, ``n·v_ML / χ²_{1−confidence}(n − 1)``: the
+      finite-sample error then inflates the bound instead of lowering it. This is
+      :func:`leakage_certificate`.
+
+    The full version runs one cluster at a time (memory ``O(M·D + min(M, D)²)``, ``M`` the padded
+    largest cluster), with a Cholesky log-determinant; it must be called outside ``jax.jit`` (it
+    sizes the padded layout on the host). The diagonal version is jittable.
 
     Args:
       features: ``[N, ...]`` clean (pre-noise) features, flattened to ``[N, D]``.
       labels: ``[N]`` int labels.
-      state: :class:`MixtureState` whose centroids define the clusters.
+      state: :class:`MixtureState` whose centroids define the clusters (fit on the training
+        features; pass held-out features to measure the bound off the fitting data).
       sigma: noise standard deviation σ > 0.
       covariance: ``"diagonal"`` or ``"full"``.
+      confidence: ``None`` (maximum-likelihood variances) or a level in ``(0, 1)``; diagonal only.
 
     Returns:
       Scalar, bits per example.
@@ -501,11 +554,21 @@ def leakage_upper_bound(
     _check_scalar("sigma", sigma, low=0.0, strict=True)
     if covariance not in _COVARIANCES:
         raise ValueError(f"covariance={covariance!r}: accepted one of {_COVARIANCES}.")
+    if confidence is not None:
+        if covariance != "diagonal":
+            raise ValueError(
+                f'confidence={confidence} with covariance="{covariance}": the upper confidence '
+                'limits are defined for covariance="diagonal" only.'
+            )
+        _check_scalar("confidence", confidence, low=0.0, high=1.0, strict=True)
+        if not confidence < 1:
+            raise ValueError(f"confidence={confidence}: accepted a level in (0, 1).")
+        confidence = float(confidence)
     z = jnp.reshape(features, (n, d))
     z = z.astype(_float_dtype(z))
     sigma = jnp.asarray(sigma, z.dtype)
     if covariance == "diagonal":
-        nats = _diagonal_bound(z, labels, state.centroids, sigma)
+        nats = _diagonal_bound(z, labels, state.centroids, sigma, confidence)
     else:
         if not (_is_concrete(features) and _is_concrete(labels)):
             raise ValueError(
@@ -516,6 +579,36 @@ def leakage_upper_bound(
         size = kmeans.max_class_size(group, sizes.shape[0])
         nats = _full_bound_jit(z, group, sizes, sigma, max_group_size=size)
     return nats / math.log(2.0)
+
+
+def leakage_certificate(
+    features: jax.Array,
+    labels: jax.Array,
+    state: MixtureState,
+    *,
+    sigma: float | jax.Array,
+    confidence: float = 0.95,
+) -> jax.Array:
+    """The diagonal bound with upper-confidence variances: the number we call the certificate.
+
+    :func:`leakage_upper_bound` with ``covariance="diagonal"`` and every within-cluster variance
+    replaced by its one-sided ``confidence`` upper limit. It guarantees ``I(x; z)`` for the
+    distribution the features were drawn from up to (i) the Gaussian-sampling model of those
+    limits (each limit holds with probability ``confidence``; summed over thousands of terms the
+    total is far more reliable than that) and (ii) the features being a fair sample of it —
+    compute it on held-out features too. It says nothing about an attacker who sees more than
+    ``ẑ + σ·ε`` (e.g. the client's weights *and* the clean features).
+
+    >>> key = jax.random.key(0)
+    >>> z = 0.3 * jax.random.normal(key, (400, 4))        # one Gaussian cluster, Σ = 0.09·I
+    >>> y = jnp.zeros(400, jnp.int32)
+    >>> truth = 0.5 * 4 * math.log2(1 + 0.09 / 0.1**2)    # ½·log2 det(I + Σ/σ²)
+    >>> bool(leakage_certificate(z, y, init_mixture(1, 1, 4), sigma=0.1) >= truth)
+    True
+    """
+    return leakage_upper_bound(
+        features, labels, state, sigma=sigma, covariance="diagonal", confidence=confidence
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def np_leakage_bits(z, labels, centroids, sigma, covariance):
         x = z[members]
         p = len(members) / n
         cov = (x - x.mean(0)).T @ (x - x.mean(0)) / len(members)
-        if covariance == "full":
+        if covariance == "full" and len(members) > entropy.FULL_MIN_SAMPLES_PER_DIM * d:
             logdet = np.linalg.slogdet(np.eye(d) + cov / sigma**2)[1]
         else:
             logdet = np.sum(np.log1p(np.diag(cov) / sigma**2))
@@ -272,19 +272,113 @@ def _mixed_scale_problem(rng, d, n_per, sigma):
 
 
 @pytest.mark.parametrize("n_per", [40, 250])  # padded size M < D (Gram form) and M >= D (D×D form)
-def test_leakage_full_float32_matches_float64_slogdet(n_per):
+def test_log_det_float32_matches_float64_slogdet(n_per):
     rng = np.random.default_rng(n_per)
     d, sigma = 192, 0.1
     z, labels, state = _mixed_scale_problem(rng, d, n_per, sigma)
-    got = float(entropy.leakage_upper_bound(z, labels, state, sigma=sigma, covariance="full"))
-    expected = np_leakage_bits(z, labels, state.centroids, sigma, "full")
+    x = z[labels == 0][:n_per]
+    centred = x - x.mean(0)
+    got = float(entropy._log_det_eye_plus(jnp.asarray(centred), float(len(x)), sigma))
+    cov = centred.astype(np.float64).T @ centred.astype(np.float64) / len(x)
+    expected = np.linalg.slogdet(np.eye(d) + cov / sigma**2)[1]
     assert np.isfinite(got)
     np.testing.assert_allclose(got, expected, rtol=1e-3)
+    # The leakage bound itself: clusters of n <= 10·D take their diagonal term.
+    full = float(entropy.leakage_upper_bound(z, labels, state, sigma=sigma, covariance="full"))
+    np.testing.assert_allclose(
+        full, np_leakage_bits(z, labels, state.centroids, sigma, "full"), rtol=1e-3
+    )
     diag = float(entropy.leakage_upper_bound(z, labels, state, sigma=sigma))
     np.testing.assert_allclose(
         diag, np_leakage_bits(z, labels, state.centroids, sigma, "diagonal"), rtol=1e-4
     )
-    assert diag >= got
+    assert diag >= full
+
+
+def _gaussian_clusters(rng, d, num, correlated):
+    """``num`` well-separated Gaussian clusters (one class each) with known covariances.
+
+    Returns ``sample(rng, n_per) -> (features, labels)``, a state whose centroids are the true
+    means, and ``truth(σ) = H(c) + ½ Σ_c p_c log det(I + Σ_c/σ²)`` in bits: the means are ~40
+    standard deviations apart, so the mixture's entropy is that closed form (to ~1e-300).
+    """
+    means = 10.0 * rng.normal(size=(num, d))
+    covs = []
+    for _ in range(num):
+        if correlated:
+            a = rng.normal(size=(d, 3)) * 0.2
+            covs.append(a @ a.T + np.diag(rng.uniform(0.001, 0.02, d)))
+        else:
+            covs.append(np.diag(rng.uniform(0.001, 0.05, d)))
+    state = MixtureState(
+        jnp.asarray(means[:, None, :], jnp.float32),
+        jnp.ones((num, 1)),
+        jnp.zeros((num, 1, d)),
+        jnp.ones((num,), jnp.int32),
+    )
+
+    def sample(rng, n_per):
+        z = np.concatenate([rng.multivariate_normal(means[c], covs[c], n_per) for c in range(num)])
+        return z.astype(np.float32), np.repeat(np.arange(num), n_per).astype(np.int32)
+
+    def truth(sigma):
+        logdets = [np.linalg.slogdet(np.eye(d) + cov / sigma**2)[1] for cov in covs]
+        return (math.log(num) + 0.5 * np.mean(logdets)) / math.log(2)
+
+    return sample, state, truth
+
+
+@pytest.mark.parametrize("correlated", [True, False])
+def test_certificate_never_below_closed_form_with_clusters_smaller_than_d(correlated):
+    # n = 40 samples per cluster for D = 64 dimensions: the sample covariance has rank 39.
+    d, n_per, sigma = 64, 40, 0.1
+    margins = []
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        sample, state, truth = _gaussian_clusters(rng, d, 3, correlated)
+        z, labels = sample(rng, n_per)
+        exact = truth(sigma)
+        cert = float(entropy.leakage_certificate(z, labels, state, sigma=sigma))
+        full = float(entropy.leakage_upper_bound(z, labels, state, sigma=sigma, covariance="full"))
+        rank_deficient = np_ml_full_bits(z, labels, sigma)
+        assert cert >= exact, (seed, cert, exact)
+        assert full > rank_deficient  # the rank-deficient log det is never used
+        if correlated:
+            # What the old estimator reported: far below the truth (the failure being fixed).
+            assert rank_deficient < 0.9 * exact
+        margins.append(cert / exact - 1)
+    assert min(margins) > 0
+
+
+def np_ml_full_bits(z, labels, sigma):
+    z = np.asarray(z, np.float64)
+    total, n = 0.0, len(labels)
+    for c in np.unique(labels):
+        x = z[labels == c]
+        p = len(x) / n
+        cov = np.cov(x.T, bias=True)
+        total += (
+            -p * np.log(p) + 0.5 * p * np.linalg.slogdet(np.eye(z.shape[1]) + cov / sigma**2)[1]
+        )
+    return total / np.log(2)
+
+
+def test_full_estimate_and_certificate_with_many_samples_per_dimension_and_held_out():
+    # With many samples per dimension the full estimate approaches the truth; the certificate stays
+    # above it on the fitting data and on fresh (held-out) data, with a margin that shrinks with n.
+    rng = np.random.default_rng(7)
+    d, sigma = 6, 0.1
+    sample, state, truth = _gaussian_clusters(rng, d, 2, True)
+    exact = truth(sigma)
+    z, labels = sample(rng, 5000)
+    full = float(entropy.leakage_upper_bound(z, labels, state, sigma=sigma, covariance="full"))
+    assert abs(full - exact) < 0.02 * exact
+    held_out, held_labels = sample(np.random.default_rng(8), 500)
+    for feats, y in ((z, labels), (held_out, held_labels)):
+        cert = float(entropy.leakage_certificate(feats, y, state, sigma=sigma))
+        diag = float(entropy.leakage_upper_bound(feats, y, state, sigma=sigma))
+        assert cert >= exact and cert > diag
+        assert cert < diag * (1.06 if len(y) == 10000 else 1.25)
 
 
 def test_leakage_uses_nearest_own_class_centroid_and_cluster_entropy():
