@@ -231,3 +231,33 @@ def test_every_defense_trains_and_compiles_once(defense, tiny_data):
     clean = tr.model(state).encode(tr._preprocess(x))
     key = jax.random.key(11)
     np.testing.assert_allclose(enc(key, x), d.obfuscate(key, clean), rtol=1e-5, atol=1e-6)
+
+
+def test_cem_term_enters_the_client_gradient_only_through_lambda(tiny_data):
+    """loss == ce + λ·L_C after a refresh; λ = 0 trains exactly like noise alone; λ > 0 moves only
+    the client differently (L_C depends on the client's features only)."""
+    sigma = 0.2
+
+    def one_step(defense, lambd):
+        cfg = small_config(defense=defense, sigma=sigma, lambd=lambd, batch_size=16, epochs=1)
+        tr = train.Trainer(cfg, tiny_data)
+        state = tr.init_state()
+        state, _ = tr.refresh_mixture(state, 1)  # the noise run fits one too (unused)
+        with jax.set_mesh(tr.mesh):
+            new, m = tr._train_step(state, jnp.asarray(tr.epoch_order(1)[0]))
+        return tr, jax.tree.map(np.asarray, new.params), {k: float(v) for k, v in m.items()}
+
+    tr, p_noise, m_noise = one_step("noise", None)
+    _, p_zero, m_zero = one_step("cem_noise", 0.0)
+    _, p_cem, m_cem = one_step("cem_noise", 2.0)
+    assert m_cem["cem"] > 0
+    np.testing.assert_allclose(m_cem["loss"], m_cem["ce"] + 2.0 * m_cem["cem"], rtol=1e-5)
+    np.testing.assert_allclose(m_zero["loss"], m_zero["ce"], rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, p_noise, p_zero)  # λ = 0: noise alone
+    client = [
+        not np.allclose(a, b, rtol=0, atol=0)
+        for a, b in zip(jax.tree.leaves(p_zero["client"]), jax.tree.leaves(p_cem["client"]))
+    ]
+    assert any(client)  # λ > 0 changes the client's update
+    for a, b in zip(jax.tree.leaves(p_zero["server"]), jax.tree.leaves(p_cem["server"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # ... and not the server's
