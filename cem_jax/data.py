@@ -571,14 +571,21 @@ class _FolderSource:
         self.path = path
 
     def list(self, prefix: str) -> list[str]:
+        """Files under ``prefix``; its direct subfolders may be symlinks (deeper ones are not
+        followed)."""
         top = os.path.join(self.path, prefix)
         out = []
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-            rel = os.path.relpath(dirpath, self.path).replace(os.sep, "/")
-            rel = "" if rel == "." else rel + "/"
-            out.extend(rel + f for f in sorted(filenames) if not _is_hidden(f))
-        return out
+        for entry in sorted(os.listdir(top)):
+            if _is_hidden(entry):
+                continue
+            if not os.path.isdir(os.path.join(top, entry)):
+                out.append(prefix + entry)
+                continue
+            for dirpath, dirnames, filenames in os.walk(os.path.join(top, entry)):
+                dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+                rel = prefix + os.path.relpath(dirpath, top).replace(os.sep, "/") + "/"
+                out.extend(rel + f for f in sorted(filenames) if not _is_hidden(f))
+        return sorted(out)
 
     def is_dir(self, rel: str) -> bool:
         return os.path.isdir(os.path.join(self.path, rel))
@@ -1006,7 +1013,10 @@ def _cache_key(layout: _Layout, splits: dict[str, _Split]) -> str:
         for s in _SPLITS:
             split = splits[s]
             h.update(f"|{s}|{len(split.names)}|{'/'.join(split.class_names)}|".encode())
-            ids = pool.map(split.content_id, range(len(split.names)), chunksize=256)
+            n = len(split.names)
+            chunks = [range(lo, min(lo + 1024, n)) for lo in range(0, n, 1024)]
+            parts = pool.map(lambda r, sp=split: [sp.content_id(i) for i in r], chunks)
+            ids = (cid for part in parts for cid in part)
             for key, label, cid in zip(split.keys, split.labels.tolist(), ids):
                 h.update(f"{key}\0{label}\0".encode())
                 h.update(cid)

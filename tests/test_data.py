@@ -846,3 +846,16 @@ def test_dataset_identity_is_json_and_tracks_content():
         ),
     }
     assert len(digests) == 5
+
+
+def test_symlinked_class_folders(tmp_path):
+    tree = _make_tree()
+    real = _write_folder(tmp_path / "real", tree)
+    linked = tmp_path / "linked"
+    for split in ("train", "test"):
+        (linked / split).mkdir(parents=True)
+        for cls in CLASSES:
+            (linked / split / cls).symlink_to(real / split / cls, target_is_directory=True)
+    ds = data.load_dataset("facescrub", str(linked))
+    np.testing.assert_array_equal(ds.train_images, _expected(tree, "train")[0])
+    np.testing.assert_array_equal(ds.test_labels, _expected(tree, "test")[1])
