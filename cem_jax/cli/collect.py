@@ -1,0 +1,407 @@
+"""A sweep's grid, its workdirs, and the collected table and privacy–utility plot (no flags here).
+
+A grid point is ``{"defense", "sigma", "lambd", "seed"}`` (``None``: the preset's value); the runs of one
+point that differ only in their seed are aggregated into one row: the mean, the sample standard deviation
+(``ddof=1``; none for a single seed) and the number of seeds of every metric.
+
+>>> pts = grid(["none", "cem_noise"], sigmas=[0.1, 0.2], lambdas=[1.0], seeds=[1, 2])
+>>> [run_name(p) for p in pts][:3]
+['none_seed1', 'none_seed2', 'cem_noise_s0.1_l1_seed1']
+>>> len(pts)
+6
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+RESULTS_FILE = "results.json"  # cem_jax.runner.RESULTS_FILE (not imported: collecting needs no jax)
+TABLE_MD, TABLE_JSON, PLOT_PNG = "table.md", "table.json", "privacy_utility.png"
+
+# Metrics of one run, by name, read from its results.json: (path into the dict).
+_FINAL = ("clean_acc", "defended_acc", "leakage_bits_full", "leakage_bits_diagonal")
+_ATTACK_METRICS = ("mse", "psnr", "ssim")
+
+
+# --------------------------------------------------------------------------------------------- grid
+def grid(
+    defenses: Sequence[str],
+    sigmas: Sequence[float] = (),
+    lambdas: Sequence[float] = (),
+    seeds: Sequence[int] = (),
+) -> list[dict[str, Any]]:
+    """Every run of the sweep: defenses × σ × λ × seeds.
+
+    σ applies to the defenses with noise (``noise`` and every ``cem_*``), λ to those with CEM; the
+    others (``none``, ``dropout``, ...) get one point per seed. An unknown defense name passes through
+    (the config's validation names it).
+    """
+    from cem_jax.defenses import DEFENSES
+
+    points = []
+    for defense in _unique(defenses):
+        preset = DEFENSES.get(defense, {})
+        sig = (list(_unique(sigmas)) or [None]) if preset.get("sigma") else [None]
+        lam = (list(_unique(lambdas)) or [None]) if preset.get("cem") else [None]
+        for sigma, lambd in itertools.product(sig, lam):
+            for seed in list(_unique(seeds)) or [None]:
+                points.append({"defense": defense, "sigma": sigma, "lambd": lambd, "seed": seed})
+    return _unique_dicts(points)
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """The grid point's name without its seed: ``cem_noise_s0.1_l1``."""
+    name = point["defense"]
+    if point.get("sigma") is not None:
+        name += f"_s{point['sigma']:g}"
+    if point.get("lambd") is not None:
+        name += f"_l{point['lambd']:g}"
+    return name
+
+
+def run_name(point: dict[str, Any]) -> str:
+    """The run's folder name: the point's, plus ``_seed<k>`` when the sweep has seeds."""
+    name = point_name(point)
+    return name if point.get("seed") is None else f"{name}_seed{point['seed']}"
+
+
+def workdir_of(root: str, dataset: str, preset: str, point: dict[str, Any]) -> str:
+    return os.path.join(root, f"{dataset}_{preset}", run_name(point))
+
+
+def overrides_of(point: dict[str, Any]) -> dict[str, Any]:
+    """The point's RunConfig overrides (its non-``None`` axes)."""
+    return {k: v for k, v in point.items() if v is not None}
+
+
+# ------------------------------------------------------------------------------------------ collect
+def load_runs(workdirs: Iterable[tuple[dict[str, Any], str]]) -> list[tuple[dict, dict]]:
+    """``(point, results)`` of every finished run (those with a ``results.json``)."""
+    runs = []
+    for point, workdir in workdirs:
+        path = os.path.join(workdir, RESULTS_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                res = json.load(f)
+            res.setdefault("workdir", workdir)
+            runs.append((point, res))
+    return runs
+
+
+def run_metrics(results: dict[str, Any]) -> dict[str, tuple[float, bool]]:
+    """``{metric: (value, flagged)}`` of one run.
+
+    Names: ``clean_acc``, ``defended_acc``, ``leakage_bits_full``, ``leakage_bits_diagonal`` and
+    ``<attack>.<setting>.<mse|psnr|ssim|baseline_mse>``. An attack entry is *flagged* when it says it
+    is not ``informative`` (no better than the mean-image baseline) or not ``converged``; missing keys
+    flag nothing.
+    """
+    out: dict[str, tuple[float, bool]] = {}
+    final = results.get("final") or {}
+    for name in _FINAL:
+        v = _number(final.get(name))
+        if v is not None:
+            out[name] = (v, False)
+    for attack, settings in (results.get("attacks") or {}).items():
+        if not isinstance(settings, dict):
+            continue
+        for setting, entry in settings.items():
+            if not isinstance(entry, dict):
+                continue
+            flagged = entry.get("informative") is False or entry.get("converged") is False
+            for m in _ATTACK_METRICS:
+                v = _number(entry.get(m))
+                if v is not None:
+                    out[f"{attack}.{setting}.{m}"] = (v, flagged)
+            base = entry.get("baseline")
+            base = base.get("mse") if isinstance(base, dict) else base
+            if _number(base) is not None:
+                out[f"{attack}.{setting}.baseline_mse"] = (_number(base), False)
+    return out
+
+
+def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One record per grid point (seeds aggregated), in the order of ``runs``.
+
+    ``{"name", "defense", "sigma", "lambd", "n", "runs": [{"seed", "workdir", ...}],
+    "metrics": {name: {"mean", "std", "n", "values", "flagged"}}}``; σ and λ are the values the runs
+    used (the defense preset's when the sweep did not set them; λ ``None`` without CEM).
+    """
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for point, res in runs:
+        groups.setdefault(point_name(point), []).append((point, res))
+    records = []
+    for name, members in groups.items():
+        point, first = members[0]
+        sigma, lambd = _resolved_sigma_lambd(point, first.get("config") or {})
+        per_run = [run_metrics(res) for _, res in members]
+        metrics = {}
+        for key in dict.fromkeys(k for m in per_run for k in m):
+            vals = [m[key] for m in per_run if key in m]
+            metrics[key] = stats([v for v, _ in vals]) | {"flagged": sum(f for _, f in vals)}
+        records.append(
+            {
+                "name": name,
+                "defense": point["defense"],
+                "sigma": sigma,
+                "lambd": lambd,
+                "n": len(members),
+                "runs": [
+                    {
+                        "seed": (res.get("config") or {}).get("seed", p.get("seed")),
+                        "workdir": res.get("workdir"),
+                        **({"commit": res["commit"]} if "commit" in res else {}),
+                    }
+                    for p, res in members
+                ],
+                "metrics": metrics,
+            }
+        )
+    return records
+
+
+def stats(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (``ddof=1``; ``None`` for one value) and count.
+
+    >>> stats([1.0, 2.0, 3.0])
+    {'mean': 2.0, 'std': 1.0, 'n': 3, 'values': [1.0, 2.0, 3.0]}
+    """
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else None,
+        "n": len(a),
+        "values": [float(v) for v in a],
+    }
+
+
+# (header, metric, format) of the table's columns after defense | σ | λ | n
+COLUMNS = (
+    ("acc clean", "clean_acc", ".4f"),
+    ("acc defended", "defended_acc", ".4f"),
+    ("leakage bits (full)", "leakage_bits_full", ".1f"),
+    ("decoder train-time MSE", "decoder.train_time.mse", ".4f"),
+    ("PSNR", "decoder.train_time.psnr", ".2f"),
+    ("SSIM", "decoder.train_time.ssim", ".3f"),
+    ("mean-image MSE", "decoder.train_time.baseline_mse", ".4f"),
+    ("decoder inference-time MSE", "decoder.inference_time.mse", ".4f"),
+    ("PSNR", "decoder.inference_time.psnr", ".2f"),
+    ("GAN train-time MSE", "gan.train_time.mse", ".4f"),
+    ("PSNR", "gan.train_time.psnr", ".2f"),
+)
+
+
+def table_markdown(records: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table: ``mean ± std`` per metric (``std`` only with ≥ 2 seeds), ``n`` seeds."""
+    header = ["defense", "σ", "λ", "n"] + [c[0] for c in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    flagged_any = False
+    for r in records:
+        cells = [r["defense"], _g(r["sigma"]), _g(r["lambd"]), str(r["n"])]
+        for _, key, spec in COLUMNS:
+            s = r["metrics"].get(key)
+            cells.append(format_stat(s, spec, n=r["n"]))
+            flagged_any |= bool(s and s["flagged"])
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    text += "\n\nmean ± sample standard deviation over the n seeds of each grid point (one value: one seed)."
+    if flagged_any:
+        text += (
+            "\n† at least one seed's attack did not converge or did not beat the mean-image baseline "
+            "(`converged` / `informative` false in its results.json): that number measures little."
+        )
+    return text
+
+
+def format_stat(s: dict[str, Any] | None, spec: str, *, n: int | None = None) -> str:
+    """``"0.0312 ± 0.0021"``, ``"0.0312"`` (one value), ``"-"`` (none); ``†`` when flagged.
+
+    >>> format_stat({"mean": 0.5, "std": 0.25, "n": 2, "flagged": 1}, ".2f")
+    '0.50 ± 0.25†'
+    """
+    if not s:
+        return "-"
+    text = f"{s['mean']:{spec}}"
+    if s.get("std") is not None:
+        text += f" ± {s['std']:{spec}}"
+    if s.get("flagged"):
+        text += "†"
+    if n is not None and s["n"] != n:
+        text += f" (n={s['n']})"
+    return text
+
+
+def write_table(root: str, records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Writes ``table.md`` and ``table.json`` under ``root``; returns the Markdown."""
+    os.makedirs(root, exist_ok=True)
+    text = table_markdown(records)
+    _write_atomic(os.path.join(root, TABLE_MD), text + "\n")
+    _write_atomic(
+        os.path.join(root, TABLE_JSON), json.dumps({**meta, "rows": list(records)}, indent=2) + "\n"
+    )
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- plot
+PANELS = (
+    ("decoder.train_time.mse", "train-time decoder attack MSE (higher: more private)"),
+    ("leakage_bits_full", "leakage bound, bits / image (lower: more private)"),
+)
+
+
+def plot_privacy_utility(
+    records: Sequence[dict[str, Any]], path: str, *, title: str | None = None
+) -> bool:
+    """Draws defended accuracy against the attack MSE and against the leakage bound: one curve per
+    defense family (its points in σ, then λ, order), error bars where seeds repeat, hollow markers where
+    an attack is flagged (not converged / not better than the baseline), the mean-image baseline's MSE
+    as a dashed line. Writes a PNG at ``path``.
+
+    Returns ``False`` (and writes nothing) when no record has the defended accuracy. Needs matplotlib
+    (the ``plots`` extra); imported here, with the Agg canvas, so the rest of the package does not.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    usable = [r for r in records if "defended_acc" in r["metrics"]]
+    if not usable:
+        return False
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(PANELS), sharey=True)
+    families = list(dict.fromkeys(r["defense"] for r in usable))
+    colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    any_flagged = False
+    for ax, (key, xlabel) in zip(axes, PANELS):
+        drawn = False
+        for fam in families:
+            # one curve per family, along its σ (then λ) axis
+            pts = sorted(
+                (r for r in usable if r["defense"] == fam and key in r["metrics"]),
+                key=lambda r: (r["sigma"] or 0.0, r["lambd"] or 0.0),
+            )
+            if not pts:
+                continue
+            xs = [r["metrics"][key] for r in pts]
+            ys = [r["metrics"]["defended_acc"] for r in pts]
+            c = colors[fam]
+            ax.plot([x["mean"] for x in xs], [y["mean"] for y in ys], "-", color=c, alpha=0.7)
+            for r, x, y in zip(pts, xs, ys):
+                flagged = bool(x.get("flagged"))
+                any_flagged |= flagged
+                ax.errorbar(
+                    x["mean"],
+                    y["mean"],
+                    xerr=x["std"] or 0.0,
+                    yerr=y["std"] or 0.0,
+                    fmt="o",
+                    color=c,
+                    markerfacecolor="white" if flagged else c,
+                    capsize=3,
+                )
+                ax.annotate(
+                    _point_label(r),
+                    (x["mean"], y["mean"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=c,
+                )
+            drawn = True
+        if key == "decoder.train_time.mse":
+            base = [
+                r["metrics"]["decoder.train_time.baseline_mse"]["mean"]
+                for r in usable
+                if "decoder.train_time.baseline_mse" in r["metrics"]
+            ]
+            if base:
+                ax.axvline(float(np.median(base)), color="0.5", ls="--", lw=1)
+                ax.annotate(
+                    "mean-image baseline",
+                    (float(np.median(base)), 0.02),
+                    xycoords=("data", "axes fraction"),
+                    rotation=90,
+                    fontsize=7,
+                    color="0.4",
+                    ha="right",
+                )
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if not drawn:
+            ax.text(0.5, 0.5, "no runs with this metric", ha="center", transform=ax.transAxes)
+    axes[0].set_ylabel("defended test accuracy")
+    handles = [Line2D([], [], color=colors[f], marker="o", label=f) for f in families]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="defense")
+    note = "mean ± std over seeds"
+    if any_flagged:
+        note += "; hollow: attack not converged or not better than the mean image"
+    fig.suptitle(f"{title + ' — ' if title else ''}{note}", fontsize=10)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return True
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _point_label(r: dict[str, Any]) -> str:
+    parts = []
+    if r["sigma"] is not None and r["defense"] != "none":
+        parts.append(f"σ={r['sigma']:g}")
+    if r["lambd"] is not None:
+        parts.append(f"λ={r['lambd']:g}")
+    return " ".join(parts)
+
+
+def _resolved_sigma_lambd(point: dict[str, Any], cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """σ and λ the run used (the defense preset's if unset); λ ``None`` for a defense without CEM."""
+    try:
+        from cem_jax import defenses
+
+        spec = defenses.make_defense(
+            cfg.get("defense", point["defense"]),
+            sigma=cfg.get("sigma", point.get("sigma")),
+            lambd=cfg.get("lambd", point.get("lambd")),
+        )
+        return spec.sigma, (spec.lambd if spec.cem else None)
+    except (ValueError, TypeError):
+        return point.get("sigma"), point.get("lambd")
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _g(v: Any) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def _unique(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _unique_dicts(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for p in points:
+        key = tuple(sorted(p.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

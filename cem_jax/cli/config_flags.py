@@ -1,0 +1,281 @@
+"""One flag per :class:`~cem_jax.config.RunConfig` field, generated from the dataclass.
+
+The flag kind follows the field's type (``int`` → integer, ``float`` → float, ``bool`` → bool, ``str`` →
+string, or enum where :data:`CHOICES` lists the accepted values, ``tuple[T, ...]`` → a comma-separated
+list of ``T``); ``X | None`` fields default to ``None`` ("the arch's / defense's default"). The default
+shown by ``--help`` is the dataclass default, followed by the values the presets change. The help text
+of a field is its ``metadata["help"]`` or, failing that, :data:`HELP` — a test checks every field has one.
+
+Only flags the user set become overrides (:func:`config_overrides`): a flag left at its default never
+overrides a preset (``--preset=quick`` keeps its 6 epochs unless ``--epochs`` is given).
+
+>>> from absl import app, flags, logging
+>>> fv = flags.FlagValues()
+>>> names = define_config_flags(fv)
+>>> _ = fv(["prog", "--sigma=0.2", "--attacks=decoder"])
+>>> config_overrides(fv, names)
+{'sigma': 0.2, 'attacks': ('decoder',)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from absl import app, flags, logging
+
+from cem_jax import config as config_lib
+from cem_jax import defenses
+from cem_jax.models import ARCHS
+
+# str fields whose flag is an enum (absl rejects other values before anything runs). `dataset` and
+# `defense` stay plain strings: config validation suggests the closest name, and a folder dataset may
+# carry any name.
+CHOICES: dict[str, Sequence[str]] = {
+    "arch": ARCHS,
+    "cem_mode": config_lib.CEM_MODES,
+    "topk_scope": defenses.TOPK_SCOPES,
+    "threat_model": config_lib.THREAT_MODELS,
+}
+
+# Help of every RunConfig field without metadata["help"] (tests/test_cli.py checks the coverage).
+HELP: dict[str, str] = {
+    # data
+    "dataset": "Dataset: " + ", ".join(config_lib.DATASETS) + ", or the name of a folder dataset.",
+    "data_dir": "Dataset folder/zip (train/<class>/*.png|jpg + test/<class>/...) or download folder. "
+    "Default: $CEM_DATA_DIR, then the default download location.",
+    "train_subset": "Train on a class-balanced subset of N images (default: all).",
+    "test_subset": "Evaluate on a random subset of N test images (default: all).",
+    # split model
+    "arch": "Split architecture.",
+    "cut_layer": "Cut layer (default: 4 for VGG, 5 for ResNet20).",
+    "bottleneck_channels": "Channels of the client's bottleneck conv (0: none).",
+    # defense
+    "defense": "Defense preset, cem_X = noise(sigma) + X + CEM; the presets and their defaults: {presets}. "
+    "Every value can be overridden by its flag.",
+    "sigma": "Noise standard deviation (default: the defense's, 0.1 for the noise variants).",
+    "lambd": "Weight of the CEM loss L_C (default: the defense's).",
+    "dropout_ratio": "Ratio of zeroed features in the dropout defenses (default: the defense's).",
+    "dropout_rescale": "Rescale kept features by 1/(1-r) (default off, as the reference).",
+    "topk_ratio": "Fraction of features zeroed by the top-k defenses (default: the defense's).",
+    "topk_scope": "Top-k per sample (default, what a deployed client can do) or over the whole "
+    "batch (the reference).",
+    "nopeek_alpha": "Weight of the NoPeek distance-correlation loss (default: the defense's).",
+    "adversarial_alpha": "Weight of the adversarial defense's SSIM penalty (default: the defense's).",
+    "ssim_threshold": "SSIM above which the adversarial defense penalises (default: the defense's).",
+    "cem_mode": "gmm: the paper's Gaussian-mixture bound; reference: the official code's hinge loss.",
+    "clusters_per_class": "k-means clusters per class (default: 5 for VGG, 15 for ResNet).",
+    "kmeans_iterations": "Lloyd iterations of each per-epoch k-means refresh.",
+    # optimisation
+    "epochs": "Training epochs.",
+    "batch_size": "Global training batch size.",
+    "lr": "Base learning rate of SGD (decayed at --lr_milestones).",
+    "momentum": "SGD momentum.",
+    "weight_decay": "SGD weight decay.",
+    "lr_milestones": "Fractions of the run at which the learning rate is multiplied by --lr_decay.",
+    "lr_decay": "Learning-rate factor at each milestone.",
+    "seed": "Random seed of training (the reference's 125).",
+    "eval_batch_size": "Batch size of the test-set evaluations.",
+    # attacks
+    "attacks": "Attacks after training, any of: "
+    + ", ".join(config_lib.ATTACKS)
+    + " (empty: none).",
+    "attack_settings": "Attack settings: train_time (decoder trained on the training set) and/or "
+    "inference_time (trained on 90% of the test set).",
+    "attack_steps": "Most optimizer steps of the decoder attack (it stops earlier on a validation "
+    "plateau).",
+    "attack_batch_size": "Batch size of the attacks.",
+    "attack_eval_every": "Validate the attacker every N steps (the plateau rule's unit).",
+    "attack_patience": "Validations without a 0.5% gain before the attack's lr decays / it stops.",
+    "attack_val_fraction": "Fraction of the attacker's images held out for its validation.",
+    "attack_train_subset": "Train the train-time decoder on N images only (default: all).",
+    "gan_steps": "Most critic steps of the GAN attack (one generator step per 10).",
+    "gan_train_subset": "Train the GAN attack on the first N attacker images (default: all).",
+    "whitebox_steps": "Most optimisation steps of the white-box attack per image batch.",
+    "whitebox_images": "Evaluation images the white-box attack inverts (the first N of each setting).",
+    "whitebox_tv_weight": "Weight of the white-box attack's total-variation prior.",
+    "threat_model": "server_view: the attacker sees every obfuscation; noise_only: the reference's "
+    "attacker, who simulates the noise only.",
+    "attack_seed": "Random seed of the attacks.",
+}
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    """The fields of :class:`RunConfig`, by name, in declaration order."""
+    return {f.name: f for f in dataclasses.fields(config_lib.RunConfig)}
+
+
+def help_of(name: str) -> str | None:
+    """The help text of a config field (``metadata["help"]`` first, then :data:`HELP`)."""
+    field = config_fields()[name]
+    text = field.metadata.get("help") or HELP.get(name)
+    if text and "{presets}" in text:
+        text = text.replace("{presets}", defenses.describe_presets())
+    return text
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(config_lib.RunConfig)
+
+
+def flag_kind(name: str) -> tuple[type, bool]:
+    """``(base type, optional)`` of a field: ``int | None`` → ``(int, True)``; tuples as ``tuple[T, ...]``."""
+    hint = _type_hints()[name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        if len(args) != 1:
+            raise TypeError(f"RunConfig.{name}: {hint} has no flag kind (one type or None, please)")
+        hint = args[0]
+    return hint, optional
+
+
+class TupleParser(flags.ArgumentParser):
+    """Comma-separated values of one type, as a tuple (``""`` → ``()``); a bad element is a clear error."""
+
+    syntactic_help = "a comma-separated list"
+
+    def __init__(self, element: Callable[[str], Any], element_name: str):
+        self.element = element
+        self.element_name = element_name
+        self.syntactic_help = f"a comma-separated list of {element_name.split(' ', 1)[1]}s"
+
+    def parse(self, argument: Any) -> tuple:
+        if isinstance(argument, list | tuple):
+            return tuple(argument)
+        items = [s.strip() for s in str(argument).split(",") if s.strip()]
+        out = []
+        for s in items:
+            try:
+                out.append(self.element(s))
+            except ValueError:
+                raise ValueError(f"{s!r} is not {self.element_name}") from None
+        return tuple(out)
+
+    def flag_type(self) -> str:
+        return f"list of {self.element_name}"
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise ValueError(s)
+    return v
+
+
+_ELEMENT = {
+    str: (str, "a string"),
+    int: (int, "an integer"),
+    float: (_finite_float, "a number"),
+}
+
+
+def define_tuple_flag(
+    name: str,
+    default: Sequence[Any] | None,
+    help: str,
+    element: type,
+    *,
+    flag_values: flags.FlagValues = flags.FLAGS,
+) -> flags.FlagHolder:
+    """A comma-separated list flag whose elements are parsed as ``element`` (str, int or float)."""
+    fn, element_name = _ELEMENT[element]
+    return flags.DEFINE(
+        TupleParser(fn, element_name),
+        name,
+        None if default is None else tuple(default),
+        help,
+        flag_values=flag_values,
+        serializer=flags.CsvListSerializer(","),
+    )
+
+
+def _flag_text(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _preset_note(name: str) -> str:
+    notes = [f"{p}: {_flag_text(v[name])}" for p, v in config_lib.PRESETS.items() if name in v]
+    return f" [preset {'; '.join(notes)}]" if notes else ""
+
+
+def define_config_flags(
+    flag_values: flags.FlagValues = flags.FLAGS,
+    *,
+    only: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    unset_note: str | None = None,
+) -> list[str]:
+    """Defines one flag per :class:`RunConfig` field (``only`` those, minus ``exclude``); their names.
+
+    With ``unset_note`` (e.g. ``"default: the run's"``) every flag defaults to ``None`` and its help
+    ends with the note instead of the dataclass default and the presets' values.
+
+    Raises ``TypeError`` for a field type with no flag kind, so a new field cannot silently lack a flag.
+    """
+    fields = config_fields()
+    wanted = list(fields) if only is None else [n for n in fields if n in set(only)]
+    names = [n for n in wanted if n not in set(exclude)]
+    for name in names:
+        field = fields[name]
+        default = field.default if field.default is not dataclasses.MISSING else None
+        base, _ = flag_kind(name)
+        help_text = help_of(name) or name
+        if unset_note is None:
+            help_text += _preset_note(name)
+        else:
+            default = None
+            help_text += f" [{unset_note}]"
+        kw = {"flag_values": flag_values}
+        if typing.get_origin(base) is tuple:
+            args = typing.get_args(base)
+            if len(args) != 2 or args[1] is not Ellipsis or args[0] not in _ELEMENT:
+                raise TypeError(f"RunConfig.{name}: {base} has no flag kind (tuple[T, ...] please)")
+            define_tuple_flag(name, default, help_text, args[0], **kw)
+        elif base is bool:
+            flags.DEFINE_bool(name, default, help_text, **kw)
+        elif base is int:
+            flags.DEFINE_integer(name, default, help_text, **kw)
+        elif base is float:
+            flags.DEFINE_float(name, default, help_text, **kw)
+        elif base is str and name in CHOICES:
+            flags.DEFINE_enum(name, default, list(CHOICES[name]), help_text, **kw)
+        elif base is str:
+            flags.DEFINE_string(name, default, help_text, **kw)
+        else:
+            raise TypeError(f"RunConfig.{name}: type {base} has no flag kind")
+    return names
+
+
+def config_overrides(flag_values: flags.FlagValues, names: Iterable[str]) -> dict[str, Any]:
+    """``{field: value}`` of the config flags the user set (a flag left at its default is absent)."""
+    return {
+        name: flag_values[name].value for name in names if not flag_values[name].using_default_value
+    }
+
+
+def register_key_flags(names: Iterable[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Lists ``names`` in ``--help`` of the program being run (its flags live in this package, not in
+    the ``__main__`` script that absl's short help looks at)."""
+    for name in names:
+        flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])
+
+
+def start(doc: str | None, names: Iterable[str], fn: Callable[[list[str]], None]) -> None:
+    """``absl.app.run(fn)`` with ``--help`` showing ``doc`` and the flags ``names`` (every entry point)."""
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and not getattr(main_module, "__doc__", None):
+        main_module.__doc__ = doc
+    register_key_flags(names, flags.FLAGS)
+    logging.set_verbosity(logging.WARNING)
+    app.run(fn)

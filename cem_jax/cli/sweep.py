@@ -1,0 +1,179 @@
+r"""Sweep defenses × σ × λ × seeds, then collect the table and the privacy–utility plot.
+
+    cem-sweep --defenses=none,noise,cem_noise --sigmas=0.05,0.1 --seeds=1,2,3 --preset=quick \
+        --root=runs/sweep                                        # one run per grid point and seed
+    cem-sweep ... --num_shards=4 --shard_index=$SLURM_ARRAY_TASK_ID   # on a cluster
+    cem-sweep ... --collect_only                                 # table.md, table.json, privacy_utility.png
+    python -m experiments.sweep ...                              # the same
+
+Each run is an ordinary run (own workdir under ``--root``, resumable); finished runs are skipped, so
+re-running a sweep resumes it. Every shard runs its share of the grid; ``--collect_only`` (run once,
+after them) reads every ``results.json`` and writes ``table.md`` / ``table.json`` (mean ± std and n seeds
+per grid point) and ``privacy_utility.png`` under ``--root``. Every other flag is a RunConfig field,
+applied to every run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+from cem_jax import config as config_lib
+from cem_jax.cli import collect, config_flags
+
+FLAGS = flags.FLAGS
+
+AXES = ("defense", "sigma", "lambd", "seed")  # swept by the list flags below, not single flags
+CONFIG_FLAGS: list[str] = []
+OWN_FLAGS: list[str] = []
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
+    """Defines the program's flags on ``fv`` (once for the global ``FLAGS``); their names."""
+    if fv is FLAGS and OWN_FLAGS:
+        return OWN_FLAGS
+    kw = {"flag_values": fv}
+    flags.DEFINE_list("defenses", ["none", "noise", "cem_noise"], "Defense presets to sweep.", **kw)
+    config_flags.define_tuple_flag(
+        "sigmas", (), "Noise levels to sweep (empty: each defense's default).", float, **kw
+    )
+    config_flags.define_tuple_flag(
+        "lambdas",
+        (),
+        "CEM weights to sweep, cem_* defenses only (empty: the default).",
+        float,
+        **kw,
+    )
+    config_flags.define_tuple_flag(
+        "seeds",
+        (),
+        "Training seeds: one run (workdir <point>_seed<k>) per seed and grid point (empty: one run "
+        "with the default seed).",
+        int,
+        **kw,
+    )
+    names = config_flags.define_config_flags(fv, exclude=AXES)
+    flags.DEFINE_enum(
+        "preset", "paper", list(config_lib.PRESETS), "Run preset of every grid point.", **kw
+    )
+    flags.DEFINE_string(
+        "root", "runs/sweep", "Folder holding one workdir per run, and the table.", **kw
+    )
+    flags.DEFINE_integer("num_shards", 1, "Split the grid over this many processes.", **kw)
+    flags.DEFINE_integer("shard_index", 0, "This process's shard (0-based).", **kw)
+    flags.DEFINE_bool(
+        "collect_only",
+        False,
+        "Run nothing: write the table and the plot of the finished runs.",
+        **kw,
+    )
+    flags.DEFINE_string(
+        "cache_dir", os.path.expanduser("~/.cache/cem_jax"), "Decoded-dataset cache ('' off).", **kw
+    )
+    own = ["defenses", "sigmas", "lambdas", "seeds", *names]
+    own += ["preset", "root", "num_shards", "shard_index", "collect_only", "cache_dir"]
+    if fv is FLAGS:
+        CONFIG_FLAGS[:], OWN_FLAGS[:] = names, own
+    return own
+
+
+def points() -> list[dict]:
+    return collect.grid(FLAGS.defenses, FLAGS.sigmas, FLAGS.lambdas, FLAGS.seeds)
+
+
+def common_overrides() -> dict:
+    """The config flags the user set, applied to every run (plus ``$CEM_DATA_DIR``)."""
+    overrides = config_flags.config_overrides(FLAGS, CONFIG_FLAGS)
+    if overrides.get("data_dir") is None:
+        overrides["data_dir"] = os.environ.get("CEM_DATA_DIR") or None
+    return overrides
+
+
+def workdir_of(point: dict) -> str:
+    return collect.workdir_of(FLAGS.root, FLAGS.dataset, FLAGS.preset, point)
+
+
+def check_grid(grid: list[dict]) -> list[config_lib.RunConfig]:
+    """Every run's validated config, before any runs: a bad σ / λ / seed fails in seconds, not hours."""
+    if not FLAGS.defenses:
+        raise ValueError("--defenses is empty: name at least one defense preset.")
+    if FLAGS.num_shards < 1:
+        raise ValueError(f"num_shards={FLAGS.num_shards}: accepted values are >= 1.")
+    if not 0 <= FLAGS.shard_index < FLAGS.num_shards:
+        raise ValueError(
+            f"shard_index={FLAGS.shard_index}: accepted 0..{FLAGS.num_shards - 1} "
+            f"(--num_shards={FLAGS.num_shards})."
+        )
+    base = common_overrides()
+    configs = []
+    for point in grid:
+        try:
+            configs.append(
+                config_lib.make_config(FLAGS.preset, **base, **collect.overrides_of(point))
+            )
+        except ValueError as e:
+            raise ValueError(f"grid point {collect.run_name(point)}: {e}") from None
+    return configs
+
+
+def collect_all(grid: list[dict]) -> None:
+    """Writes table.md, table.json and privacy_utility.png under ``--root``."""
+    runs = collect.load_runs((p, workdir_of(p)) for p in grid)
+    records = collect.summarize(runs)
+    meta = {
+        "dataset": FLAGS.dataset,
+        "preset": FLAGS.preset,
+        "finished": len(runs),
+        "runs": len(grid),
+    }
+    text = collect.write_table(FLAGS.root, records, meta)
+    print(f"\n{len(runs)}/{len(grid)} runs finished ({len(records)} grid points)\n{text}")
+    print(f"\nwrote {os.path.join(FLAGS.root, collect.TABLE_MD)} and {collect.TABLE_JSON}")
+    png = os.path.join(FLAGS.root, collect.PLOT_PNG)
+    try:
+        drawn = collect.plot_privacy_utility(
+            records, png, title=f"{FLAGS.dataset}, preset {FLAGS.preset}"
+        )
+    except ImportError:
+        print(f"{collect.PLOT_PNG} not drawn: matplotlib is missing (pip install -e .[plots])")
+    else:
+        print(f"wrote {png}" if drawn else f"{collect.PLOT_PNG} not drawn: no finished run yet")
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        from absl import app
+
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    grid = points()
+    try:
+        configs = check_grid(grid)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if FLAGS.collect_only:
+        collect_all(grid)
+        return
+    from cem_jax import runner
+
+    mine = list(zip(grid, configs))[FLAGS.shard_index :: FLAGS.num_shards]
+    for i, (point, cfg) in enumerate(mine):
+        print(f"\n### sweep run {i + 1}/{len(mine)}: {collect.run_name(point)}", flush=True)
+        try:
+            runner.run(cfg, workdir=workdir_of(point), cache_dir=FLAGS.cache_dir or None)
+        except (ValueError, FileNotFoundError, runner.RunError) as e:
+            sys.exit(f"error at {collect.run_name(point)}: {e}")
+    print(
+        f"\nshard {FLAGS.shard_index}/{FLAGS.num_shards}: {len(mine)} runs done. When every shard "
+        "has finished, the same command with --collect_only writes the table and the plot."
+    )
+
+
+def main() -> None:
+    """Console script ``cem-sweep`` (and ``python -m experiments.sweep``)."""
+    config_flags.start(__doc__, define_flags(), _main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""experiments.sweep: seeds, clear errors for bad axes, the collected table (mean ± std, n) and the plot."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cem_jax import config as config_lib
+from cem_jax.cli import collect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRID_ARGS = [
+    "--defenses=none,noise,cem_noise",
+    "--sigmas=0.05,0.1",
+    "--lambdas=1",
+    "--seeds=1,2,3",
+    "--preset=quick",
+    "--dataset=synthetic",
+]
+
+
+def run_sweep(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_grid_has_one_run_per_point_and_seed():
+    pts = collect.grid(["none", "noise", "cem_noise"], [0.05, 0.1], [1.0, 2.0], [1, 2, 3])
+    # none: no σ axis; noise: 2 σ; cem_noise: 2 σ × 2 λ; each × 3 seeds
+    assert len(pts) == (1 + 2 + 4) * 3
+    names = [collect.run_name(p) for p in pts]
+    assert len(set(names)) == len(names)
+    assert "cem_noise_s0.05_l2_seed3" in names and "none_seed1" in names
+    # without seeds the workdirs are those of a seedless sweep (resuming an older sweep still works)
+    assert [collect.run_name(p) for p in collect.grid(["noise"], [0.1])] == ["noise_s0.1"]
+    # repeated values are one axis point
+    assert len(collect.grid(["noise", "noise"], [0.1, 0.1], seeds=[1, 1])) == 1
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--sigmas=abc", "--sigmas=abc: 'abc' is not a number"),
+        ("--lambdas=1,x", "'x' is not a number"),
+        ("--seeds=1.5", "'1.5' is not an integer"),
+        ("--sigmas=inf", "'inf' is not a number"),
+        ("--lambdas=-1", "grid point cem_noise_s0.05_l-1_seed1: lambd=-1.0"),
+        ("--sigmas=0", "CEM needs Gaussian noise"),
+        ("--defenses=cem_nosie", "did you mean 'cem_noise'"),
+        ("--shard_index=3", "shard_index=3: accepted 0..0"),
+    ],
+)
+def test_bad_sweep_values_are_clear_errors(arg, message, tmp_path):
+    args = [a for a in GRID_ARGS if not a.startswith(arg.split("=")[0] + "=")]
+    proc = run_sweep(*args, arg, f"--root={tmp_path}", "--collect_only")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "table.md").exists()
+
+
+def test_sweep_runs_every_seed_in_its_own_workdir_split_over_shards(tmp_path):
+    """The run loop, with runner.run replaced by a recorder (no training)."""
+    driver = (
+        "import sys\n"
+        "from cem_jax import runner\n"
+        "calls = []\n"
+        "runner.run = lambda cfg, workdir, cache_dir=None: calls.append("
+        "(cfg.defense, cfg.sigma, cfg.lambd, cfg.seed, cfg.epochs, workdir))\n"
+        "from experiments import sweep\n"
+        "sys.argv = ['sweep', *sys.argv[1:]]\n"
+        "try:\n"
+        "    sweep.main()\n"
+        "finally:\n"
+        "    print(repr(calls))\n"
+    )
+    shards = []
+    for index in (0, 1):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                driver,
+                *GRID_ARGS,
+                "--epochs=2",
+                f"--root={tmp_path}",
+                "--num_shards=2",
+                f"--shard_index={index}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        shards.append(ast.literal_eval(proc.stdout.strip().splitlines()[-1]))
+    calls = shards[0] + shards[1]
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
+    assert len(calls) == (1 + 2 + 2) * 3
+    assert len({c[-1] for c in calls}) == len(calls)  # one workdir per run
+    base = os.path.join(str(tmp_path), "synthetic_quick")
+    assert ("cem_noise", 0.1, 1.0, 2, 2, os.path.join(base, "cem_noise_s0.1_l1_seed2")) in calls
+    assert ("none", None, None, 3, 2, os.path.join(base, "none_seed3")) in calls
+    assert {c[3] for c in calls} == {1, 2, 3}
+    assert all(c[4] == 2 for c in calls)  # --epochs reaches every run
+    assert not (tmp_path / "table.md").exists()  # only --collect_only writes the table
+
+
+def _fake_results(defense, sigma, lambd, seed, rng, *, flagged=False, attacks=True) -> dict:
+    cfg = config_lib.make_config(
+        "quick", dataset="synthetic", defense=defense, sigma=sigma, lambd=lambd, seed=seed
+    )
+    entry = lambda: {
+        "mse": float(rng.uniform(0.01, 0.08)),
+        "psnr": float(rng.uniform(10, 25)),
+        "ssim": float(rng.uniform(0.1, 0.9)),
+        "steps": 300,
+        "converged": not flagged,
+        "informative": True,
+        "baseline": {"mse": 0.065, "psnr": 11.9, "ssim": 0.05},
+    }
+    res = {
+        "status": "finished",
+        "config": cfg.to_dict(),
+        "final": {
+            "clean_acc": float(rng.uniform(0.3, 0.6)),
+            "defended_acc": float(rng.uniform(0.2, 0.5)),
+            "leakage_bits_diagonal": float(rng.uniform(100, 900)),
+            "leakage_bits_full": float(rng.uniform(100, 900)),
+        },
+        "attacks": {},
+    }
+    if attacks:
+        res["attacks"] = {"decoder": {"train_time": entry(), "inference_time": entry()}}
+    return res
+
+
+def test_collect_gives_mean_std_n_per_grid_point_and_draws_the_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    written: dict[str, list[dict]] = {}
+    for point in collect.grid(["none", "noise", "cem_noise"], [0.05, 0.1], [1.0], [1, 2, 3]):
+        name = collect.point_name(point)
+        if name == "noise_s0.05" and point["seed"] == 3:
+            continue  # an unfinished run: n = 2 for that point
+        if name == "none" and point["seed"] != 1:
+            continue  # n = 1: no standard deviation
+        res = _fake_results(
+            point["defense"],
+            point["sigma"],
+            point["lambd"],
+            point["seed"],
+            rng,
+            flagged=name == "cem_noise_s0.1_l1" and point["seed"] == 2,
+            attacks=name != "none",
+        )
+        wd = collect.workdir_of(str(tmp_path), "synthetic", "quick", point)
+        os.makedirs(wd)
+        with open(os.path.join(wd, collect.RESULTS_FILE), "w") as f:
+            json.dump(res, f)
+        written.setdefault(name, []).append(res)
+
+    proc = run_sweep(*GRID_ARGS, f"--root={tmp_path}", "--collect_only")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "12/15 runs finished (5 grid points)" in proc.stdout
+
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["finished"] == 12 and table["runs"] == 15
+    rows = {r["name"]: r for r in table["rows"]}
+    assert set(rows) == set(written)
+    for name, results in written.items():
+        row = rows[name]
+        assert row["n"] == len(results)
+        for key, get in (
+            ("defended_acc", lambda r: r["final"]["defended_acc"]),
+            ("leakage_bits_full", lambda r: r["final"]["leakage_bits_full"]),
+            ("decoder.train_time.mse", lambda r: r["attacks"]["decoder"]["train_time"]["mse"]),
+        ):
+            if name == "none" and key.startswith("decoder"):
+                assert key not in row["metrics"]
+                continue
+            values = np.array([get(r) for r in results])
+            m = row["metrics"][key]
+            assert m["n"] == len(values)
+            np.testing.assert_allclose(m["mean"], values.mean(), rtol=1e-12)
+            if len(values) > 1:
+                np.testing.assert_allclose(m["std"], values.std(ddof=1), rtol=1e-12)
+            else:
+                assert m["std"] is None
+    assert rows["noise_s0.1"]["sigma"] == 0.1 and rows["noise_s0.1"]["lambd"] is None
+    assert rows["cem_noise_s0.05_l1"]["lambd"] == 1.0
+    assert [r["seed"] for r in rows["noise_s0.05"]["runs"]] == [1, 2]
+    assert rows["cem_noise_s0.1_l1"]["metrics"]["decoder.train_time.mse"]["flagged"] == 1
+    assert rows["noise_s0.1"]["metrics"]["decoder.train_time.mse"]["flagged"] == 0
+
+    md = (tmp_path / "table.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| noise | 0.1 |"))
+    acc = np.array([r["final"]["defended_acc"] for r in written["noise_s0.1"]])
+    assert f"{acc.mean():.4f} ± {acc.std(ddof=1):.4f}" in line
+    assert "| 3 |" in line
+    flagged_line = next(ln for ln in md.splitlines() if ln.startswith("| cem_noise | 0.1 |"))
+    assert "†" in flagged_line and "†" not in line
+    assert "† at least one seed's attack did not converge" in md
+
+    png = tmp_path / collect.PLOT_PNG
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        assert im.size[0] > 500 and im.size[1] > 300
+
+
+def test_collect_tolerates_results_without_attacks_or_new_keys(tmp_path):
+    rng = np.random.default_rng(1)
+    old = _fake_results("noise", 0.1, None, 1, rng, attacks=False)
+    del old["final"]["leakage_bits_full"]
+    new = _fake_results("noise", 0.1, None, 2, rng)
+    new["attacks"]["decoder"]["train_time"]["informative"] = False
+    new["attacks"]["whitebox"] = {"train_time": {"mse": float("nan"), "note": "skipped"}}
+    new["attacks"]["gan"] = {"train_time": None}
+    records = collect.summarize([({"defense": "noise", "sigma": 0.1}, r) for r in (old, new)])
+    (rec,) = records
+    assert rec["n"] == 2 and rec["metrics"]["leakage_bits_full"]["n"] == 1
+    assert rec["metrics"]["decoder.train_time.mse"]["flagged"] == 1
+    assert "whitebox.train_time.mse" not in rec["metrics"]  # NaN is no number
+    md = collect.table_markdown(records)
+    assert "(n=1)" in md and "†" in md
+    assert collect.plot_privacy_utility(records, str(tmp_path / "p.png"))
+    assert not collect.plot_privacy_utility([], str(tmp_path / "q.png"))
+    assert not (tmp_path / "q.png").exists()
