@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
 
 from cem_jax import train
-from cem_jax.checkpoint import Checkpointer
+from cem_jax.checkpoint import Checkpointer, CheckpointError
 from cem_jax.config import RunConfig, config_from_dict
 
 
@@ -25,27 +25,33 @@ class RunNotFoundError(FileNotFoundError):
     """The workdir holds no finished (or no readable) run."""
 
 
-def read_run(workdir: str) -> tuple[RunConfig, dict[str, Any], Checkpointer]:
-    """The config and the metadata of the last checkpoint of a *finished* run in ``workdir``."""
+def read_run(
+    workdir: str, *, stream: TextIO | None = None
+) -> tuple[RunConfig, dict[str, Any], Checkpointer]:
+    """The config and the metadata of the last checkpoint of a *finished* run in ``workdir``.
+
+    Opens the checkpoints read-only (a read-only workdir is fine). A damaged newest step is
+    skipped with a warning on ``stream`` (default stderr); if what remains is not finished, the
+    error says so.
+    """
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise RunNotFoundError(
             f"{workdir}: no checkpoints/ folder; expected the --workdir of a run of experiments.run."
         )
-    ckpt = Checkpointer(ckpt_dir)
-    if ckpt.latest_step() is None:
+    ckpt = Checkpointer(ckpt_dir, writable=False, stream=stream)
+    if not ckpt.all_steps():
         raise RunNotFoundError(f"{workdir}: checkpoints/ holds no checkpoint.")
-    meta = ckpt.read_meta()
+    try:
+        meta = ckpt.read_meta()
+    except CheckpointError as e:
+        raise RunNotFoundError(f"{workdir}: {e}") from e
     if meta.get("format_version") != train.FORMAT_VERSION:
         raise RunNotFoundError(
             f"{workdir}: checkpoint format {meta.get('format_version')!r}, this version reads "
             f"{train.FORMAT_VERSION}; it was written by an incompatible version of cem_jax."
         )
-    if not meta.get("finished"):
-        raise RunNotFoundError(
-            f"{workdir}: the run is not finished (last completed epoch {meta.get('epoch')} of "
-            f"{meta.get('config', {}).get('epochs')}); re-run experiments.run with the same flags."
-        )
+    _check_finished(meta, workdir, ckpt)
     try:
         cfg = config_from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -53,10 +59,39 @@ def read_run(workdir: str) -> tuple[RunConfig, dict[str, Any], Checkpointer]:
     return cfg, meta, ckpt
 
 
+def _check_finished(meta: dict[str, Any], workdir: str, ckpt: Checkpointer) -> None:
+    if meta.get("finished"):
+        return
+    skipped = "".join(f" Checkpoint {s} was skipped: {why}." for s, why in ckpt.skipped)
+    raise RunNotFoundError(
+        f"{workdir}: the run is not finished (last completed epoch {meta.get('epoch')} of "
+        f"{meta.get('config', {}).get('epochs')}); re-run experiments.run with the same flags."
+        + skipped
+    )
+
+
+def restore_finished(ckpt: Checkpointer, template: Any, workdir: str) -> tuple[Any, dict[str, Any]]:
+    """The state and metadata of the newest checkpoint that restores; it must be a finished run's.
+
+    If the final checkpoint's arrays are damaged, the fallback is an earlier epoch: refused (with
+    :class:`RunNotFoundError`) rather than passed off as the trained client.
+    """
+    try:
+        state, meta = ckpt.restore(template)
+    except CheckpointError as e:
+        raise RunNotFoundError(f"{workdir}: {e}") from e
+    _check_finished(meta, workdir, ckpt)
+    return state, meta
+
+
 def restore_state(
-    cfg: RunConfig, meta: dict[str, Any], ckpt: Checkpointer
+    cfg: RunConfig, meta: dict[str, Any], ckpt: Checkpointer, workdir: str = "the workdir"
 ) -> tuple[train.ModelParts, Any]:
-    """Rebuilds the model of ``cfg`` and restores the final train state from ``ckpt``."""
+    """Rebuilds the model of ``cfg`` and restores the final train state from ``ckpt``.
+
+    The template has every entry training saves, including the adversarial defense's local decoder
+    (``adv``) for the ``adversarial`` / ``cem_adversarial`` presets.
+    """
     parts = train.build_model_parts(cfg, meta["num_classes"], meta["image_size"])
     tx = train.make_optimizer(cfg, 1)
     template = train.initial_state(
@@ -67,7 +102,10 @@ def restore_state(
         cfg.resolved_clusters_per_class,
         int(np.prod(parts.feature_shape)),
     )
-    state, _ = ckpt.restore(template)
+    if cfg.defense_spec().adversarial_alpha > 0:
+        adversary = train.build_adversary(cfg, parts.feature_shape, int(meta["image_size"]), 1)
+        template = template.replace(adv=adversary.init_state())
+    state, _ = restore_finished(ckpt, template, workdir)
     return parts, state
 
 
@@ -88,8 +126,10 @@ class Client:
 def load_client(workdir: str, *, noise_only: bool = False) -> Client:
     """The trained client of a finished run, with its defense's obfuscation (or only its noise)."""
     cfg, meta, ckpt = read_run(workdir)
-    parts, state = restore_state(cfg, meta, ckpt)
-    ckpt.close()
+    try:
+        parts, state = restore_state(cfg, meta, ckpt, workdir)
+    finally:
+        ckpt.close()
     from flax import nnx
 
     model = nnx.merge(parts.graphdef_eval, state.params, state.batch_stats, parts.rest)

@@ -1,16 +1,26 @@
 """One whole run, as ``experiments/run.py`` drives it: data → train → attacks → report.
 
 Everything here takes a :class:`~cem_jax.config.RunConfig` and a workdir; nothing reads flags. The
-workdir receives ``checkpoints/`` (orbax, resumable), ``metrics.jsonl`` (one line per epoch),
-``results.json`` (written atomically, only complete) and ``reconstructions.png``.
+workdir receives ``checkpoints/`` (orbax, resumable), ``metrics.jsonl`` (one line per epoch, rebuilt
+from the checkpoint's history on resume), ``results.json`` (written atomically, only complete) and
+``reconstructions.png``. A run holds ``<workdir>/.lock`` while it works: a second run on the same
+workdir is refused, naming the process that holds it. A workdir is never reused for another
+configuration or other data: its ``results.json`` and ``metrics.jsonl`` are never overwritten by them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import io
 import json
 import os
+import socket
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import jax
@@ -19,11 +29,13 @@ import numpy as np
 from cem_jax import config as config_lib
 from cem_jax import data as data_lib
 from cem_jax import parallel, train
-from cem_jax.checkpoint import Checkpointer
+from cem_jax.checkpoint import Checkpointer, CheckpointError, fault_point
 from cem_jax.progress import ProgressBar, format_duration
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+_TMP_SUFFIX = ".tmp"
 
 
 class RunError(RuntimeError):
@@ -52,11 +64,162 @@ def _replace(ds: data_lib.Dataset, **kw: Any) -> data_lib.Dataset:
     return dataclasses.replace(ds, **kw)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Replaces ``path`` with ``text`` atomically, through a fresh temporary file beside it.
+
+    The temporary file is created by :func:`tempfile.mkstemp` (a new, unique name, opened with
+    ``O_EXCL``), so a planted file or symlink is never written through; ``os.replace`` then swaps it
+    in, so readers see the old or the new content, never a partial one.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if name == RESULTS_FILE:
+            fault_point("results_write")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def write_metrics(path: str, history: list[dict[str, Any]]) -> None:
+    """``metrics.jsonl``: one line per epoch of ``history``, rewritten whole (atomically)."""
+    write_text_atomic(path, "".join(json.dumps(m, default=_json_default) + "\n" for m in history))
+
+
+def _remove_stale_temp_files(workdir: str) -> None:
+    """Temporary files of writers that were killed (only called while holding the lock)."""
+    for name in (RESULTS_FILE, METRICS_FILE):
+        prefix = f".{name}."
+        for entry in os.listdir(workdir):
+            if entry.startswith(prefix) and entry.endswith(_TMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(workdir, entry))
+
+
+# ------------------------------------------------------------------------------------------ lock
+def _holder_text(info: dict[str, Any]) -> str:
+    return (
+        f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started "
+        f"{info.get('started', '?')}" + (f" ({info['command']})" if info.get("command") else "")
+    )
+
+
+def _writable_problem(workdir: str) -> str | None:
+    """Why ``workdir`` cannot be written (None if it can, or does not exist yet)."""
+    target = workdir
+    while not os.path.exists(target):
+        parent = os.path.dirname(os.path.abspath(target))
+        if parent == os.path.abspath(target):
+            break
+        target = parent
+    if not os.path.isdir(target):
+        return f"{target} is not a folder"
+    if not os.access(target, os.W_OK | os.X_OK):
+        return f"{target} is not writable (permission denied or a read-only file system)"
+    return None
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str, *, stream: TextIO | None = None) -> Iterator[dict[str, Any]]:
+    """Holds ``<workdir>/.lock`` (an exclusive ``flock``) for the duration of the block.
+
+    Creates ``workdir``. Raises :class:`RunError` if the workdir cannot be written, or if another
+    process holds the lock (naming its pid, host and start time). The kernel releases a ``flock``
+    when its process dies, so the lock of a killed run is stale by construction and is taken over
+    (with a note naming the dead holder). Yields the holder record written into the file.
+    """
+    out = stream if stream is not None else sys.stderr
+    problem = _writable_problem(workdir)
+    if problem is not None:
+        raise RunError(
+            f"cannot use --workdir={workdir}: {problem}. A run writes its checkpoints, "
+            "metrics.jsonl and results.json there: pass a writable --workdir."
+        )
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise RunError(
+            f"cannot use --workdir={workdir}: creating {path} failed ({e.strerror}). A run writes "
+            "its checkpoints, metrics.jsonl and results.json there: pass a writable --workdir."
+        ) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"{workdir} is in use by another run: {_holder_text(_read_holder(fd))}. Wait for "
+                f"it to end (or stop it), or use another --workdir; the lock ({path}) is released "
+                "when that process exits."
+            ) from None
+        stale = _read_holder(fd)
+        if stale:
+            print(
+                f"note: taking over the stale lock of {workdir} from {_holder_text(stale)}, which "
+                "no longer holds it (killed or crashed).",
+                file=out,
+                flush=True,
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(
+                os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)
+            ),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield me
+        finally:
+            os.ftruncate(fd, 0)  # an empty lock file: released cleanly
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        info = json.loads(raw.decode()) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {"pid": "?", "host": "?", "started": "? (unreadable lock file)"}
+    return info if isinstance(info, dict) else {}
+
+
+def _read_results(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError(
+            f"{path} is unreadable ({e}); it is not overwritten. Move it away to run again in "
+            "this workdir, or use another --workdir."
+        ) from e
+    if not isinstance(out, dict):
+        raise RunError(
+            f"{path} does not hold a results object; move it away or use another --workdir."
+        )
+    return out
+
+
+def _config_diff(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    return ", ".join(f"{k}: {stored.get(k)!r} there vs {wanted.get(k)!r} requested" for k in keys)
 
 
 def _json_default(o: Any) -> Any:
@@ -83,32 +246,82 @@ def run(
     cache_dir: str | None = None,
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Trains (or resumes), attacks and reports; returns the ``results.json`` content."""
+    """Trains (or resumes), attacks and reports; returns the ``results.json`` content.
+
+    Holds the workdir's lock throughout (:func:`lock_workdir`). Refused with :class:`RunError`: a
+    workdir of another configuration or other data (checkpoint or ``results.json``), one whose
+    outputs have no checkpoint to resume, a damaged checkpoint with no valid one to fall back to, a
+    non-finite loss or state, an unwritable workdir.
+    """
     out = stream if stream is not None else sys.stdout
-    os.makedirs(workdir, exist_ok=True)
+    with lock_workdir(workdir, stream=out):
+        try:
+            return _run_locked(
+                cfg, workdir=workdir, num_devices=num_devices, cache_dir=cache_dir, out=out
+            )
+        except (train.NaNLossError, train.IncompatibleCheckpointError, CheckpointError) as e:
+            raise RunError(str(e)) from e
+        except OSError as e:
+            if not _inside(e.filename, workdir):
+                raise  # not a write into the workdir (e.g. a missing dataset): its own message
+            raise RunError(
+                f"writing into --workdir={workdir} failed: {e.strerror or e} "
+                f"({e.filename or 'no file name'}); the last complete checkpoint is kept."
+            ) from e
+
+
+def _run_locked(
+    cfg: config_lib.RunConfig,
+    *,
+    workdir: str,
+    num_devices: int | None,
+    cache_dir: str | None,
+    out: TextIO,
+) -> dict[str, Any]:
     results_path = os.path.join(workdir, RESULTS_FILE)
+    metrics_path = os.path.join(workdir, METRICS_FILE)
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    _remove_stale_temp_files(workdir)
+    previous = _read_results(results_path)
     # Refuse a workdir of another configuration before doing anything expensive.
+    has_checkpoint = False
     if os.path.isdir(ckpt_dir):
-        ckpt = Checkpointer(ckpt_dir)
-        if ckpt.latest_step() is not None:
-            train.check_compatible(ckpt.read_meta(), cfg, ckpt.directory)
-        ckpt.close()
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            previous = json.load(f)
-        if previous.get("fingerprint") == cfg.training_fingerprint() and previous.get(
-            "attack_config"
-        ) == _attack_config(cfg):
-            print(f"{workdir} already holds a finished run; its summary:", file=out)
-            print(summary(previous), file=out)
-            return previous
+        ckpt = Checkpointer(ckpt_dir, writable=False, stream=io.StringIO())  # train reports
+        try:
+            if ckpt.all_steps():
+                has_checkpoint = True
+                train.check_compatible(ckpt.read_meta(), cfg, ckpt.directory)
+        finally:
+            ckpt.close()
+    fingerprint = cfg.training_fingerprint()
+    if previous is not None and previous.get("fingerprint") != fingerprint:
+        raise RunError(
+            f"{results_path} holds the results of another configuration "
+            f"({_config_diff(previous.get('fingerprint') or {}, fingerprint)})"
+            + ("" if has_checkpoint else " and the workdir has no checkpoint (deleted?)")
+            + ". Refusing to overwrite them or to mix two runs in one metrics.jsonl: use another "
+            "--workdir, or repeat the original flags."
+        )
+    if not has_checkpoint and previous is None and _count_lines(metrics_path):
+        raise RunError(
+            f"{metrics_path} holds {_count_lines(metrics_path)} epoch line(s) of an earlier run but "
+            f"{ckpt_dir} holds no checkpoint to resume it (deleted?). Refusing to mix two runs in "
+            "one metrics.jsonl: use another --workdir, or move the old files away."
+        )
 
     t_start = time.perf_counter()
     mesh = parallel.make_mesh(num_devices)
     t0 = time.perf_counter()
     ds = load_data(cfg, cache_dir)
+    identity = data_lib.dataset_identity(ds)
     load_s = time.perf_counter() - t0
+    _check_attacks(cfg, ds, mesh.shape[parallel.DATA_AXIS])  # before any training
+    if previous is not None:
+        train.check_same_dataset(previous.get("dataset"), identity, results_path)
+        if previous.get("attack_config") == _attack_config(cfg):
+            print(f"{workdir} already holds a finished run; its summary:", file=out)
+            print(summary(previous), file=out)
+            return previous
     defense = cfg.defense_spec()
     print(
         f"cem_jax | {cfg.dataset} ({ds.num_train} train / {ds.num_test} test, {ds.image_size}px, "
@@ -119,10 +332,15 @@ def run(
         file=out,
         flush=True,
     )
-    metrics_path = os.path.join(workdir, METRICS_FILE)
     bars: dict[str, ProgressBar] = {}
     run_start = time.perf_counter()
     epochs_done_here = [0]
+    history: list[dict[str, Any]] = []
+
+    def on_resume(restored: list[dict[str, float]]) -> None:
+        # the checkpoint is the truth: a kill between its save and the metrics line loses nothing
+        history[:] = restored
+        write_metrics(metrics_path, history)
 
     def on_epoch_start(epoch: int, trainer: train.Trainer) -> None:
         bars["bar"] = ProgressBar(
@@ -131,6 +349,7 @@ def run(
 
     def on_step(epoch: int, i: int, m: dict[str, float]) -> None:
         bar = bars["bar"]
+        fault_point("step", (epoch - 1) * bar.total + i)
         extra = f"loss {m['loss']:.3f}"
         if "cem" in m:
             extra += f" L_C {m['cem']:.4f}"
@@ -155,29 +374,48 @@ def run(
             + f" | run ETA {format_duration(eta)}"
         )
         print(line, file=out, flush=True)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        history.append(m)
+        write_metrics(metrics_path, history)  # one line per epoch, whatever happened before
 
-    try:
-        result = train.train(
-            cfg,
-            ds,
-            workdir=workdir,
-            mesh=mesh,
-            on_epoch_start=on_epoch_start,
-            on_step=on_step,
-            on_epoch_end=on_epoch_end,
-        )
-    except train.NaNLossError as e:
-        raise RunError(str(e)) from e
+    result = train.train(
+        cfg,
+        ds,
+        workdir=workdir,
+        mesh=mesh,
+        on_epoch_start=on_epoch_start,
+        on_step=on_step,
+        on_epoch_end=on_epoch_end,
+        on_resume=on_resume,
+        dataset_identity=identity,
+    )
     if result.resumed_from_epoch:
         print(f"(resumed after epoch {result.resumed_from_epoch})", file=out)
     results = finish(cfg, result.trainer, result.state, result.history, workdir=workdir, stream=out)
+    results["dataset"] = {**(results.get("dataset") or {}), **identity}
     results["train_wall_time_s"] = result.wall_time_s
     results["wall_time_s"] = time.perf_counter() - t_start
     write_json_atomic(results_path, results)
     print(summary(results), file=out, flush=True)
     return results
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def _inside(filename: Any, workdir: str) -> bool:
+    if not filename:
+        return False
+    path, root = os.path.abspath(os.fsdecode(filename)), os.path.abspath(workdir)
+    return path == root or path.startswith(root + os.sep)
+
+
+#: Confidence level of the per-variance upper limits in the leakage certificate.
+CERTIFICATE_CONFIDENCE = 0.95
 
 
 def finish(
@@ -236,35 +474,97 @@ def attack_workdir(
     """Re-runs the attacks of a finished run (``experiments.attack``); updates ``results.json``.
 
     The file is replaced atomically once every attack is done, so an interrupted attack never
-    leaves partial numbers behind; re-running it restarts the attacks cleanly.
+    leaves partial numbers behind; re-running it restarts the attacks cleanly. The data must be
+    the data the run was trained on. On a workdir that cannot be written, the attacks still run and
+    their summary is printed, then :class:`RunError` says that (and where) nothing was saved.
     """
+    out = stream if stream is not None else sys.stdout
+    problem = _writable_problem(workdir) if os.path.isdir(workdir) else None
+    if problem is not None:
+        print(
+            f"note: {problem}; the attacks will run and print their results, but cannot save them.",
+            file=out,
+            flush=True,
+        )
+        return _attack_locked(workdir, overrides, cache_dir, out, problem)
+    with lock_workdir(workdir, stream=out):
+        return _attack_locked(workdir, overrides, cache_dir, out, None)
+
+
+def _attack_locked(
+    workdir: str,
+    overrides: dict[str, Any] | None,
+    cache_dir: str | None,
+    out: TextIO,
+    unwritable: str | None,
+) -> dict[str, Any]:
     import dataclasses
 
     from cem_jax import client
 
-    out = stream if stream is not None else sys.stdout
     t_start = time.perf_counter()
     try:
-        cfg, meta, ckpt = client.read_run(workdir)
+        cfg, meta, ckpt = client.read_run(workdir, stream=out)
     except client.RunNotFoundError as e:
         raise RunError(str(e)) from e
     cfg = dataclasses.replace(cfg, **(overrides or {}))
     cfg.validate()
     ds = load_data(cfg, cache_dir)
-    trainer = train.Trainer(cfg, ds)
-    state, _ = ckpt.restore(trainer.init_state())
-    ckpt.close()
+    identity = data_lib.dataset_identity(ds)
+    _check_attacks(cfg, ds, num_devices=None)
+    try:
+        train.check_same_dataset(meta.get("dataset"), identity, f"the run in {workdir}")
+        trainer = train.Trainer(cfg, ds)
+        state, meta = client.restore_finished(ckpt, trainer.init_state(), workdir)
+    except (train.IncompatibleCheckpointError, client.RunNotFoundError) as e:
+        raise RunError(str(e)) from e
+    finally:
+        ckpt.close()
     print(f"attacking the client of {workdir} ({cfg.defense}, {meta['epoch']} epochs)", file=out)
     results_path = os.path.join(workdir, RESULTS_FILE)
-    results = finish(cfg, trainer, state, list(meta["history"]), workdir=workdir, stream=out)
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            previous = json.load(f)
+    results = finish(
+        cfg,
+        trainer,
+        state,
+        list(meta["history"]),
+        workdir=None if unwritable else workdir,  # no figure into a read-only workdir
+        stream=out,
+    )
+    results["dataset"] = {**(results.get("dataset") or {}), **identity}
+    previous = None
+    with contextlib.suppress(RunError):
+        previous = _read_results(results_path)
+    if previous is not None:
         results["train_wall_time_s"] = previous.get("train_wall_time_s")
     results["wall_time_s"] = time.perf_counter() - t_start
-    write_json_atomic(results_path, results)
     print(summary(results), file=out, flush=True)
+    if unwritable is not None:
+        raise RunError(
+            f"the results above were NOT saved: {unwritable}, so {results_path} (and the "
+            "reconstructions figure) could not be written and are unchanged."
+        )
+    try:
+        write_json_atomic(results_path, results)
+    except OSError as e:
+        raise RunError(
+            f"the results above were NOT saved: writing {results_path} failed ({e.strerror or e}); "
+            "the previous file is unchanged."
+        ) from e
+    print(f"results written to {results_path}", file=out, flush=True)
     return results
+
+
+def _check_attacks(
+    cfg: config_lib.RunConfig, ds: data_lib.Dataset, num_devices: int | None
+) -> None:
+    """Refuses (``RunError``) attack settings that cannot run on ``ds``, before anything trains."""
+    from cem_jax import report
+
+    devices = num_devices if num_devices is not None else len(jax.devices())
+    try:
+        report.check_attacks(cfg, ds, devices)
+    except ValueError as e:
+        raise RunError(str(e)) from e
 
 
 def _attack_config(cfg: config_lib.RunConfig) -> dict[str, Any]:

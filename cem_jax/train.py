@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from cem_jax import data as data_lib
 from cem_jax import defenses, entropy, parallel
 from cem_jax import metrics as metrics_lib
-from cem_jax.checkpoint import Checkpointer
+from cem_jax.checkpoint import Checkpointer, fault_point
 from cem_jax.config import RunConfig
 from cem_jax.models import build_split_model, feature_shape
 
@@ -388,11 +388,19 @@ class Trainer:
         model = self.model(state)
         x = self._preprocess(images)
         z = model.encode(x)
-        clean = jnp.argmax(model.classify(z), -1) == labels
-        defended = jnp.argmax(model.classify(self.defense.obfuscate(key, z)), -1) == labels
+        logits_clean = model.classify(z)
+        logits_defended = model.classify(self.defense.obfuscate(key, z))
+        clean = jnp.argmax(logits_clean, -1) == labels
+        defended = jnp.argmax(logits_defended, -1) == labels
+
+        def finite(a: jax.Array) -> jax.Array:
+            return jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=-1)
+
+        ok = finite(z) & finite(logits_clean) & finite(logits_defended)
         return {
             "clean_correct": jnp.sum(clean * mask),
             "defended_correct": jnp.sum(defended * mask),
+            "nonfinite": jnp.sum((~ok) * mask),  # test images with a NaN/inf feature or logit
         }
 
     def _feature_step_impl(self, state: TrainState, images: jax.Array) -> jax.Array:
@@ -469,7 +477,7 @@ class Trainer:
         n = len(labels)
         bs, nb = self._padded_batches(n, self.cfg.eval_batch_size)
         key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_EVAL), epoch)
-        clean = defended = 0.0
+        clean = defended = nonfinite = 0.0
         sharding = parallel.batch_sharding(self.mesh)
         with jax.set_mesh(self.mesh):
             for b in range(nb):
@@ -479,7 +487,52 @@ class Trainer:
                 out = self._eval_step(state, x, y, m, jax.random.fold_in(key, b))
                 clean += float(out["clean_correct"])
                 defended += float(out["defended_correct"])
+                nonfinite += float(out["nonfinite"])
+        self.last_eval_nonfinite = int(nonfinite)  # read by check_finite before a checkpoint
         return {"clean_acc": clean / n, "defended_acc": defended / n}
+
+    def check_finite(self, state: TrainState, metrics: dict[str, float], epoch: int) -> None:
+        """Raises :class:`NaNLossError` unless the state and the epoch's evaluation are finite.
+
+        The loss of a step is computed before its update, so a blow-up on the last step of an epoch
+        shows only in the parameters it leaves behind and in what they compute: every parameter,
+        batch statistic, optimizer and mixture entry, the test-set features and logits of the last
+        :meth:`evaluate`, and the epoch's metrics must be finite before a checkpoint is written.
+        """
+        where = (
+            f"after epoch {epoch} (its {self.steps_per_epoch} step(s) all had a finite loss, so the "
+            "blow-up came with the last update)"
+        )
+        kept = (
+            f"the last good checkpoint (epoch {epoch - 1}) is kept"
+            if epoch > 1
+            else "no checkpoint was written"
+        )
+        tail = f". Training stopped before writing this epoch's checkpoint; {kept}. Lower --lr or --lambd."
+        bad = [
+            jax.tree_util.keystr(path)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+            and not bool(jnp.all(jnp.isfinite(leaf)))
+        ]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NaNLossError(f"non-finite values in the train state {where}: {shown}{tail}")
+        nonfinite = getattr(self, "last_eval_nonfinite", 0)
+        if nonfinite:
+            raise NaNLossError(
+                f"the client's features or the server's logits are non-finite on {nonfinite} of "
+                f"{self.dataset.num_test} test images {where}{tail}"
+            )
+        bad_metrics = sorted(
+            k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)
+        )
+        if bad_metrics:
+            raise NaNLossError(
+                f"non-finite epoch metrics {where}: "
+                + ", ".join(f"{k}={metrics[k]}" for k in bad_metrics)
+                + tail
+            )
 
     def features(self, state: TrainState, images: np.ndarray) -> jax.Array:
         """Clean client features (eval mode, no noise), flattened: ``[N, D]``."""
@@ -601,11 +654,62 @@ class TrainResult:
 
 
 class IncompatibleCheckpointError(ValueError):
-    """The workdir holds a checkpoint of another configuration (or another version)."""
+    """The workdir holds a checkpoint of another configuration (or another version, or other data)."""
 
 
-def check_compatible(meta: dict[str, Any], cfg: RunConfig, directory: str) -> None:
-    """Refuses to resume a checkpoint written by another configuration or format version."""
+class DatasetMismatchError(IncompatibleCheckpointError):
+    """The workdir was trained on other data than this run loads."""
+
+
+# What decides "the same data" (``name`` and ``source`` are informative: the data may have moved).
+DATASET_KEYS = ("digest", "class_names", "num_train", "num_test")
+
+
+def describe_dataset(identity: dict[str, Any]) -> str:
+    """One line naming a :func:`cem_jax.data.dataset_identity` for an error message."""
+    classes = identity.get("class_names")
+    n = len(classes) if isinstance(classes, list | tuple) else "?"
+    digest = str(identity.get("digest", "?"))[:12]
+    return (
+        f"{identity.get('name')!r} from {identity.get('source')} ({n} classes, "
+        f"{identity.get('num_train')} train / {identity.get('num_test')} test images, "
+        f"sha256 {digest}...)"
+    )
+
+
+def check_same_dataset(stored: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+    """Refuses to reuse ``where`` (a checkpoint, a results.json) computed on other data.
+
+    ``stored`` is what was recorded (None or without a digest: written before datasets were
+    recorded, accepted). ``current`` is :func:`cem_jax.data.dataset_identity` of the data loaded now.
+    """
+    if not stored or "digest" not in stored:
+        return
+    diff = [k for k in DATASET_KEYS if _jsonable(stored.get(k)) != _jsonable(current.get(k))]
+    if diff:
+        raise DatasetMismatchError(
+            f"{where} was computed on dataset {describe_dataset(stored)}, but this run loads "
+            f"dataset {describe_dataset(current)}; they differ in {', '.join(diff)}. Refusing to "
+            "resume, reuse or mix two datasets: repeat the original --dataset / --data_dir, or use "
+            "another --workdir."
+        )
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def check_compatible(
+    meta: dict[str, Any],
+    cfg: RunConfig,
+    directory: str,
+    dataset: dict[str, Any] | None = None,
+) -> None:
+    """Refuses to resume a checkpoint written by another configuration, format version or dataset.
+
+    ``dataset`` (a :func:`cem_jax.data.dataset_identity`) is compared with the one the checkpoint
+    recorded; a checkpoint written before datasets were recorded is compared by class count only.
+    """
     if meta.get("format_version") != FORMAT_VERSION:
         raise IncompatibleCheckpointError(
             f"{directory} holds a checkpoint of format {meta.get('format_version')!r}; this version "
@@ -626,6 +730,41 @@ def check_compatible(meta: dict[str, Any], cfg: RunConfig, directory: str) -> No
             f"{directory} holds a checkpoint of another configuration ({lines}). Refusing to resume "
             "or overwrite it: use another --workdir, or repeat the original flags to resume."
         )
+    if dataset is None:
+        return
+    if "dataset" in meta:
+        check_same_dataset(meta["dataset"], dataset, f"the checkpoint in {directory}")
+    elif meta.get("num_classes") not in (None, len(dataset["class_names"])):
+        raise DatasetMismatchError(
+            f"the checkpoint in {directory} was trained on {meta['num_classes']} classes, but this "
+            f"run loads dataset {describe_dataset(dataset)}. Refusing to resume on other data: "
+            "repeat the original --dataset / --data_dir, or use another --workdir."
+        )
+
+
+def checkpoint_meta(
+    cfg: RunConfig,
+    trainer: Trainer,
+    epoch: int,
+    history: list[dict[str, float]],
+    dataset: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON item saved beside the state of ``epoch`` (what :mod:`cem_jax.client` reads back)."""
+    ds = trainer.dataset
+    return {
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "finished": epoch == cfg.epochs,
+        "config": cfg.to_dict(),
+        "fingerprint": cfg.training_fingerprint(),
+        "history": history,
+        "num_classes": ds.num_classes,
+        "image_size": ds.image_size,
+        "mean": list(ds.mean),
+        "std": list(ds.std),
+        "feature_shape": list(trainer.feature_shape),
+        "dataset": dataset,
+    }
 
 
 def train(
@@ -637,28 +776,39 @@ def train(
     on_epoch_start: Callable[[int, Trainer], None] | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    on_resume: Callable[[list[dict[str, float]]], None] | None = None,
     max_to_keep: int = 3,
+    dataset_identity: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Trains (or resumes) a defended split model; checkpoints every epoch into ``workdir``.
 
     Per epoch: train loss, ``L_C``, clean/defended test accuracy, the diagonal leakage bound (bits per
     image, from the refreshed mixture) and steps/s go into the history. A killed run re-started with
-    the same config and workdir resumes after its last completed epoch.
+    the same config, data and workdir resumes after its last completed epoch (``on_resume(history)``
+    is called with the restored history); a damaged newest checkpoint is skipped and set aside. Each
+    epoch's state and evaluation must be finite (:meth:`Trainer.check_finite`) before its checkpoint
+    is written. ``dataset_identity`` (default: computed) is recorded with every checkpoint.
     """
     start = time.perf_counter()
     trainer = Trainer(cfg, dataset, mesh=mesh)
+    identity = dataset_identity or data_lib.dataset_identity(dataset)
     state = trainer.init_state()
     history: list[dict[str, float]] = []
     first_epoch = 1
     ckpt = None
     if workdir is not None:
         ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=max_to_keep)
-        if ckpt.latest_step() is not None:
-            check_compatible(ckpt.read_meta(), cfg, ckpt.directory)
-            state, meta = ckpt.restore(state)
+        if ckpt.all_steps():
+            state, meta = ckpt.restore(
+                state, check=lambda m: check_compatible(m, cfg, ckpt.directory, identity)
+            )
+            if ckpt.skipped:
+                ckpt.set_aside_skipped()  # damaged steps would block re-saving those epochs
             history = list(meta["history"])
             first_epoch = int(meta["epoch"]) + 1
             logging.info("resuming %s after epoch %d", workdir, first_epoch - 1)
+            if on_resume is not None:
+                on_resume(history)
     resumed_from = first_epoch - 1
     for epoch in range(first_epoch, cfg.epochs + 1):
         if on_epoch_start is not None:
@@ -671,22 +821,11 @@ def train(
             state, mix = trainer.refresh_mixture(state, epoch, full_bound=epoch == cfg.epochs)
             metrics.update(mix)
         metrics["epoch"] = epoch
+        trainer.check_finite(state, metrics, epoch)  # nothing non-finite reaches a checkpoint
         history.append(metrics)
         if ckpt is not None:
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "epoch": epoch,
-                "finished": epoch == cfg.epochs,
-                "config": cfg.to_dict(),
-                "fingerprint": cfg.training_fingerprint(),
-                "history": history,
-                "num_classes": dataset.num_classes,
-                "image_size": dataset.image_size,
-                "mean": list(dataset.mean),
-                "std": list(dataset.std),
-                "feature_shape": list(trainer.feature_shape),
-            }
-            ckpt.save(epoch, state, meta)
+            ckpt.save(epoch, state, checkpoint_meta(cfg, trainer, epoch, history, identity))
+            fault_point("after_checkpoint", epoch)
         if on_epoch_end is not None:
             on_epoch_end(metrics)
     final = dict(history[-1]) if history else {}
