@@ -1,4 +1,4 @@
-"""Model inversion attacks on a trained client: the decoder attack and its WGAN-GP refinement.
+"""Model inversion attacks on a trained client: decoder, WGAN-GP and white-box attacks, baseline.
 
 Threat model (DESIGN §2 step 4, reference §6-7): the attacker queries the trained client as a black
 box and sees exactly what the server sees — every obfuscation applied, fresh noise on every query. The
@@ -7,16 +7,22 @@ client is a pure traceable function ``encode(key, images) -> features`` (``image
 step. The attacker learns an inverse ``decoder(features) -> images`` on pairs it builds itself.
 
 * :func:`decoder_attack` — the reference's decoder attack (§6): MSE on ``[0, 1]`` images, Adam with
-  PyTorch's coupled L2 weight decay, cosine learning rate per epoch, batch 256, final decoder
-  evaluated in eval mode.
+  PyTorch's coupled L2 weight decay, batch 256; trained to convergence (a step budget, a held-out
+  validation split, a plateau rule with learning-rate decays, the best-validation weights kept; see
+  :class:`DecoderAttackConfig`) instead of the reference's fixed 50-epoch cosine schedule.
 * :func:`gan_attack` — the reference's GAN attack (§7): WGAN-GP with the ``DGWGAN32`` critic and the
-  generator started from the trained decoder, generator loss ``−E D(G(z)) + 1500·MSE``.
+  generator started from the trained decoder, generator loss ``−E D(G(z)) + 1500·MSE``; same fit loop.
+* :func:`whitebox_attack` — model inversion by optimisation with the client's weights (rMLE): no
+  training data, the noise model's likelihood plus a total-variation prior.
+* :func:`mean_image_baseline` — the trivial attacker (the mean training image for every image): an
+  attack that does not beat it clearly has learned nothing and is no privacy evidence.
 * :func:`split_settings` — the two data settings (train-time, inference-time).
 
 Every step is one ``jax.jit`` over the (decoder, optimizer[, critic]) state, split once with
 ``nnx.split``, donated, and merged back at the end. With a mesh, batches are sharded on its ``data``
 axis and the state is replicated. The modules passed in are never modified: the attacks work on copies
-and return the trained copy.
+and return the trained copy. Every trained attack reports ``steps``, ``converged`` and its validation
+curve (:meth:`AttackResult.summary`).
 
 >>> import numpy as np, jax
 >>> train, test = np.zeros((50, 4)), np.zeros((20, 4))
@@ -52,10 +58,15 @@ __all__ = [
     "DecoderAttackConfig",
     "GanAttackConfig",
     "WGANCritic",
+    "WhiteboxAttackConfig",
     "decoder_attack",
     "evaluate_decoder",
     "gan_attack",
+    "mean_image_baseline",
     "split_settings",
+    "split_validation",
+    "total_variation",
+    "whitebox_attack",
 ]
 
 
@@ -85,35 +96,51 @@ def _check_fields(
 
 @dataclasses.dataclass(frozen=True)
 class DecoderAttackConfig:
-    """The decoder attack (reference §6.3). ``lr`` follows a per-epoch cosine to ``final_lr``."""
+    """The decoder attack (reference §6.3), trained to convergence on a held-out validation split.
 
-    epochs: int = 50
+    The budget is in optimizer steps. Every ``eval_every`` steps the decoder's MSE on the held-out
+    ``val_fraction`` of the attacker's images is measured (eval mode, fixed noise keys); the weights
+    with the lowest validation MSE are kept. **Plateau rule**: an evaluation *improves* when the
+    validation MSE falls below ``(1 − min_improvement)`` times the last improving one; after ``patience`` evaluations without improvement
+    the learning rate is multiplied by ``lr_decay`` (at most ``lr_decays`` times), and after one
+    more such plateau at the last rate training stops and the attack counts as **converged**. An
+    attack stopped by ``max_steps`` before that is reported with ``converged = False``.
+    """
+
+    max_steps: int = 10_000
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    final_lr: float = 1e-5
     decoder: str = "res_normN8C64"
     eval_batch_size: int = 256
     num_examples: int = 16
+    val_fraction: float = 0.1
+    eval_every: int = 100
+    patience: int = 3
+    min_improvement: float = 0.005
+    lr_decay: float = 0.2
+    lr_decays: int = 2
 
     def __post_init__(self):
         _check_fields(
             self,
-            ints=("epochs", "batch_size", "eval_batch_size"),
+            ints=("max_steps", "batch_size", "eval_batch_size", "eval_every", "patience"),
             positive=("lr",),
-            nonnegative=("num_examples", "weight_decay"),
+            nonnegative=("num_examples", "weight_decay", "min_improvement", "lr_decays"),
         )
-        _require(
-            0 <= self.final_lr <= self.lr,
-            f"final_lr={self.final_lr}: accepted 0 <= final_lr <= lr ({self.lr}).",
-        )
+        _check_plateau(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class GanAttackConfig:
-    """The WGAN-GP attack (reference §7). Both learning rates follow a per-epoch cosine to 0."""
+    """The WGAN-GP attack (reference §7), budget in critic steps, same plateau rule as the decoder.
 
-    epochs: int = 150
+    One generator step follows every ``n_critic`` critic steps; ``max_steps`` must allow at least
+    one (a "GAN" result without a generator step is the decoder's). The validation metric is the
+    generator's MSE on the held-out split; the best generator is kept.
+    """
+
+    max_steps: int = 30_000
     batch_size: int = 128
     critic_lr: float = 5e-3
     generator_lr: float = 5e-4
@@ -125,17 +152,83 @@ class GanAttackConfig:
     critic_width: int = 64
     eval_batch_size: int = 256
     num_examples: int = 16
+    val_fraction: float = 0.1
+    eval_every: int = 200
+    patience: int = 3
+    min_improvement: float = 0.005
+    lr_decay: float = 0.2
+    lr_decays: int = 1
 
     def __post_init__(self):
         _check_fields(
             self,
-            ints=("epochs", "batch_size", "n_critic", "critic_width", "eval_batch_size"),
+            ints=(
+                "max_steps",
+                "batch_size",
+                "n_critic",
+                "critic_width",
+                "eval_batch_size",
+                "eval_every",
+                "patience",
+            ),
             positive=("critic_lr", "generator_lr"),
-            nonnegative=("num_examples", "mse_weight", "gp_weight"),
+            nonnegative=("num_examples", "mse_weight", "gp_weight", "min_improvement", "lr_decays"),
         )
         for name in ("b1", "b2"):
             v = getattr(self, name)
             _require(0 <= v < 1, f"{name}={v}: accepted 0 <= {name} < 1.")
+        _require(
+            self.max_steps >= self.n_critic,
+            f"max_steps={self.max_steps}: the GAN attack needs at least one generator step, i.e. "
+            f"max_steps >= n_critic ({self.n_critic}).",
+        )
+        _check_plateau(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class WhiteboxAttackConfig:
+    """The white-box optimisation attack (rMLE / model inversion by optimisation).
+
+    The attacker knows the client's weights. For each observed feature ``z`` it minimises over
+    ``x̂ = sigmoid(u) ∈ [0, 1]``::
+
+        Σ_j m_j (f(x̂)_j − z_j)² / (2·max(σ, sigma_floor)²)  +  tv_weight · TV(x̂)
+
+    (the Gaussian noise model's negative log-likelihood, ``m_j = 0`` where the server received an
+    exact zero — a dropped or top-k-removed feature — plus an anisotropic total-variation prior),
+    with Adam from a grey image. No training data is used. **Convergence**: the objective is
+    recorded every ``eval_every`` steps; converged when its relative decrease over the last
+    ``eval_every`` steps is below ``tolerance`` (checked at every record, the run stops there).
+    """
+
+    max_steps: int = 1000
+    lr: float = 0.05
+    tv_weight: float = 0.5
+    sigma_floor: float = 0.02
+    batch_size: int = 128
+    num_images: int = 512
+    eval_every: int = 50
+    tolerance: float = 1e-3
+    num_examples: int = 16
+
+    def __post_init__(self):
+        _check_fields(
+            self,
+            ints=("max_steps", "batch_size", "num_images", "eval_every"),
+            positive=("lr", "sigma_floor", "tolerance"),
+            nonnegative=("tv_weight", "num_examples"),
+        )
+
+
+def _check_plateau(cfg: Any) -> None:
+    _require(
+        0 < cfg.val_fraction < 1,
+        f"val_fraction={cfg.val_fraction}: accepted a fraction in (0, 1) of the attacker's images.",
+    )
+    _require(0 < cfg.lr_decay < 1, f"lr_decay={cfg.lr_decay}: accepted a factor in (0, 1).")
+    _require(
+        isinstance(cfg.lr_decays, int), f"lr_decays={cfg.lr_decays!r}: accepted an integer >= 0."
+    )
 
 
 @dataclasses.dataclass
@@ -148,16 +241,38 @@ class AttackResult:
         batch conventions ``"ref_psnr"`` (PSNR of each batch's MSE) and ``"ref_ssim"``
         (pytorch_ssim, zero padding), batch-size weighted.
       wall_time_s: training + evaluation time.
-      decoder: the trained decoder (generator for the GAN attack), a new module.
+      decoder: the trained decoder (generator for the GAN attack; ``None`` for the white-box
+        attack), a new module holding the best-validation weights.
       examples: ``[n, ...]`` reconstructions of the first ``n`` evaluation images (float32).
-      history: one dict per epoch (``"epoch"``, ``"loss"``, ...).
+      history: the validation curve, one dict per evaluation (``"step"``, ``"train_loss"``,
+        ``"val_mse"``, ``"lr"``, ...).
+      steps: optimizer steps taken (critic steps for the GAN).
+      converged: whether training stopped on the plateau rule (not on ``max_steps``).
+      best_step: the step whose weights are returned.
+      extra: attack-specific counts (e.g. ``"generator_steps"``, ``"num_train"``, ``"num_val"``).
     """
 
     metrics: dict[str, float]
     wall_time_s: float
-    decoder: nnx.Module
+    decoder: nnx.Module | None
     examples: np.ndarray
     history: list[dict] = dataclasses.field(default_factory=list)
+    steps: int = 0
+    converged: bool = False
+    best_step: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able record: metrics, steps, converged flag, the curve, wall time."""
+        return {
+            **self.metrics,
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "converged": self.converged,
+            "curve": self.history,
+            "wall_time_s": self.wall_time_s,
+            **self.extra,
+        }
 
 
 def split_settings(
@@ -195,11 +310,6 @@ def _clone(module: nnx.Module) -> nnx.Module:
     """A deep copy with fresh buffers (the attack's steps donate their state)."""
     graphdef, state = nnx.split(module)
     return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.array(a, copy=True), state))
-
-
-def _cosine(base: float, final: float, epoch: int, epochs: int) -> float:
-    """PyTorch CosineAnnealingLR(T_max=epochs, eta_min=final) at ``epoch`` (0-based)."""
-    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 def _check_data(name: str, images: Any, *, min_len: int, what: str) -> None:
@@ -401,7 +511,8 @@ def _finish(
     config: Any,
     placement: _Placement,
     t0: float,
-    history: list[dict],
+    fit: _Fit,
+    extra: dict[str, Any],
 ) -> AttackResult:
     """Evaluates a trained decoder/generator (eval mode) and packs the :class:`AttackResult`."""
     graphdef, state = nnx.split(decoder)
@@ -420,7 +531,11 @@ def _finish(
         wall_time_s=time.perf_counter() - t0,
         decoder=decoder,
         examples=examples,
-        history=history,
+        history=fit.history,
+        steps=fit.steps,
+        converged=fit.converged,
+        best_step=fit.best_step,
+        extra=extra,
     )
 
 
@@ -467,17 +582,235 @@ def evaluate_decoder(
 
 
 # --------------------------------------------------------------------------------------------------
+# The fit loop shared by the trained attacks: step budget, validation, plateau rule, best weights
+
+
+def split_validation(
+    images: np.ndarray, fraction: float, *, batch_size: int, key: jax.Array
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``(train, val)`` split of the attacker's images; ``val`` holds ``ceil(f·N)`` images.
+
+    Raises ``ValueError`` when the validation part would be empty or the training part smaller than
+    one batch.
+    """
+    n = len(images)
+    n_val = math.ceil(fraction * n)
+    _require(
+        0 < fraction < 1 and 1 <= n_val < n,
+        f"val_fraction={fraction}: cannot hold out a validation split of {n} attacker images; "
+        "accepted a fraction in (0, 1) that leaves images on both sides.",
+    )
+    _require(
+        n - n_val >= batch_size,
+        f"attacker set: {n} images minus a validation split of {n_val} (val_fraction={fraction}) "
+        f"leaves {n - n_val}, fewer than one batch ({batch_size}); accepted at least "
+        f"{batch_size + n_val} images, a smaller batch or a smaller val_fraction.",
+    )
+    perm = np.asarray(jax.random.permutation(key, n))
+    return images[np.sort(perm[n_val:])], images[np.sort(perm[:n_val])]
+
+
+def _batches(key: jax.Array, n: int, batch_size: int):
+    """Endless shuffled batches of indices (reshuffled every pass, short last batch dropped)."""
+    epoch = 0
+    while True:
+        yield from _epoch_batches(key, epoch, n, batch_size)
+        epoch += 1
+
+
+@dataclasses.dataclass
+class _Fit:
+    state: Any
+    history: list[dict]
+    steps: int
+    converged: bool
+    best_step: int
+
+
+def _copy_tree(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def _fit(
+    name: str,
+    config: Any,
+    step_fn: Callable[[Any, jax.Array, int, float], tuple[Any, jax.Array]],
+    state: Any,
+    train_images: np.ndarray,
+    val_mse: Callable[[Any], float],
+    *,
+    key: jax.Array,
+    placement: _Placement,
+    progress: Progress | None,
+) -> _Fit:
+    """Runs ``step_fn`` for at most ``config.max_steps`` steps under the plateau rule.
+
+    ``step_fn(state, batch, step, lr_scale) -> (state, loss)``; the learning rates are the config's
+    times ``lr_scale`` (1, then ``lr_decay`` per plateau). Losses stay on the device and are fetched
+    once per evaluation. Returns the best-validation state (a copy) and the validation curve.
+    """
+    best, best_state, best_step, reference = math.inf, None, 0, math.inf
+    bad, decays, scale, converged = 0, 0, 1.0, False
+    history: list[dict] = []
+    losses: list[jax.Array] = []
+    batches = _batches(key, len(train_images), config.batch_size)
+    t_last, step = time.perf_counter(), 0
+    while step < config.max_steps:
+        idx = next(batches)
+        state, loss = step_fn(state, placement.batch(train_images[idx]), step, scale)
+        losses.append(loss)
+        step += 1
+        if step % config.eval_every and step < config.max_steps:
+            continue
+        v = val_mse(state)
+        now = time.perf_counter()
+        rec = {
+            "attack": name,
+            "step": step,
+            "max_steps": config.max_steps,
+            "loss": float(jnp.mean(jnp.stack(losses))),
+            "val_mse": v,
+            "lr_scale": scale,
+            "steps_per_s": len(losses) / max(now - t_last, 1e-9),
+        }
+        losses, t_last = [], now
+        if not math.isfinite(v):
+            raise FloatingPointError(
+                f"{name} attack: validation MSE is {v} at step {step}; the attack diverged "
+                "(lower its learning rate)."
+            )
+        if v < best:  # the weights kept are always the lowest validation MSE seen
+            best, best_step = v, step
+            best_state = _copy_tree(state)
+        if v < reference * (1.0 - config.min_improvement):  # a real improvement
+            reference, bad = v, 0
+        else:
+            bad += 1
+            if bad >= config.patience:
+                if decays < config.lr_decays:
+                    decays, bad, scale = decays + 1, 0, scale * config.lr_decay
+                else:
+                    converged = True
+        rec["converged"] = converged
+        history.append(rec)
+        if progress is not None:
+            progress(dict(rec))
+        if converged:
+            break
+    return _Fit(best_state, history, step, converged, best_step)
+
+
+def _val_mse_fn(
+    encode: Encode,
+    apply: Callable[[Any, jax.Array], jax.Array],
+    images: np.ndarray,
+    *,
+    key: jax.Array,
+    batch_size: int,
+    placement: _Placement,
+) -> Callable[[Any], float]:
+    """``state -> mean per-image MSE`` of ``apply(state, encode(key_b, x))`` over ``images``.
+
+    Fixed noise keys (batch ``b`` uses ``fold_in(key, b)``), so successive evaluations differ only
+    through the state. One host sync per call.
+    """
+    batch_size = min(batch_size, len(images))
+    if placement.mesh is not None:
+        n_dev = placement.mesh.shape[parallel.DATA_AXIS]
+        batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+    n = len(images)
+    chunks = []
+    for b, start in enumerate(range(0, n, batch_size)):
+        x = images[start : start + batch_size]
+        mask = np.zeros(batch_size, np.float32)
+        mask[: len(x)] = 1.0
+        if len(x) < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
+        chunks.append((placement.batch(x), placement.batch(mask), b))
+
+    @jax.jit
+    def sse(state, x, mask, b):
+        rec = apply(state, encode(jax.random.fold_in(key, b), x))
+        err = jnp.mean((rec - _to_target(x)) ** 2, axis=tuple(range(1, x.ndim)))
+        return jnp.sum(err * mask)
+
+    def val(state) -> float:
+        with placement.context():
+            total = sum(sse(state, x, m, jnp.int32(b)) for x, m, b in chunks)
+        return float(total) / n
+
+    return val
+
+
+# --------------------------------------------------------------------------------------------------
+# The trivial baseline
+
+
+class _MeanImage(nnx.Module):
+    def __init__(self, image: np.ndarray):
+        self.image = nnx.Variable(jnp.asarray(image, jnp.float32))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(self.image[...], (z.shape[0], *self.image.shape))
+
+
+def mean_image_baseline(
+    train_images: np.ndarray,
+    eval_images: np.ndarray,
+    *,
+    batch_size: int = 256,
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
+    """Metrics of the trivial attacker that predicts the mean training image for every image.
+
+    An attack that does not beat it has learned nothing about the features. Same metrics and
+    conventions as :class:`AttackResult` (``"mse"``, ``"psnr"``, ``"ssim"``, ``"ref_psnr"``,
+    ``"ref_ssim"``).
+
+    >>> x = np.stack([np.zeros((2, 2, 3)), np.ones((2, 2, 3))]).astype(np.float32)
+    >>> round(mean_image_baseline(x, x)["mse"], 6)     # predicts 0.5 everywhere
+    0.25
+    """
+    _check_data("train_images", train_images, min_len=1, what="accepted at least 1")
+    _check_data("eval_images", eval_images, min_len=1, what="accepted at least 1")
+    target = train_images.astype(np.float64)
+    if train_images.dtype == np.uint8:
+        target = target / 255.0
+    mean = target.mean(axis=0)
+    model = _MeanImage(mean)
+    graphdef, state = nnx.split(model)
+    placement = _Placement(mesh)
+    if mesh is not None:
+        n_dev = mesh.shape[parallel.DATA_AXIS]
+        batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    out, _ = _evaluate(
+        lambda key, x: jnp.zeros((x.shape[0], 1), jnp.float32),
+        graphdef,
+        placement.state(state),
+        eval_images,
+        key=jax.random.key(0),
+        batch_size=batch_size,
+        placement=placement,
+        num_examples=0,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Decoder attack
 
 
-def _decoder_train_step(graphdef, encode: Encode, key: jax.Array, placement: _Placement):
-    """The jitted step ``(state, batch, step) -> (state, loss)`` of the decoder attack.
+def _decoder_train_step(
+    graphdef, encode: Encode, key: jax.Array, placement: _Placement, base_lr: float
+):
+    """The jitted step ``(state, batch, step, lr_scale) -> (state, loss)`` of the decoder attack.
 
     ``state`` is ``nnx.state((decoder, optimizer))`` (donated); the features are
-    ``encode(fold_in(key, step), batch)``; loss ``mean((decoder(z) - target)²)``, train mode.
+    ``encode(fold_in(key, step), batch)``; loss ``mean((decoder(z) - target)²)``, train mode; the
+    learning rate is ``base_lr · lr_scale`` (an injected hyper-parameter: no recompilation).
     """
 
-    def train_step(state, batch, step):
+    def train_step(state, batch, step, scale):
         decoder, optimizer = nnx.merge(graphdef, state)
         feats = jax.lax.stop_gradient(encode(jax.random.fold_in(key, step), batch))
         target = _to_target(batch)
@@ -486,10 +819,26 @@ def _decoder_train_step(graphdef, encode: Encode, key: jax.Array, placement: _Pl
             return jnp.mean((d(feats) - target) ** 2)
 
         loss, grads = nnx.value_and_grad(loss_fn)(decoder)
+        optimizer.opt_state.hyperparams["learning_rate"][...] = base_lr * scale
         optimizer.update(decoder, grads)
         return nnx.state((decoder, optimizer)), loss
 
-    return placement.jit(train_step, donate_argnums=0)
+    jitted = placement.jit(train_step, donate_argnums=0)
+    return lambda state, batch, step, scale: jitted(
+        state, batch, jnp.int32(step), jnp.float32(scale)
+    )
+
+
+def _eval_apply(graphdef, index: int | None = None):
+    """``(state, z) -> module(z)`` in eval mode for the module at ``index`` of a merged tuple."""
+
+    def apply(state, z):
+        merged = nnx.merge(graphdef, state)
+        module = merged if index is None else merged[index]
+        module.eval()
+        return module(z)
+
+    return apply
 
 
 def decoder_attack(
@@ -504,37 +853,41 @@ def decoder_attack(
     decoder: nnx.Module | None = None,
     progress: Progress | None = None,
 ) -> AttackResult:
-    """Trains an inversion decoder on ``(encode(x), x)`` pairs and evaluates it (reference §6).
+    """Trains an inversion decoder on ``(encode(x), x)`` pairs to convergence and evaluates it.
 
-    Loss ``mean((decoder(encode(key_t, x)) − x01)²)`` with the decoder in train mode; Adam with
-    coupled L2 weight decay (``add_decayed_weights`` before ``adam``, as PyTorch's Adam), learning
-    rate on a per-epoch cosine from ``lr`` to ``final_lr`` (``T_max = epochs``); batches reshuffled
-    every epoch, the short last batch dropped. Then the final decoder is evaluated in eval mode on
-    ``eval_images`` (fresh noise per batch).
+    The attacker's images are split into a training part and a held-out validation part
+    (``config.val_fraction``, :func:`split_validation`). Loss ``mean((decoder(encode(key_t, x)) −
+    x01)²)`` with the decoder in train mode; Adam with coupled L2 weight decay (as PyTorch's Adam);
+    batches reshuffled every pass. Training stops on the plateau rule of
+    :class:`DecoderAttackConfig` or at ``max_steps``; the best-validation decoder is evaluated in
+    eval mode on ``eval_images`` (fresh noise per batch).
 
     Args:
       encode: the client as the attacker queries it, ``(key, images[B, ...]) -> features[B, ...]``.
-      train_images: the attacker's training images, ``[N, H, W, 3]`` uint8 (targets ``x / 255``) or
+      train_images: the attacker's images, ``[N, H, W, 3]`` uint8 (targets ``x / 255``) or
         floats ``[N, ...]`` (targets as they are; any shape with a custom ``decoder``).
       eval_images: evaluation images, same per-sample shape and dtype.
-      config: hyper-parameters.
-      key: all randomness (decoder init, shuffling, encode noise, evaluation noise).
+      config: hyper-parameters and the step budget.
+      key: all randomness (split, decoder init, shuffling, encode noise, evaluation noise).
       feature_shape: per-sample shape of ``encode``'s output, e.g. ``(8, 8, 8)``; checked against
         ``encode`` (``None``: taken from it).
       mesh: optional device mesh; batches are sharded on its ``data`` axis.
       decoder: a custom decoder module (not modified; a trained copy is returned); default: build
         ``config.decoder`` for ``feature_shape`` and the image size.
-      progress: called after every epoch with ``{"attack", "epoch", "epochs", "loss", "lr",
-        "steps_per_s"}``.
+      progress: called after every validation with ``{"attack", "step", "max_steps", "loss",
+        "val_mse", "lr_scale", "steps_per_s", "converged"}``.
     Returns:
-      :class:`AttackResult`.
+      :class:`AttackResult` (``history`` is the validation curve).
     """
     t0 = time.perf_counter()
     _check_pair(train_images, eval_images, config.batch_size)
     placement = _Placement(mesh)
     placement.check("batch_size", config.batch_size)
     feature_shape = _check_encode(encode, train_images[:2], feature_shape, key)
-    k_init, k_shuffle, k_train, k_eval = jax.random.split(key, 4)
+    k_init, k_shuffle, k_train, k_eval, k_split, k_val = jax.random.split(key, 6)
+    fit_x, val_x = split_validation(
+        train_images, config.val_fraction, batch_size=config.batch_size, key=k_split
+    )
     target_shape = train_images.shape[1:]
     if decoder is None:
         _require(
@@ -557,46 +910,39 @@ def decoder_attack(
         decoder = _clone(decoder)
     decoder.train()
 
-    steps_per_epoch = len(train_images) // config.batch_size
+    def make_tx(learning_rate):
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay), optax.adam(learning_rate)
+        )
 
-    def schedule(count):
-        epoch = count // steps_per_epoch
-        cos = 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / config.epochs))
-        return config.final_lr + (config.lr - config.final_lr) * cos
-
-    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(schedule))
+    tx = optax.inject_hyperparams(make_tx)(learning_rate=config.lr)
     optimizer = nnx.Optimizer(decoder, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((decoder, optimizer))
     dec_graphdef, dec_state = nnx.split(decoder)
     _check_decoder_output(dec_graphdef, dec_state, feature_shape, target_shape)
     state = placement.state(state)
 
-    train_step = _decoder_train_step(graphdef, encode, k_train, placement)
-    history: list[dict] = []
-    step = 0
-    with placement.context():
-        for epoch in range(config.epochs):
-            te = time.perf_counter()
-            losses = []
-            for idx in _epoch_batches(k_shuffle, epoch, len(train_images), config.batch_size):
-                state, loss = train_step(state, placement.batch(train_images[idx]), jnp.int32(step))
-                losses.append(loss)
-                step += 1
-            mean_loss = float(jnp.mean(jnp.stack(losses)))
-            dt = time.perf_counter() - te
-            rec = {
-                "attack": "decoder",
-                "epoch": epoch + 1,
-                "epochs": config.epochs,
-                "loss": mean_loss,
-                "lr": _cosine(config.lr, config.final_lr, epoch, config.epochs),
-                "steps_per_s": steps_per_epoch / dt,
-            }
-            history.append(rec)
-            if progress is not None:
-                progress(dict(rec))
-
-    decoder, _ = nnx.merge(graphdef, state)
+    step_fn = _decoder_train_step(graphdef, encode, k_train, placement, config.lr)
+    val_mse = _val_mse_fn(
+        encode,
+        _eval_apply(graphdef, 0),
+        val_x,
+        key=k_val,
+        batch_size=config.eval_batch_size,
+        placement=placement,
+    )
+    fit = _fit(
+        "decoder",
+        config,
+        step_fn,
+        state,
+        fit_x,
+        val_mse,
+        key=k_shuffle,
+        placement=placement,
+        progress=progress,
+    )
+    decoder, _ = nnx.merge(graphdef, fit.state)
     return _finish(
         encode,
         decoder,
@@ -605,7 +951,8 @@ def decoder_attack(
         config=config,
         placement=placement,
         t0=t0,
-        history=history,
+        fit=fit,
+        extra={"num_train": len(fit_x), "num_val": len(val_x)},
     )
 
 
@@ -674,27 +1021,28 @@ def gan_attack(
     mesh: Mesh | None = None,
     progress: Progress | None = None,
 ) -> AttackResult:
-    """WGAN-GP refinement of a trained inversion decoder (reference §7).
+    """WGAN-GP refinement of a trained inversion decoder (reference §7), to convergence.
 
     The generator ``G`` is a copy of ``init_decoder`` (train mode); the critic ``D`` is
     :class:`WGANCritic`. Every step trains ``D`` on one batch with
     ``−(E D(x01) − E D(G(z))) + gp_weight·GP``; every ``n_critic``-th step then trains ``G`` on the
     same batch (same noisy features) with ``−E D(G(z)) + mse_weight·MSE(G(z), x01)``. Adam
-    ``(b1, b2)``, learning rates on a per-epoch cosine from ``critic_lr`` / ``generator_lr`` to 0
-    over ``epochs``. The final generator is evaluated in eval mode like the decoder attack.
+    ``(b1, b2)`` at ``critic_lr`` / ``generator_lr`` (times the plateau rule's scale). The
+    generator's MSE on a held-out split decides the plateau and which generator is kept; it is
+    evaluated in eval mode like the decoder attack.
 
     Args:
       encode: the client as the attacker queries it.
       train_images: ``[N, H, W, 3]`` uint8 (or float in [0, 1]) images.
       eval_images: evaluation images, same per-sample shape and dtype.
-      config: hyper-parameters.
+      config: hyper-parameters and the critic-step budget.
       key: all randomness.
       init_decoder: the trained decoder (not modified).
       mesh: optional device mesh.
-      progress: called after every epoch with ``{"attack": "gan", "epoch", "epochs", "loss",
-        "critic_loss", "generator_loss", "steps_per_s"}``.
+      progress: called after every validation (as :func:`decoder_attack`), with
+        ``"generator_steps"``.
     Returns:
-      :class:`AttackResult` with the trained generator as ``decoder``.
+      :class:`AttackResult` with the best generator as ``decoder``; ``extra["generator_steps"]``.
     """
     t0 = time.perf_counter()
     _check_pair(train_images, eval_images, config.batch_size)
@@ -705,7 +1053,10 @@ def gan_attack(
     placement = _Placement(mesh)
     placement.check("batch_size", config.batch_size)
     feature_shape = _check_encode(encode, train_images[:2], None, key)
-    k_init, k_shuffle, k_train, k_eval = jax.random.split(key, 4)
+    k_init, k_shuffle, k_train, k_eval, k_split, k_val = jax.random.split(key, 6)
+    fit_x, val_x = split_validation(
+        train_images, config.val_fraction, batch_size=config.batch_size, key=k_split
+    )
     target_shape = train_images.shape[1:]
 
     generator = _clone(init_decoder)
@@ -727,7 +1078,7 @@ def gan_attack(
     graphdef, state = nnx.split((generator, critic, opt_g, opt_d))
     state = placement.state(state)
 
-    def critic_step(state, batch, step, lr):
+    def critic_step(state, batch, step, scale):
         g, d, opt_g, opt_d = nnx.merge(graphdef, state)
         k_enc, k_gp = jax.random.split(jax.random.fold_in(k_train, step))
         feats = jax.lax.stop_gradient(encode(k_enc, batch))
@@ -738,12 +1089,12 @@ def gan_attack(
             wdist = jnp.mean(d(real)) - jnp.mean(d(fake))
             return -wdist + config.gp_weight * _gradient_penalty(d, real, fake, k_gp), wdist
 
-        (loss, wdist), grads = nnx.value_and_grad(loss_fn, has_aux=True)(d)
-        opt_d.opt_state.hyperparams["learning_rate"][...] = lr
+        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(d)
+        opt_d.opt_state.hyperparams["learning_rate"][...] = config.critic_lr * scale
         opt_d.update(d, grads)
-        return nnx.state((g, d, opt_g, opt_d)), (loss, wdist)
+        return nnx.state((g, d, opt_g, opt_d)), loss
 
-    def generator_step(state, batch, step, lr):
+    def generator_step(state, batch, step, scale):
         g, d, opt_g, opt_d = nnx.merge(graphdef, state)
         k_enc, _ = jax.random.split(jax.random.fold_in(k_train, step))
         feats = jax.lax.stop_gradient(encode(k_enc, batch))
@@ -754,49 +1105,50 @@ def gan_attack(
             return -jnp.mean(d(fake)) + config.mse_weight * jnp.mean((fake - real) ** 2)
 
         loss, grads = nnx.value_and_grad(loss_fn)(g)
-        opt_g.opt_state.hyperparams["learning_rate"][...] = lr
+        opt_g.opt_state.hyperparams["learning_rate"][...] = config.generator_lr * scale
         opt_g.update(g, grads)
         return nnx.state((g, d, opt_g, opt_d)), loss
 
     critic_step = placement.jit(critic_step, donate_argnums=0)
     generator_step = placement.jit(generator_step, donate_argnums=0)
-    steps_per_epoch = len(train_images) // config.batch_size
-    history: list[dict] = []
-    step = 0
-    with placement.context():
-        for epoch in range(config.epochs):
-            te = time.perf_counter()
-            lr_d = jnp.float32(_cosine(config.critic_lr, 0.0, epoch, config.epochs))
-            lr_g = jnp.float32(_cosine(config.generator_lr, 0.0, epoch, config.epochs))
-            c_losses, w_dists, g_losses = [], [], []
-            for idx in _epoch_batches(k_shuffle, epoch, len(train_images), config.batch_size):
-                batch = placement.batch(train_images[idx])
-                s = jnp.int32(step)
-                state, (c_loss, wdist) = critic_step(state, batch, s, lr_d)
-                c_losses.append(c_loss)
-                w_dists.append(wdist)
-                step += 1
-                if step % config.n_critic == 0:
-                    state, g_loss = generator_step(state, batch, s, lr_g)
-                    g_losses.append(g_loss)
-            c = float(jnp.mean(jnp.stack(c_losses)))
-            g_mean = float(jnp.mean(jnp.stack(g_losses))) if g_losses else float("nan")
-            dt = time.perf_counter() - te
-            rec = {
-                "attack": "gan",
-                "epoch": epoch + 1,
-                "epochs": config.epochs,
-                "loss": g_mean,
-                "critic_loss": c,
-                "generator_loss": g_mean,
-                "wasserstein": float(jnp.mean(jnp.stack(w_dists))),
-                "steps_per_s": steps_per_epoch / dt,
-            }
-            history.append(rec)
-            if progress is not None:
-                progress(dict(rec))
+    generator_steps = [0]
 
-    generator, _, _, _ = nnx.merge(graphdef, state)
+    def step_fn(state, batch, step, scale):
+        s, sc = jnp.int32(step), jnp.float32(scale)
+        state, loss = critic_step(state, batch, s, sc)
+        if (step + 1) % config.n_critic == 0:
+            state, _ = generator_step(state, batch, s, sc)
+            generator_steps[0] += 1
+        return state, loss
+
+    val_mse = _val_mse_fn(
+        encode,
+        _eval_apply(graphdef, 0),
+        val_x,
+        key=k_val,
+        batch_size=config.eval_batch_size,
+        placement=placement,
+    )
+
+    # eval_every >= n_critic and max_steps >= n_critic: every validation follows a generator step.
+    cfg_for_fit = dataclasses.replace(config, eval_every=max(config.eval_every, config.n_critic))
+    fit = _fit(
+        "gan",
+        cfg_for_fit,
+        step_fn,
+        state,
+        fit_x,
+        val_mse,
+        key=k_shuffle,
+        placement=placement,
+        progress=progress,
+    )
+    _require(
+        fit.state is not None and generator_steps[0] > 0,
+        f"GAN attack: no generator step in {fit.steps} critic steps (n_critic={config.n_critic});"
+        " accepted max_steps >= n_critic.",
+    )
+    generator, _, _, _ = nnx.merge(graphdef, fit.state)
     return _finish(
         encode,
         generator,
@@ -805,5 +1157,163 @@ def gan_attack(
         config=config,
         placement=placement,
         t0=t0,
+        fit=fit,
+        extra={
+            "generator_steps": generator_steps[0],
+            "num_train": len(fit_x),
+            "num_val": len(val_x),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# White-box optimisation attack
+
+
+def total_variation(x: jax.Array) -> jax.Array:
+    """Anisotropic total variation per image: ``Σ|x[i+1,j]−x[i,j]| + Σ|x[i,j+1]−x[i,j]|``. ``[B]``.
+
+    >>> float(total_variation(jnp.array([[[[0.0], [1.0]], [[0.0], [1.0]]]]))[0])   # 2x2, 1 channel
+    2.0
+    """
+    dh = jnp.abs(x[:, 1:] - x[:, :-1]).sum(axis=(1, 2, 3))
+    dw = jnp.abs(x[:, :, 1:] - x[:, :, :-1]).sum(axis=(1, 2, 3))
+    return dh + dw
+
+
+def whitebox_attack(
+    features: Callable[[jax.Array], jax.Array],
+    encode: Encode,
+    eval_images: np.ndarray,
+    *,
+    config: WhiteboxAttackConfig,
+    key: jax.Array,
+    sigma: float,
+    mesh: Mesh | None = None,
+    progress: Progress | None = None,
+) -> AttackResult:
+    """Model inversion by optimisation with the client's weights (rMLE), no training data.
+
+    For each evaluation image the attacker observes ``z = encode(key, x)`` (what the server
+    receives) and minimises the objective of :class:`WhiteboxAttackConfig` over ``x̂ ∈ [0, 1]``
+    with ``features`` (the client's clean, differentiable map). The first ``config.num_images``
+    evaluation images are attacked, ``config.batch_size`` at a time.
+
+    Args:
+      features: ``images [B, H, W, 3] float in [0, 1] -> clean features [B, ...]`` (differentiable).
+      encode: ``(key, images) -> transmitted features`` (every obfuscation, fresh noise).
+      eval_images: ``[N, H, W, 3]`` uint8 or float in [0, 1].
+      config: hyper-parameters and the step budget.
+      key: observation noise.
+      sigma: the noise standard deviation of the channel (0: none; ``config.sigma_floor`` is used).
+      mesh: optional device mesh (images sharded on ``data``).
+      progress: called at every record with ``{"attack": "whitebox", "step", "max_steps",
+        "loss", "batch", "converged"}``.
+    Returns:
+      :class:`AttackResult` (``decoder`` is ``None``; ``history``: the objective curve of each batch).
+    """
+    t0 = time.perf_counter()
+    _check_data("eval_images", eval_images, min_len=1, what="accepted at least 1")
+    _require(
+        eval_images.ndim == 4,
+        f"eval_images: shape {eval_images.shape}; the white-box attack needs images [N, H, W, C].",
+    )
+    _require(sigma >= 0, f"sigma={sigma}: accepted >= 0.")
+    placement = _Placement(mesh)
+    images = eval_images[: config.num_images]
+    bs = min(config.batch_size, len(images))
+    if mesh is not None:
+        n_dev = mesh.shape[parallel.DATA_AXIS]
+        bs = max(n_dev, -(-bs // n_dev) * n_dev)
+    scale = 1.0 / (2.0 * max(float(sigma), config.sigma_floor) ** 2)
+    tx = optax.adam(config.lr)
+
+    def objective(u, z_obs, mask):
+        x = jax.nn.sigmoid(u)
+        f = features(x).reshape(z_obs.shape)
+        nll = jnp.sum(mask * (f - z_obs) ** 2, axis=tuple(range(1, z_obs.ndim))) * scale
+        return nll + config.tv_weight * total_variation(x)  # [B]
+
+    def chunk(u, opt_state, z_obs, mask, valid):
+        def body(_, carry):
+            u, opt_state = carry
+            grad = jax.grad(lambda u: jnp.sum(objective(u, z_obs, mask) * valid))(u)
+            updates, opt_state = tx.update(grad, opt_state, u)
+            return optax.apply_updates(u, updates), opt_state
+
+        u, opt_state = jax.lax.fori_loop(0, config.eval_every, body, (u, opt_state))
+        per = objective(u, z_obs, mask)
+        return u, opt_state, jnp.sum(per * valid) / jnp.sum(valid)
+
+    chunk = jax.jit(chunk, donate_argnums=(0, 1))
+    observe = jax.jit(lambda k, x: encode(k, x))
+    per_sample = jax.jit(lambda u, x: _per_sample_metrics(jax.nn.sigmoid(u), _to_target(x)))
+
+    sums: dict[str, float] = {}
+    history: list[dict] = []
+    examples: list[np.ndarray] = []
+    steps_max, all_converged = 0, True
+    with placement.context():
+        for b, start in enumerate(range(0, len(images), bs)):
+            x = images[start : start + bs]
+            valid_n = len(x)
+            if valid_n < bs:
+                x = np.concatenate([x, np.zeros((bs - valid_n, *x.shape[1:]), x.dtype)])
+            valid = np.zeros(bs, np.float32)
+            valid[:valid_n] = 1.0
+            xb = placement.batch(x)
+            z_obs = observe(jax.random.fold_in(key, b), xb)
+            mask = (z_obs != 0).astype(jnp.float32)
+            u = jnp.zeros(x.shape, jnp.float32)  # sigmoid(0) = 0.5: a grey image
+            if mesh is not None:
+                u = placement.batch(np.zeros(x.shape, np.float32))
+            opt_state = tx.init(u)
+            vb = placement.batch(valid)
+            prev, step, converged = math.inf, 0, False
+            while step < config.max_steps:
+                u, opt_state, obj = chunk(u, opt_state, z_obs, mask, vb)
+                step += config.eval_every
+                obj = float(obj)
+                if not math.isfinite(obj):
+                    raise FloatingPointError(f"whitebox attack: objective {obj} at step {step}.")
+                converged = math.isfinite(prev) and prev - obj <= config.tolerance * abs(prev)
+                rec = {
+                    "attack": "whitebox",
+                    "batch": b,
+                    "step": step,
+                    "max_steps": config.max_steps,
+                    "loss": obj,
+                    "converged": converged,
+                }
+                history.append(rec)
+                if progress is not None:
+                    progress(dict(rec))
+                prev = obj
+                if converged:
+                    break
+            steps_max = max(steps_max, step)
+            all_converged &= converged
+            per = {k: np.asarray(v, np.float64)[:valid_n] for k, v in per_sample(u, xb).items()}
+            for k, v in per.items():
+                sums[k] = sums.get(k, 0.0) + float(v.sum())
+            sums["ref_psnr"] = sums.get("ref_psnr", 0.0) + valid_n * float(
+                -10.0 * np.log10(max(float(per["mse"].mean()), 1e-10))
+            )
+            have = sum(len(e) for e in examples)
+            if have < config.num_examples:
+                rec_x = np.asarray(jax.nn.sigmoid(u[: min(valid_n, config.num_examples - have)]))
+                examples.append(rec_x.astype(np.float32))
+    n = len(images)
+    metrics = {k: v / n for k, v in sums.items()}
+    ex = np.concatenate(examples) if examples else np.zeros((0, *images.shape[1:]), np.float32)
+    return AttackResult(
+        metrics=metrics,
+        wall_time_s=time.perf_counter() - t0,
+        decoder=None,
+        examples=ex,
         history=history,
+        steps=steps_max,
+        converged=all_converged,
+        best_step=steps_max,
+        extra={"num_images": n},
     )

@@ -7,6 +7,7 @@ setting, a row of test originals above one row of reconstructions per attack.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, TextIO
@@ -23,6 +24,101 @@ FIGURE_FILE = "reconstructions.png"
 _TAG_ATTACK = 7
 
 
+#: An attack is informative only when its MSE is at most this fraction of the mean-image baseline's
+#: (0.9: at least 0.46 dB better); otherwise it has learned nothing usable about the features.
+INFORMATIVE_MSE_RATIO = 0.9
+
+
+def attacker_sets(cfg: RunConfig, ds: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``setting -> (attacker's images, evaluation images)`` for ``cfg.attack_settings``."""
+    train_images = ds.train_images
+    if cfg.attack_train_subset is not None and cfg.attack_train_subset < len(train_images):
+        rng = np.random.default_rng(cfg.attack_seed)
+        train_images = train_images[
+            np.sort(rng.permutation(len(train_images))[: cfg.attack_train_subset])
+        ]
+    settings = attacks.split_settings(train_images, ds.test_images)
+    return {s: settings[s] for s in cfg.attack_settings}
+
+
+def _batch_for(n: int, wanted: int, devices: int) -> int:
+    bs = min(wanted, n)
+    return max(devices, bs // devices * devices)
+
+
+def attack_configs(cfg: RunConfig, n_train: int, n_eval: int, devices: int = 1) -> dict[str, Any]:
+    """The attack configs of one setting (``"decoder"``, ``"gan"``, ``"whitebox"``).
+
+    Raises ``ValueError`` (before anything trains) when the attacker's set cannot hold a
+    validation split and one batch.
+    """
+    n_gan = 0
+    batch = max(devices, cfg.attack_batch_size // devices * devices)
+    out: dict[str, Any] = {
+        "decoder": attacks.DecoderAttackConfig(
+            max_steps=cfg.attack_steps,
+            batch_size=batch,
+            eval_batch_size=_batch_for(n_eval, 256, devices),
+            val_fraction=cfg.attack_val_fraction,
+            eval_every=min(cfg.attack_eval_every, cfg.attack_steps),
+            patience=cfg.attack_patience,
+        ),
+        "whitebox": attacks.WhiteboxAttackConfig(
+            max_steps=cfg.whitebox_steps,
+            num_images=cfg.whitebox_images,
+            tv_weight=cfg.whitebox_tv_weight,
+            eval_every=min(50, cfg.whitebox_steps),
+        ),
+    }
+    if "gan" in cfg.attacks:
+        n_gan = n_train if cfg.gan_train_subset is None else min(n_train, cfg.gan_train_subset)
+        out["gan"] = attacks.GanAttackConfig(
+            max_steps=cfg.gan_steps,
+            batch_size=max(devices, min(128, batch) // devices * devices),
+            eval_batch_size=_batch_for(n_eval, 256, devices),
+            val_fraction=cfg.attack_val_fraction,
+            eval_every=max(10, min(cfg.attack_eval_every * 2, cfg.gan_steps)),
+            patience=cfg.attack_patience,
+        )
+    sizes = {"decoder": n_train, "gan": n_gan if "gan" in out else 0}
+    for name in ("decoder", "gan"):
+        if name in out:  # the GAN starts from the decoder: both need their split
+            try:
+                attacks.split_validation(
+                    np.zeros((sizes[name], 1)),
+                    out[name].val_fraction,
+                    batch_size=out[name].batch_size,
+                    key=jax.random.key(0),
+                )
+            except ValueError as e:
+                raise ValueError(f"{name} attack: {e}") from e
+    return out
+
+
+def check_attacks(cfg: RunConfig, ds: Any, devices: int = 1) -> None:
+    """Raises ``ValueError`` if an attack of ``cfg`` cannot run on ``ds`` (call before training)."""
+    if not cfg.attacks:
+        return
+    for setting, (train_x, eval_x) in attacker_sets(cfg, ds).items():
+        try:
+            attack_configs(cfg, len(train_x), len(eval_x), devices)
+        except ValueError as e:
+            raise ValueError(
+                f"attack setting {setting!r} ({len(train_x)} attacker images): {e}"
+            ) from e
+
+
+def _judge(result: dict[str, Any], baseline: dict[str, float]) -> dict[str, Any]:
+    """Adds the baseline, the gain over it and the ``informative`` flag to one attack result."""
+    informative = bool(result["mse"] <= INFORMATIVE_MSE_RATIO * baseline["mse"])
+    return {
+        **result,
+        "baseline": {k: baseline[k] for k in ("mse", "psnr", "ssim")},
+        "gain_db": result["psnr"] - baseline["psnr"],
+        "informative": informative,
+    }
+
+
 def run_attacks(
     cfg: RunConfig,
     trainer: Any,
@@ -31,90 +127,108 @@ def run_attacks(
     workdir: str | None = None,
     stream: TextIO | None = None,
     num_examples: int = 8,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """``{attack: {setting: {"mse", "psnr", "ssim", ..., "wall_time_s"}}}`` for ``cfg.attacks``."""
+) -> dict[str, Any]:
+    """``{attack: {setting: result}}`` for ``cfg.attacks``, each beside the mean-image baseline.
+
+    A result holds the metrics (``mse``, ``psnr``, ``ssim``, ``ref_*``), ``steps``, ``converged``,
+    ``curve`` (validation curve), ``baseline`` (the mean training image's metrics on the same
+    images), ``gain_db`` and ``informative`` (MSE ≤ 0.9 × baseline MSE), and ``wall_time_s``.
+    """
+    from cem_jax import train
+
     out = stream if stream is not None else sys.stdout
     ds = trainer.dataset
-    encode = trainer.client_fn(state, noise_only=cfg.threat_model == "noise_only")
-    train_images = ds.train_images
-    if cfg.attack_train_subset is not None and cfg.attack_train_subset < len(train_images):
-        rng = np.random.default_rng(cfg.attack_seed)
-        train_images = train_images[
-            np.sort(rng.permutation(len(train_images))[: cfg.attack_train_subset])
-        ]
-    settings = attacks.split_settings(train_images, ds.test_images)
-    base_key = jax.random.fold_in(jax.random.key(cfg.attack_seed), _TAG_ATTACK)
-    results: dict[str, dict[str, dict[str, float]]] = {a: {} for a in cfg.attacks}
-    rows: list[np.ndarray] = []
     devices = trainer.mesh.shape["data"]
+    encode = trainer.client_fn(state, noise_only=cfg.threat_model == "noise_only")
+    base_key = jax.random.fold_in(jax.random.key(cfg.attack_seed), _TAG_ATTACK)
+    results: dict[str, Any] = {a: {} for a in cfg.attacks}
+    rows: list[np.ndarray] = []
+    defense = cfg.defense_spec()
+    # The white-box attacker's differentiable copy of the client: no obfuscation, no noise.
+    clean = dataclasses.replace(
+        defense, sigma=0.0, dropout_ratio=0.0, topk_ratio=0.0, cem=False, lambd=0.0
+    )
+    clean_encode = train.make_encode(trainer.model(state), clean, ds.mean, ds.std)
 
-    def batch_for(n: int, wanted: int) -> int:
-        bs = min(wanted, n)
-        return max(devices, bs // devices * devices)
+    def clean_features(images: jax.Array) -> jax.Array:
+        return clean_encode(base_key, images)  # no randomness is used
 
     def progress(d: dict) -> None:
-        extra = f" critic {d['critic_loss']:.3f}" if "critic_loss" in d else ""
-        loss = f"{d['loss']:.5f}" if d["loss"] == d["loss"] else "- (no generator step yet)"
+        extra = f" val MSE {d['val_mse']:.5f} lr x{d['lr_scale']:g}" if "val_mse" in d else ""
+        extra += f" | {d['steps_per_s']:.2f} steps/s" if "steps_per_s" in d else ""
         print(
-            f"  {d['attack']} [{setting}] epoch {d['epoch']}/{d['epochs']}: loss {loss}{extra}"
-            f" | {d.get('steps_per_s', 0):.2f} steps/s",
+            f"  {d['attack']} [{setting}] step {d['step']}/{d['max_steps']}: loss {d['loss']:.5f}"
+            f"{extra}{' (converged)' if d.get('converged') else ''}",
             file=out,
             flush=True,
         )
 
-    for s_index, setting in enumerate(cfg.attack_settings):
-        train_x, eval_x = settings[setting]
+    for s_index, (setting, (train_x, eval_x)) in enumerate(attacker_sets(cfg, ds).items()):
         key = jax.random.fold_in(base_key, s_index)
+        confs = attack_configs(cfg, len(train_x), len(eval_x), devices)
         print(
-            f"attack [{setting}]: attacker trains on {len(train_x)} images, evaluated on {len(eval_x)}",
+            f"attack [{setting}]: attacker has {len(train_x)} images, evaluated on {len(eval_x)}",
             file=out,
             flush=True,
         )
         rows.append(eval_x[:num_examples].astype(np.float32) / 255.0)
-        dec_cfg = attacks.DecoderAttackConfig(
-            epochs=cfg.attack_epochs,
-            batch_size=batch_for(len(train_x), cfg.attack_batch_size),
-            eval_batch_size=batch_for(len(eval_x), cfg.attack_batch_size),
-        )
-        dec = attacks.decoder_attack(
-            encode,
-            train_x,
-            eval_x,
-            config=dec_cfg,
-            key=jax.random.fold_in(key, 0),
-            feature_shape=trainer.feature_shape,
-            mesh=trainer.mesh,
-            progress=progress,
-        )
-        if "decoder" in results:
-            results["decoder"][setting] = {**dec.metrics, "wall_time_s": dec.wall_time_s}
-            rows.append(np.asarray(dec.examples[:num_examples]))
-        if "gan" in results and cfg.gan_epochs > 0:
-            gan_x = train_x if cfg.gan_train_subset is None else train_x[: cfg.gan_train_subset]
-            gan_cfg = attacks.GanAttackConfig(
-                epochs=cfg.gan_epochs, batch_size=batch_for(len(gan_x), 128)
+        baseline = attacks.mean_image_baseline(train_x, eval_x, mesh=trainer.mesh)
+        dec = None
+        if "decoder" in cfg.attacks or "gan" in cfg.attacks:
+            dec = attacks.decoder_attack(
+                encode,
+                train_x,
+                eval_x,
+                config=confs["decoder"],
+                key=jax.random.fold_in(key, 0),
+                feature_shape=trainer.feature_shape,
+                mesh=trainer.mesh,
+                progress=progress,
             )
+            if "decoder" in results:
+                results["decoder"][setting] = _judge(dec.summary(), baseline)
+                rows.append(np.asarray(dec.examples[:num_examples]))
+        if "gan" in results:
+            gan_x = train_x if cfg.gan_train_subset is None else train_x[: cfg.gan_train_subset]
             gan = attacks.gan_attack(
                 encode,
                 gan_x,
                 eval_x,
-                config=gan_cfg,
+                config=confs["gan"],
                 key=jax.random.fold_in(key, 1),
                 init_decoder=dec.decoder,
                 mesh=trainer.mesh,
                 progress=progress,
             )
-            results["gan"][setting] = {
-                **gan.metrics,
-                "wall_time_s": gan.wall_time_s + dec.wall_time_s,
-            }
+            rec = _judge(gan.summary(), baseline)
+            rec["wall_time_s"] += dec.wall_time_s  # the GAN starts from the decoder
+            results["gan"][setting] = rec
             rows.append(np.asarray(gan.examples[:num_examples]))
+        if "whitebox" in results:
+            wb_images = eval_x[: cfg.whitebox_images]
+            wb = attacks.whitebox_attack(
+                clean_features,
+                encode,
+                wb_images,
+                config=confs["whitebox"],
+                key=jax.random.fold_in(key, 2),
+                sigma=defense.sigma,
+                mesh=trainer.mesh,
+                progress=progress,
+            )
+            wb_base = attacks.mean_image_baseline(train_x, wb_images, mesh=trainer.mesh)
+            results["whitebox"][setting] = _judge(wb.summary(), wb_base)
+            rows.append(np.asarray(wb.examples[:num_examples]))
         for name in results:
             if setting in results[name]:
                 m = results[name][setting]
                 print(
                     f"  {name} [{setting}]: MSE {m['mse']:.4f} PSNR {m['psnr']:.2f} dB SSIM "
-                    f"{m['ssim']:.4f} ({format_duration(m['wall_time_s'])})",
+                    f"{m['ssim']:.4f} | baseline MSE {m['baseline']['mse']:.4f} "
+                    f"({m['gain_db']:+.2f} dB) | {m['steps']} steps, "
+                    f"{'converged' if m['converged'] else 'NOT converged'}"
+                    f"{'' if m['informative'] else ', UNINFORMATIVE'} "
+                    f"({format_duration(m['wall_time_s'])})",
                     file=out,
                     flush=True,
                 )

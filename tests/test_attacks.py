@@ -42,7 +42,7 @@ def _toy():
 
 
 TOY_CONFIG = attacks.DecoderAttackConfig(
-    epochs=5, batch_size=200, lr=1e-2, final_lr=1e-4, weight_decay=0.0, eval_batch_size=1000
+    max_steps=3000, batch_size=200, lr=1e-2, weight_decay=0.0, eval_batch_size=1000, eval_every=50
 )
 
 
@@ -81,18 +81,71 @@ def test_linear_gaussian_toy_reaches_mmse_and_respects_entropy_floor():
     assert excess < 0.05 * mmse
     np.testing.assert_allclose(mse, mmse + excess, rtol=0.05)  # eval MSE = its expectation
     assert math.isnan(result.metrics["ssim"])  # not images
-    assert [c["epoch"] for c in calls] == list(range(1, 6))
-    assert all(c["attack"] == "decoder" and c["epochs"] == 5 for c in calls)
-    lrs = [h["lr"] for h in result.history]
-    expected = [1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
-    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
     assert result.examples.shape == (16, D_IN)
+    # Converged by the plateau rule, well inside the budget, and the curve says so.
+    assert result.converged and result.steps < TOY_CONFIG.max_steps
+    assert [c["step"] for c in calls] == [h["step"] for h in result.history]
+    assert [h["step"] for h in result.history] == list(range(50, result.steps + 1, 50))
+    assert all(c["attack"] == "decoder" for c in calls) and calls[-1]["converged"]
+    scales = [h["lr_scale"] for h in result.history]
+    assert scales[0] == 1.0 and scales[-1] == pytest.approx(0.2**TOY_CONFIG.lr_decays)
+    vals = [h["val_mse"] for h in result.history]
+    best = result.history[[h["step"] for h in result.history].index(result.best_step)]
+    assert best["val_mse"] == min(vals)  # the best-validation weights are the ones returned
+    # Plateau rule: the last `patience` validations did not improve by 0.5 % on the one before.
+    ref = vals[-TOY_CONFIG.patience - 1]
+    assert all(v >= ref * (1 - TOY_CONFIG.min_improvement) for v in vals[-TOY_CONFIG.patience :])
+    assert result.extra == {"num_train": 7200, "num_val": 800}
+
+
+def test_budget_too_small_is_reported_unconverged():
+    _, encode, x_train, x_eval = _toy()
+    cfg = attacks.DecoderAttackConfig(
+        max_steps=30, batch_size=200, lr=1e-2, eval_batch_size=500, eval_every=10
+    )
+    r = attacks.decoder_attack(
+        encode,
+        x_train[:2000],
+        x_eval[:500],
+        config=cfg,
+        key=jax.random.key(2),
+        feature_shape=(D_OUT,),
+        decoder=nnx.Linear(D_OUT, D_IN, rngs=nnx.Rngs(0)),
+    )
+    assert not r.converged and r.steps == 30 and len(r.history) == 3
+    assert r.summary()["converged"] is False and r.summary()["steps"] == 30
+
+
+def test_mean_image_baseline_matches_numpy():
+    _, _, test = _image_setup()
+    train = _image_setup()[1]
+    got = attacks.mean_image_baseline(train, test, batch_size=16)
+    from cem_jax import metrics
+
+    mean = train.astype(np.float64).mean(0) / 255.0
+    x01 = test.astype(np.float64) / 255.0
+    per = ((x01 - mean) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(got["mse"], per.mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["psnr"], np.mean(-10 * np.log10(per)), rtol=1e-5)
+    ssim = np.asarray(metrics.ssim(np.broadcast_to(mean, x01.shape), x01)).mean()
+    np.testing.assert_allclose(got["ssim"], ssim, rtol=1e-4, atol=1e-5)
+
+
+def test_split_validation_is_disjoint_and_refuses_bad_sizes():
+    x = np.arange(100)[:, None]
+    fit, val = attacks.split_validation(x, 0.1, batch_size=32, key=jax.random.key(0))
+    assert len(val) == 10 and len(fit) == 90
+    assert sorted(np.concatenate([fit, val])[:, 0].tolist()) == list(range(100))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        attacks.split_validation(x, 0.1, batch_size=91, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="val_fraction=1.5"):
+        attacks.split_validation(x, 1.5, batch_size=8, key=jax.random.key(0))
 
 
 def test_mesh_of_one_device_matches_no_mesh():
     _, encode, x_train, x_eval = _toy()
     cfg = attacks.DecoderAttackConfig(
-        epochs=1, batch_size=200, lr=1e-2, final_lr=1e-3, eval_batch_size=500
+        max_steps=9, batch_size=200, lr=1e-2, eval_batch_size=500, eval_every=3
     )
     kw = dict(config=cfg, key=jax.random.key(3), feature_shape=(D_OUT,))
     lin = nnx.Linear(D_OUT, D_IN, rngs=nnx.Rngs(0))
@@ -107,7 +160,8 @@ def test_mesh_of_one_device_matches_no_mesh():
     np.testing.assert_allclose(
         np.asarray(plain.decoder.kernel[...]), np.asarray(meshed.decoder.kernel[...]), rtol=1e-6
     )
-    np.testing.assert_allclose(plain.history[0]["loss"], meshed.history[0]["loss"], rtol=1e-6)
+    for a, b in zip(plain.history, meshed.history):
+        np.testing.assert_allclose(a["val_mse"], b["val_mse"], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,7 +188,13 @@ def _image_setup():
 
 
 IMG_CONFIG = attacks.DecoderAttackConfig(
-    epochs=4, batch_size=32, lr=3e-3, decoder="res_normN1C8", eval_batch_size=32, num_examples=5
+    max_steps=16,
+    batch_size=32,
+    lr=3e-3,
+    decoder="res_normN1C8",
+    eval_batch_size=32,
+    num_examples=5,
+    eval_every=4,
 )
 
 
@@ -156,6 +216,7 @@ def test_decoder_attack_on_images_learns_and_reports_metrics_in_range(image_atta
     _, _, test, result = image_attack
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result.history[-1]["val_mse"] < result.history[0]["val_mse"]
     m = result.metrics
     assert 0.0 < m["mse"] < 1.0
     assert 0.0 < m["psnr"] < 100.0 and 0.0 < m["ref_psnr"] < 100.0
@@ -206,7 +267,13 @@ def test_gan_attack_runs_from_the_decoder(image_attack):
     encode, train, test, result = image_attack
     before = jax.tree.map(np.array, nnx.state(result.decoder))
     cfg = attacks.GanAttackConfig(
-        epochs=1, batch_size=32, n_critic=2, critic_width=8, eval_batch_size=32, num_examples=2
+        max_steps=4,
+        batch_size=32,
+        n_critic=2,
+        critic_width=8,
+        eval_batch_size=32,
+        num_examples=2,
+        eval_every=2,
     )
     calls = []
     gan = attacks.gan_attack(
@@ -221,9 +288,9 @@ def test_gan_attack_runs_from_the_decoder(image_attack):
     for k in ("mse", "psnr", "ssim", "ref_psnr", "ref_ssim"):
         assert np.isfinite(gan.metrics[k]), k
     assert 0 < gan.metrics["mse"] < 1
-    assert len(calls) == 1 and calls[0]["attack"] == "gan"
-    h = gan.history[0]
-    assert np.isfinite(h["critic_loss"]) and np.isfinite(h["generator_loss"])
+    assert len(calls) == 2 and calls[0]["attack"] == "gan"
+    assert gan.extra["generator_steps"] == 2 and gan.steps == 4
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["val_mse"]) for h in gan.history)
     assert gan.examples.shape == (2, SIDE, SIDE, 3)
     after = jax.tree.map(np.array, nnx.state(result.decoder))
     jax.tree.map(np.testing.assert_array_equal, before, after)  # init_decoder not modified
@@ -300,13 +367,15 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="train_images"):
         attacks.decoder_attack(encode, x_train.astype(np.int32), x_eval, feature_shape=None, **kw)
     for bad in (
-        dict(epochs=0),
+        dict(max_steps=0),
         dict(batch_size=-1),
         dict(batch_size=2.5),
         dict(lr=0.0),
-        dict(final_lr=1.0),
         dict(weight_decay=-1e-4),
         dict(num_examples=-1),
+        dict(val_fraction=1.0),
+        dict(eval_every=0),
+        dict(lr_decay=1.5),
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             attacks.DecoderAttackConfig(**bad)
@@ -318,6 +387,69 @@ def test_bad_inputs_raise():
         dict(mse_weight=-1.0),
         dict(critic_lr=0),
         dict(generator_lr=-1e-4),
+        dict(max_steps=5),  # < n_critic: no generator step
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             attacks.GanAttackConfig(**bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# White-box attack
+
+
+def test_total_variation_matches_numpy():
+    x = np.random.default_rng(0).uniform(size=(3, 5, 4, 2)).astype(np.float32)
+    expected = np.abs(np.diff(x, axis=1)).sum((1, 2, 3)) + np.abs(np.diff(x, axis=2)).sum((1, 2, 3))
+    np.testing.assert_allclose(attacks.total_variation(jnp.asarray(x)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_whitebox_inverts_a_known_client_without_data(drop):
+    encode, train, test = _image_setup()  # noisy sigmoid of 4x4 patches: invertible up to noise
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(48, 48)))
+    w = jnp.asarray(q.astype(np.float32))  # orthogonal: the noise is not amplified
+
+    def features(x):
+        b = x.shape[0]
+        patches = x.reshape(b, FEAT, 4, FEAT, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+        return jax.nn.sigmoid(patches.reshape(b, FEAT, FEAT, 48) @ w - 0.5)
+
+    sigma = 0.005
+
+    def observe(key, x):
+        z = features(_to01(x))
+        z = z + sigma * jax.random.normal(key, z.shape)
+        if drop:  # a dropped feature arrives as an exact 0 and must be ignored by the attacker
+            z = jnp.where(jax.random.uniform(jax.random.fold_in(key, 1), z.shape) < 0.2, 0.0, z)
+        return z
+
+    cfg = attacks.WhiteboxAttackConfig(
+        max_steps=3000,
+        lr=0.1,
+        tv_weight=0.01,
+        batch_size=16,
+        num_images=24,
+        eval_every=50,
+        tolerance=5e-3,
+    )
+    calls = []
+    r = attacks.whitebox_attack(
+        features,
+        observe,
+        test,
+        config=cfg,
+        key=jax.random.key(0),
+        sigma=sigma,
+        progress=calls.append,
+    )
+    base = attacks.mean_image_baseline(train, test[:24])
+    assert r.extra["num_images"] == 24 and r.decoder is None
+    assert r.metrics["mse"] < 0.1 * base["mse"], (r.metrics["mse"], base["mse"])
+    assert r.converged and r.steps < 3000 and calls and calls[-1]["converged"]
+    objectives = [h["loss"] for h in r.history if h["batch"] == 0]
+    assert objectives == sorted(objectives, reverse=True)  # the objective decreases
+    assert r.examples.shape == (16, SIDE, SIDE, 3)
+
+
+def _to01(x):
+    return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
