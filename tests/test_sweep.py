@@ -239,6 +239,7 @@ def test_collect_tolerates_results_without_attacks_or_new_keys(tmp_path):
     assert "whitebox.train_time.mse" not in rec["metrics"]  # NaN is no number
     md = collect.table_markdown(records)
     assert "(n=1)" in md and "†" in md
+    assert "GAN train-time MSE" not in md and "decoder train-time MSE" in md  # no empty columns
     assert collect.plot_privacy_utility(records, str(tmp_path / "p.png"))
     assert not collect.plot_privacy_utility([], str(tmp_path / "q.png"))
     assert not (tmp_path / "q.png").exists()

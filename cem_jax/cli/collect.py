@@ -193,19 +193,27 @@ COLUMNS = (
     ("mean-image MSE", "decoder.train_time.baseline_mse", ".4f"),
     ("decoder inference-time MSE", "decoder.inference_time.mse", ".4f"),
     ("PSNR", "decoder.inference_time.psnr", ".2f"),
+    ("white-box train-time MSE", "whitebox.train_time.mse", ".4f"),
+    ("PSNR", "whitebox.train_time.psnr", ".2f"),
     ("GAN train-time MSE", "gan.train_time.mse", ".4f"),
     ("PSNR", "gan.train_time.psnr", ".2f"),
 )
+_ALWAYS = ("clean_acc", "defended_acc")  # columns shown even when no run has them
 
 
 def table_markdown(records: Sequence[dict[str, Any]]) -> str:
-    """The Markdown table: ``mean ± std`` per metric (``std`` only with ≥ 2 seeds), ``n`` seeds."""
-    header = ["defense", "σ", "λ", "n"] + [c[0] for c in COLUMNS]
+    """The Markdown table: ``mean ± std`` per metric (``std`` only with ≥ 2 seeds), ``n`` seeds.
+
+    A metric column no run has (e.g. the GAN's when no run attacked with it) is left out; the full set
+    of metrics is in ``table.json``.
+    """
+    columns = [c for c in COLUMNS if c[1] in _ALWAYS or any(c[1] in r["metrics"] for r in records)]
+    header = ["defense", "σ", "λ", "n"] + [c[0] for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     flagged_any = False
     for r in records:
         cells = [r["defense"], _g(r["sigma"]), _g(r["lambd"]), str(r["n"])]
-        for _, key, spec in COLUMNS:
+        for _, key, spec in columns:
             s = r["metrics"].get(key)
             cells.append(format_stat(s, spec, n=r["n"]))
             flagged_any |= bool(s and s["flagged"])
