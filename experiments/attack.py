@@ -1,7 +1,7 @@
 r"""Re-run the model inversion attacks on a finished run, without retraining.
 
     python -m experiments.attack --workdir=runs/cifar10_cem_noise_quick
-    python -m experiments.attack --workdir=... --attacks=decoder --attack_epochs=50 --threat_model=noise_only
+    python -m experiments.attack --workdir=... --attacks=decoder --attack_steps=10000 --threat_model=noise_only
 
 The same program is installed as ``cem-attack``; it lives in :mod:`cem_jax.cli.attack`.
 """

@@ -1,7 +1,7 @@
 r"""Re-run the model inversion attacks on a finished run, without retraining.
 
     cem-attack --workdir=runs/cifar10_cem_noise_quick
-    cem-attack --workdir=... --attacks=decoder --attack_epochs=50 --threat_model=noise_only
+    cem-attack --workdir=... --attacks=decoder --attack_steps=10000 --threat_model=noise_only
     python -m experiments.attack --workdir=...                   # the same
 
 The run's config, data and final checkpoint are reused; every config field the trained client does not
