@@ -47,9 +47,11 @@ CHOICES: dict[str, Sequence[str]] = {
 # Help of every RunConfig field without metadata["help"] (tests/test_cli.py checks the coverage).
 HELP: dict[str, str] = {
     # data
-    "dataset": "Dataset: " + ", ".join(config_lib.DATASETS) + ", or the name of a folder dataset.",
-    "data_dir": "Dataset folder/zip (train/<class>/*.png|jpg + test/<class>/...) or download folder. "
-    "Default: $CEM_DATA_DIR, then the default download location.",
+    "dataset": "Dataset: " + ", ".join(config_lib.DATASETS) + " (a folder dataset of another "
+    "kind is named after its folder; see the README's Data).",
+    "data_dir": "Where the data are: a folder or zip with train/<class>/* + test/<class>/*, Tiny "
+    "ImageNet's folder or zip, or a prepared cifar10.npz / official CIFAR archive (or its folder). "
+    "Default: $CEM_DATA_DIR; unset: CIFAR is downloaded once into $CEM_DOWNLOAD_DIR.",
     "train_subset": "Train on a class-balanced subset of N images (default: all).",
     "test_subset": "Evaluate on a random subset of N test images (default: all).",
     # split model
