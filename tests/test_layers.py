@@ -27,6 +27,8 @@ SHAPES = [
     (8, 8, 16, 5, 2, 2),  # WGAN-GP critic's 5x5 stride-2 conv
     (6, 8, 8, 3, 1, "VALID"),
     (6, 8, 8, 3, 1, ((0, 2), (1, 0))),
+    (8, 8, 3, 1, 1, 0),  # decoder head's 1x1 shortcut: a plain dot under 'auto' on CPU
+    (6, 8, 12, 2, 1, ((0, 1), (0, 1))),  # decoder's sub-pixel upsampling conv (2x2, 4*c_out)
 ]
 
 
@@ -147,6 +149,10 @@ def test_use_matmul_rule():
     assert not layers.use_matmul((32, 32), (3, 3), 32, 32, (1, 1), backend="cpu")
     assert not layers.use_matmul((16, 16), (3, 3), 64, 8, (1, 1), backend="cpu")
     assert not layers.use_matmul((8, 8), (3, 3), 256, 256, (1, 1), backend="cpu")
+    # kernels of at most 2x2 at stride 1 (1x1 shortcut, sub-pixel upsampling): a cheap im2col
+    assert layers.use_matmul((32, 32), (1, 1), 64, 3, (1, 1), backend="cpu")
+    assert layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu")
+    assert not layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="gpu")
     # strided convs: XLA:CPU's dilated-conv gradients fall back to a naive loop
     assert layers.use_matmul((8, 8), (5, 5), 128, 256, (2, 2), backend="cpu")
     assert layers.use_matmul((64, 64), (3, 3), 16, 32, (2, 2), backend="cpu")

@@ -107,7 +107,7 @@ def use_matmul(
 ) -> bool:
     """The rule: im2col + matmul instead of XLA's conv, decided per shape at trace time.
 
-    Only on CPU, in three cases. Figures: forward + both gradients of one conv, ms, XLA vs matmul,
+    Only on CPU, in four cases. Figures: forward + both gradients of one conv, ms, XLA vs matmul,
     batch 128 unless noted (``python -m benchmarks.models --layers``).
 
     (a) The map is smaller than the kernel in some direction (XLA takes a very slow path):
@@ -122,6 +122,12 @@ def use_matmul(
         16x16 128->256: 494 vs 344; 16x16 256->256: 1019 vs 670; 32x32 64->128 (batch 64):
         357 vs 236; 32x32 32->64 (batch 64): 131 vs 88.
 
+    (d) Stride 1 with a kernel of at most 2x2 (im2col copies the input at most 4 times; a 1x1
+        kernel is a plain dot). Batch 256, the decoder's shapes: 32x32 64->3 k1 (the head's
+        shortcut): 130 vs 36; 8x8 64->256 k2 (its first sub-pixel upsampling): 57 vs 32. No
+        client conv has such a kernel. The decoder attack step (batch 256) gains x1.14 (two
+        interleaved runs on a loaded machine).
+
     Everything else stays on XLA, which is as fast or faster there: 32x32 32->32: 141 vs 157;
     8x8 128->128: 46 vs 56; 4x4 512->512: 128 vs 125 (a tie); thin outputs lose badly as a
     matmul (16x16 64->8: 19 vs 91; 8x8 128->8: 9 vs 38).
@@ -133,6 +139,8 @@ def use_matmul(
     if (backend or jax.default_backend()) != "cpu":
         return False
     if max(strides) > 1:
+        return True
+    if max(kernel_hw) <= 2:
         return True
     if in_hw[0] * in_hw[1] >= 256 and c_in >= 32 and c_out >= 64:
         return True
