@@ -267,6 +267,12 @@ class Defense:
         for field in ("sigma", "nopeek_alpha", "adversarial_alpha", "lambd"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field}={getattr(self, field)}: accepted a value >= 0 (0: off).")
+        if self.lambd > MAX_LAMBDA:
+            raise ValueError(
+                f"lambd={self.lambd:g}: accepted 0 <= lambd <= {MAX_LAMBDA:g}; λ·L_C is computed in "
+                "float32 (largest 3.4e38), where a weight this large overflows the loss and its "
+                "gradients."
+            )
         for field in ("dropout_ratio", "topk_ratio"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(
@@ -327,6 +333,7 @@ class Defense:
 
 #: Default CEM strength of the cem_* presets (see the module docstring for the choice).
 DEFAULT_LAMBDA = 1.0
+MAX_LAMBDA = 1e6  # λ·L_C and its gradient stay far inside float32
 DEFAULT_SIGMA = 0.1
 
 _CEM = {"sigma": DEFAULT_SIGMA, "cem": True, "lambd": DEFAULT_LAMBDA}

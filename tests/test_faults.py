@@ -61,7 +61,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return out
 
 
-def _run(workdir: Path, env: dict[str, str], fault: str | None = None) -> subprocess.CompletedProcess:
+def _run(
+    workdir: Path, env: dict[str, str], fault: str | None = None
+) -> subprocess.CompletedProcess:
     e = dict(env)
     if fault is not None:
         e["CEM_FAULT_POINT"] = fault

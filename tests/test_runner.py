@@ -213,3 +213,277 @@ def test_run_with_attacks_then_reattack_and_load_client(tmp_path):
     sigma = client.config.defense_spec().sigma
     assert np.std(np.asarray(z1 - clean)) == pytest.approx(sigma, rel=0.15)
     assert not np.allclose(z1, z2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 10: faults and bad input end with a clear error or a correct result, never lost data.
+
+
+def test_lambd_that_overflows_float32_is_refused(tmp_path):
+    proc = run_module("experiments.run", "--lambd=1e300", f"--workdir={tmp_path}", timeout=120)
+    assert proc.returncode != 0
+    assert "lambd=1e+300: accepted 0 <= lambd <= 1e+06" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    from cem_jax import defenses
+
+    with pytest.raises(ValueError, match="lambd=1e\\+07: accepted"):
+        defenses.Defense(name="x", sigma=0.1, cem=True, lambd=1e7)
+    assert defenses.Defense(name="x", sigma=0.1, cem=True, lambd=1e6).lambd == 1e6
+
+
+def test_planted_symlink_at_the_temp_name_is_not_written_through(tmp_path):
+    from cem_jax import runner
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "results.json.tmp").symlink_to(victim)
+    (tmp_path / ".results.json.tmp").symlink_to(victim)
+    runner.write_json_atomic(str(tmp_path / "results.json"), {"a": np.float32(1.5)})
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "results.json").is_symlink()
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1.5}
+    assert sorted(os.listdir(tmp_path)) == [
+        ".results.json.tmp",
+        "results.json",
+        "results.json.tmp",
+        "victim.txt",
+    ]  # no temporary file of ours left behind
+    assert oct(os.stat(tmp_path / "results.json").st_mode & 0o777) == "0o644"
+
+
+def test_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path):
+    import socket
+
+    from cem_jax import runner
+
+    wd = tmp_path / "run"
+    with runner.lock_workdir(str(wd)) as me:
+        # the same process cannot take it twice either (flock is per open file)
+        with pytest.raises(runner.RunError, match=f"in use by another run: pid {os.getpid()}"):
+            with runner.lock_workdir(str(wd)):
+                pass
+        proc = run_module("experiments.run", *SMALL, f"--workdir={wd}", timeout=120)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert f"is in use by another run: pid {os.getpid()} on host {socket.gethostname()}" in err, err
+    assert f"started {me['started']}" in err and "Traceback" not in err
+    assert sorted(os.listdir(wd)) == [".lock"]  # it wrote nothing
+    assert (wd / ".lock").read_text() == ""  # released
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import io
+
+    from cem_jax import runner
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(
+        json.dumps({"pid": dead.pid, "host": "gone", "started": "2020-01-01T00:00:00+00:00"})
+    )
+    buf = io.StringIO()
+    with runner.lock_workdir(str(tmp_path), stream=buf) as me:
+        assert me["pid"] == os.getpid()
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert f"taking over the stale lock of {tmp_path} from pid {dead.pid} on host gone" in (
+        buf.getvalue()
+    )
+
+
+def _foreign_outputs(wd) -> dict[str, bytes]:
+    wd.mkdir(parents=True, exist_ok=True)
+    other = {"fingerprint": {"sigma": 0.3, "epochs": 9}, "final": {"clean_acc": 0.9}}
+    (wd / "results.json").write_text(json.dumps(other))
+    (wd / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    return {n: (wd / n).read_bytes() for n in ("results.json", "metrics.jsonl")}
+
+
+def test_workdir_without_checkpoints_keeps_another_runs_outputs(tmp_path):
+    wd = tmp_path / "run"
+    before = _foreign_outputs(wd)  # another configuration's finished run, checkpoints/ deleted
+    proc = run_module("experiments.run", *SMALL, f"--workdir={wd}", timeout=120)
+    assert proc.returncode != 0
+    assert "holds the results of another configuration" in proc.stderr, proc.stderr[-2000:]
+    assert "no checkpoint (deleted?)" in proc.stderr and "epochs: 9 there vs 2" in proc.stderr
+    assert {n: (wd / n).read_bytes() for n in before} == before
+    assert not (wd / "checkpoints").exists()
+
+    # only a metrics.jsonl (its results and checkpoints deleted): not mixed with a new run
+    from cem_jax import config, runner
+
+    (wd / "results.json").unlink()
+    cfg = config.make_config("paper", dataset="synthetic", epochs=2, attacks=())
+    with pytest.raises(runner.RunError, match=r"metrics.jsonl holds 2 epoch line\(s\) .* no "):
+        runner.run(cfg, workdir=str(wd))
+    assert (wd / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+
+
+def _png_folder(root, classes: list[str], seed: int, per_class: int = 4):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def _folder_config(data_dir, epochs: int = 2):
+    from cem_jax import config
+
+    return config.make_config(
+        "paper",
+        dataset="facescrub",
+        data_dir=str(data_dir),
+        epochs=epochs,
+        batch_size=4,
+        attacks=(),
+    )
+
+
+def _save_checkpoint(workdir, cfg, epoch: int) -> dict:
+    from cem_jax import data, runner, train
+    from cem_jax.checkpoint import Checkpointer
+
+    ds = runner.load_data(cfg)
+    trainer = train.Trainer(cfg, ds)
+    identity = data.dataset_identity(ds)
+    ckpt = Checkpointer(str(workdir / "checkpoints"))
+    hist = [{"epoch": e} for e in range(1, epoch + 1)]
+    ckpt.save(
+        epoch, trainer.init_state(), train.checkpoint_meta(cfg, trainer, epoch, hist, identity)
+    )
+    ckpt.close()
+    return identity
+
+
+def test_resume_finished_run_and_attack_on_other_data_are_refused(tmp_path):
+    from cem_jax import runner
+
+    a = _png_folder(tmp_path / "faces_a", ["ann", "bob"], seed=1)
+    b = _png_folder(tmp_path / "faces_b", ["ann", "bob", "cyd"], seed=2)  # one class more
+    c = _png_folder(tmp_path / "faces_c", ["ann", "bob"], seed=3)  # same classes, other pixels
+
+    # a run killed after epoch 1 on A, resumed with --data_dir=B: named, not orbax's strict=False
+    wd = tmp_path / "run"
+    ident_a = _save_checkpoint(wd, _folder_config(a), epoch=1)
+    with pytest.raises(runner.RunError) as e:
+        runner.run(_folder_config(b), workdir=str(wd))
+    msg = str(e.value)
+    assert "was computed on dataset 'facescrub' from" in msg and str(a) in msg and str(b) in msg
+    assert "2 classes" in msg and "3 classes" in msg and "differ in digest, class_names" in msg
+    assert "strict" not in msg
+    assert sorted(os.listdir(wd / "checkpoints")) == ["1"]
+
+    # a finished workdir (results.json) rerun with other data of the same shape: refused, not reused
+    cfg_a = _folder_config(a)
+    wd2 = tmp_path / "finished"
+    wd2.mkdir()
+    previous = {
+        "fingerprint": cfg_a.training_fingerprint(),
+        "attack_config": runner._attack_config(cfg_a),
+        "dataset": ident_a,
+    }
+    (wd2 / "results.json").write_text(json.dumps(previous))
+    with pytest.raises(
+        runner.RunError, match=r"results.json was computed on dataset .*differ in digest"
+    ):
+        runner.run(_folder_config(c), workdir=str(wd2))
+    assert json.loads((wd2 / "results.json").read_text()) == previous
+
+    # re-attacking a finished run with another --data_dir
+    wd3 = tmp_path / "attack"
+    _save_checkpoint(wd3, _folder_config(a, epochs=1), epoch=1)
+    with pytest.raises(runner.RunError, match=f"the run in {wd3} was computed on dataset .*{c}"):
+        runner.attack_workdir(str(wd3), overrides={"data_dir": str(c)})
+
+
+@pytest.fixture
+def read_only_runner(tmp_path):
+    """``(tmp_path, run)``: ``run(module, *args)`` runs a child that file permissions apply to.
+
+    As root, permissions do not stop writes: the child then runs under ``setpriv`` without the
+    capabilities that override them (skipped where ``setpriv`` is missing).
+    """
+    import shutil
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot make a folder read-only")
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+
+    def run(module: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*prefix, sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+
+    yield tmp_path, run
+    for d, _, _ in os.walk(tmp_path):
+        os.chmod(d, 0o755)  # let pytest clean up
+
+
+def test_read_only_workdir_is_a_clear_error(read_only_runner):
+    base, run = read_only_runner
+    ro = os.path.join(base, "ro")
+    os.mkdir(ro)
+    os.chmod(ro, 0o555)
+    for wd in (ro, os.path.join(ro, "new_run")):
+        proc = run("experiments.run", *SMALL, f"--workdir={wd}")
+        assert proc.returncode != 0
+        assert f"error: cannot use --workdir={wd}: {ro} is not writable" in proc.stderr, (
+            proc.stderr[-2000:]
+        )
+        assert "Traceback" not in proc.stderr
+    assert os.listdir(ro) == []
+
+
+@pytest.mark.slow
+def test_attack_on_a_read_only_workdir_prints_then_says_nothing_was_saved(read_only_runner):
+    from cem_jax import config
+
+    base, run = read_only_runner
+    wd = base / "finished"
+    cfg = config.make_config(
+        "paper", dataset="synthetic", train_subset=64, test_subset=32, batch_size=32, epochs=1
+    )
+    cfg = __import__("dataclasses").replace(cfg, attacks=())
+    _save_checkpoint(wd, cfg, epoch=1)
+    (wd / "results.json").write_text('{"old": true}')
+    for d in (wd, *[p for p in wd.rglob("*") if p.is_dir()]):
+        os.chmod(d, 0o555)
+    proc = run("experiments.attack", f"--workdir={wd}", "--cache_dir=")
+    assert proc.returncode != 0
+    assert "test accuracy" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the results above were NOT saved" in proc.stderr and str(wd / "results.json") in (
+        proc.stderr
+    ), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert (wd / "results.json").read_text() == '{"old": true}'
+
+
+@pytest.mark.slow
+def test_blow_up_on_the_last_step_of_an_epoch_writes_no_checkpoint(tmp_path):
+    # one step per epoch: the step's loss is finite, the update it makes is not
+    args = [a for a in SMALL if not a.startswith("--train_subset")] + [
+        "--train_subset=32",
+        "--test_subset=32",
+        "--lr=1e30",
+    ]
+    proc = run_module("experiments.run", *args, f"--workdir={tmp_path}")
+    assert proc.returncode != 0
+    assert "non-finite on 32 of 32 test images after epoch 1" in proc.stderr, proc.stderr[-3000:]
+    assert "no checkpoint was written. Lower --lr or --lambd." in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path / "checkpoints") == []
+    assert not (tmp_path / "results.json").exists()
