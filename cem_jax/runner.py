@@ -254,7 +254,11 @@ def run(
     non-finite loss or state, an unwritable workdir.
     """
     out = stream if stream is not None else sys.stdout
-    with lock_workdir(workdir, stream=out):
+    # one lock per run: on several hosts sharing the workdir, process 0 holds it for all of them
+    lock = (
+        lock_workdir(workdir, stream=out) if jax.process_index() == 0 else contextlib.nullcontext()
+    )
+    with lock:
         try:
             return _run_locked(
                 cfg, workdir=workdir, num_devices=num_devices, cache_dir=cache_dir, out=out
