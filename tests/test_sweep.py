@@ -138,8 +138,8 @@ def _fake_results(defense, sigma, lambd, seed, rng, *, flagged=False, attacks=Tr
         "final": {
             "clean_acc": float(rng.uniform(0.3, 0.6)),
             "defended_acc": float(rng.uniform(0.2, 0.5)),
-            "leakage_bits_diagonal": float(rng.uniform(100, 900)),
-            "leakage_bits_full": float(rng.uniform(100, 900)),
+            "leakage_bits": float(rng.uniform(100, 900)),
+            "leakage": {"sigma": sigma, "certificate_bits": 0.0},
         },
         "attacks": {},
     }
@@ -185,7 +185,7 @@ def test_collect_gives_mean_std_n_per_grid_point_and_draws_the_plot(tmp_path):
         assert row["n"] == len(results)
         for key, get in (
             ("defended_acc", lambda r: r["final"]["defended_acc"]),
-            ("leakage_bits_full", lambda r: r["final"]["leakage_bits_full"]),
+            ("leakage_bits", lambda r: r["final"]["leakage_bits"]),
             ("decoder.train_time.mse", lambda r: r["attacks"]["decoder"]["train_time"]["mse"]),
         ):
             if name == "none" and key.startswith("decoder"):
@@ -227,14 +227,14 @@ def test_collect_gives_mean_std_n_per_grid_point_and_draws_the_plot(tmp_path):
 def test_collect_tolerates_results_without_attacks_or_new_keys(tmp_path):
     rng = np.random.default_rng(1)
     old = _fake_results("noise", 0.1, None, 1, rng, attacks=False)
-    del old["final"]["leakage_bits_full"]
+    del old["final"]["leakage_bits"]
     new = _fake_results("noise", 0.1, None, 2, rng)
     new["attacks"]["decoder"]["train_time"]["informative"] = False
     new["attacks"]["whitebox"] = {"train_time": {"mse": float("nan"), "note": "skipped"}}
     new["attacks"]["gan"] = {"train_time": None}
     records = collect.summarize([({"defense": "noise", "sigma": 0.1}, r) for r in (old, new)])
     (rec,) = records
-    assert rec["n"] == 2 and rec["metrics"]["leakage_bits_full"]["n"] == 1
+    assert rec["n"] == 2 and rec["metrics"]["leakage_bits"]["n"] == 1
     assert rec["metrics"]["decoder.train_time.mse"]["flagged"] == 1
     assert "whitebox.train_time.mse" not in rec["metrics"]  # NaN is no number
     md = collect.table_markdown(records)
@@ -243,3 +243,10 @@ def test_collect_tolerates_results_without_attacks_or_new_keys(tmp_path):
     assert collect.plot_privacy_utility(records, str(tmp_path / "p.png"))
     assert not collect.plot_privacy_utility([], str(tmp_path / "q.png"))
     assert not (tmp_path / "q.png").exists()
+    # results.json of an older version: the full-covariance estimate, no certificate
+    for r in (old, new):
+        r["final"]["leakage_bits_full"] = r["final"].pop("leakage_bits", 500.0)
+    records = collect.summarize([({"defense": "noise", "sigma": 0.1}, r) for r in (old, new)])
+    assert records[0]["metrics"]["leakage_bits_full"]["n"] == 2
+    assert "full-cov. estimate" in collect.table_markdown(records)
+    assert collect.plot_privacy_utility(records, str(tmp_path / "old.png"))

@@ -26,7 +26,9 @@ RESULTS_FILE = "results.json"  # cem_jax.runner.RESULTS_FILE (not imported: coll
 TABLE_MD, TABLE_JSON, PLOT_PNG = "table.md", "table.json", "privacy_utility.png"
 
 # Metrics of one run, by name, read from its results.json: (path into the dict).
-_FINAL = ("clean_acc", "defended_acc", "leakage_bits_full", "leakage_bits_diagonal")
+# leakage_bits: the certificate (results.json since the attacks/certificate rework); leakage_bits_full /
+# _diagonal: the estimates older results.json files carried instead.
+_FINAL = ("clean_acc", "defended_acc", "leakage_bits", "leakage_bits_full", "leakage_bits_diagonal")
 _ATTACK_METRICS = ("mse", "psnr", "ssim")
 
 
@@ -98,7 +100,8 @@ def load_runs(workdirs: Iterable[tuple[dict[str, Any], str]]) -> list[tuple[dict
 def run_metrics(results: dict[str, Any]) -> dict[str, tuple[float, bool]]:
     """``{metric: (value, flagged)}`` of one run.
 
-    Names: ``clean_acc``, ``defended_acc``, ``leakage_bits_full``, ``leakage_bits_diagonal`` and
+    Names: ``clean_acc``, ``defended_acc``, ``leakage_bits`` (the certificate; older files:
+    ``leakage_bits_full``, ``leakage_bits_diagonal``) and
     ``<attack>.<setting>.<mse|psnr|ssim|baseline_mse>``. An attack entry is *flagged* when it says it
     is not ``informative`` (no better than the mean-image baseline) or not ``converged``; missing keys
     flag nothing.
@@ -186,7 +189,8 @@ def stats(values: Sequence[float]) -> dict[str, Any]:
 COLUMNS = (
     ("acc clean", "clean_acc", ".4f"),
     ("acc defended", "defended_acc", ".4f"),
-    ("leakage bits (full)", "leakage_bits_full", ".1f"),
+    ("leakage bits (certificate)", "leakage_bits", ".1f"),
+    ("leakage bits (full-cov. estimate)", "leakage_bits_full", ".1f"),
     ("decoder train-time MSE", "decoder.train_time.mse", ".4f"),
     ("PSNR", "decoder.train_time.psnr", ".2f"),
     ("SSIM", "decoder.train_time.ssim", ".3f"),
@@ -260,8 +264,10 @@ def write_table(root: str, records: Sequence[dict[str, Any]], meta: dict[str, An
 # ---------------------------------------------------------------------------------------------- plot
 PANELS = (
     ("decoder.train_time.mse", "train-time decoder attack MSE (higher: more private)"),
-    ("leakage_bits_full", "leakage bound, bits / image (lower: more private)"),
+    ("leakage_bits", "leakage certificate, bits / image (lower: more private)"),
 )
+# older results.json files have no certificate: their panel shows this estimate instead
+_LEAKAGE_FALLBACK = ("leakage_bits_full", "leakage bound (full-covariance estimate), bits / image")
 
 
 def plot_privacy_utility(
@@ -288,7 +294,10 @@ def plot_privacy_utility(
     families = list(dict.fromkeys(r["defense"] for r in usable))
     colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
     any_flagged = False
-    for ax, (key, xlabel) in zip(axes, PANELS):
+    panels = list(PANELS)
+    if not any("leakage_bits" in r["metrics"] for r in usable):
+        panels[1] = _LEAKAGE_FALLBACK
+    for ax, (key, xlabel) in zip(axes, panels):
         drawn = False
         for fam in families:
             # one curve per family, along its σ (then λ) axis
