@@ -146,3 +146,36 @@ def test_killed_anywhere_then_rerun_gives_the_uninterrupted_outputs(
         assert not [n for n in os.listdir(wd) if n.endswith(".tmp")], fault
         assert (wd / ".lock").read_text() == ""
     print(f"\n{len(CASES)} kill points, killed + re-run in {time.perf_counter() - t0:.1f}s")
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_skipped_and_its_epoch_retrained(
+    reference: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    import glob
+    import shutil
+
+    ref_results, ref_metrics = _outputs(reference)
+    assert len(ref_results["dataset"]["digest"]) == 64  # the data's identity is recorded
+    for damage in ("truncated data file", "empty step folder"):
+        wd = tmp_path / damage.replace(" ", "_")
+        shutil.copytree(reference, wd)
+        (wd / "results.json").unlink()  # as if killed after the last checkpoint
+        step2 = wd / "checkpoints" / "2"
+        if damage == "truncated data file":
+            for f in glob.glob(f"{step2}/state/**/d/*", recursive=True):
+                if os.path.isfile(f):
+                    os.truncate(f, 10)
+        else:
+            shutil.rmtree(step2)
+            step2.mkdir()
+        proc = _run(wd, env)
+        assert proc.returncode == 0, (damage, proc.stderr[-3000:])
+        out = proc.stdout + proc.stderr
+        assert f"skipping damaged checkpoint {step2}" in out, (damage, out[-3000:])
+        assert "(resumed after epoch 1)" in proc.stdout
+        assert "Traceback" not in out and "Event loop is closed" not in out
+        assert os.listdir(wd / "checkpoints.damaged")[0].startswith("2-")
+        results, metrics = _outputs(wd)
+        assert _untimed(metrics) == _untimed(ref_metrics), damage
+        assert _untimed(results["final"]) == _untimed(ref_results["final"]), damage
