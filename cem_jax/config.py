@@ -71,7 +71,9 @@ class RunConfig:
     attack_steps: int = 10_000  # max decoder steps (the reference's 50 epochs of 50k: ~9,800)
     attack_batch_size: int = 256
     attack_eval_every: int = 100  # validate every N steps (plateau rule: cem_jax.attacks)
-    attack_patience: int = 3  # validations without a 0.5 % gain before the lr decays / it stops
+    attack_patience: int = 3  # validations without a real gain before the lr decays / it stops
+    attack_min_improvement: float = 0.005  # a "real gain": relative drop of the validation MSE
+    attack_lr_decays: int = 2  # x0.2 learning-rate decays before a plateau stops the attack
     attack_val_fraction: float = 0.1  # of the attacker's images, held out for validation
     attack_train_subset: int | None = None
     gan_steps: int = 30_000  # max critic steps (one generator step per 10)
@@ -137,6 +139,12 @@ class RunConfig:
                     f"{name}={v!r}: an attack budget is a number of optimizer steps; accepted an "
                     "integer >= 1 (leave the attack out of --attacks instead)."
                 )
+        if not 0 <= self.attack_min_improvement < 1:
+            raise ValueError(
+                f"attack_min_improvement={self.attack_min_improvement}: accepted a fraction in [0, 1)."
+            )
+        if self.attack_lr_decays < 0:
+            raise ValueError(f"attack_lr_decays={self.attack_lr_decays}: accepted an integer >= 0.")
         for name in ("attack_eval_every", "attack_patience", "whitebox_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: accepted an integer >= 1.")
@@ -222,9 +230,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack_train_subset": 4000,
         "attack_batch_size": 64,
         "attack_steps": 3000,
-        "attack_eval_every": 50,
-        "whitebox_steps": 500,
-        "whitebox_images": 128,
+        "attack_eval_every": 100,
+        "attack_patience": 2,
+        "attack_min_improvement": 0.01,
+        "attack_lr_decays": 1,
+        "whitebox_steps": 300,
+        "whitebox_images": 64,
     },
 }
 

@@ -62,6 +62,8 @@ def attack_configs(cfg: RunConfig, n_train: int, n_eval: int, devices: int = 1) 
             val_fraction=cfg.attack_val_fraction,
             eval_every=min(cfg.attack_eval_every, cfg.attack_steps),
             patience=cfg.attack_patience,
+            min_improvement=cfg.attack_min_improvement,
+            lr_decays=cfg.attack_lr_decays,
         ),
         "whitebox": attacks.WhiteboxAttackConfig(
             max_steps=cfg.whitebox_steps,
@@ -79,6 +81,8 @@ def attack_configs(cfg: RunConfig, n_train: int, n_eval: int, devices: int = 1) 
             val_fraction=cfg.attack_val_fraction,
             eval_every=max(10, min(cfg.attack_eval_every * 2, cfg.gan_steps)),
             patience=cfg.attack_patience,
+            min_improvement=cfg.attack_min_improvement,
+            lr_decays=min(cfg.attack_lr_decays, 1),
         )
     sizes = {"decoder": n_train, "gan": n_gan if "gan" in out else 0}
     for name in ("decoder", "gan"):
