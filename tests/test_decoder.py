@@ -183,3 +183,27 @@ def test_bad_names_and_sizes_raise():
     d = dec.decoder_from_name("res_normN1C8", **kw)
     with pytest.raises(ValueError, match="z.shape"):
         d(jnp.zeros((2, 8, 8, 4)))
+
+
+def test_decoder_fast_paths_equal_plain_formulation():
+    # the CPU rule's im2col / col2im convs and the sub-pixel upsampling against plain XLA convs
+    # and lax.conv_transpose: same loss and parameter gradients in train mode (BN batch stats)
+    kw = dict(in_channels=8, feature_size=4, image_size=16, num_blocks=1, width=32)
+    fast = dec.InversionDecoder(**kw, rngs=nnx.Rngs(0))
+    plain = dec.InversionDecoder(**kw, upsample_impl="transpose", rngs=nnx.Rngs(0))
+    plain.set_attributes(impl="xla", raise_if_not_found=False)
+    for up in plain.ups:
+        up.impl = "transpose"
+    z = jax.random.normal(jax.random.key(0), (4, 4, 4, 8))
+    target = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+
+    def value_and_grads(d):
+        return nnx.value_and_grad(lambda d: jnp.mean((d(z) - target) ** 2))(d)
+
+    v_fast, g_fast = value_and_grads(fast)
+    v_plain, g_plain = value_and_grads(plain)
+    np.testing.assert_allclose(v_fast, v_plain, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
+        # a bias right before a BN has a zero gradient up to rounding (~1e-10): absolute floor
+        atol = max(1e-4 * np.abs(np.asarray(b)).max(), 1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol)

@@ -29,7 +29,12 @@ SHAPES = [
     (6, 8, 8, 3, 1, ((0, 2), (1, 0))),
     (8, 8, 3, 1, 1, 0),  # decoder head's 1x1 shortcut: a plain dot under 'auto' on CPU
     (6, 8, 12, 2, 1, ((0, 1), (0, 1))),  # decoder's sub-pixel upsampling conv (2x2, 4*c_out)
+    (6, 32, 3, 3, 1, 1),  # decoder head's thin 3x3 conv: col2im under 'auto' on CPU
 ]
+
+
+def _impls(s, auto=True):
+    return ("xla", "matmul") + (("col2im",) if s == 1 else ()) + (("auto",) if auto else ())
 
 
 def _pads(padding, h, k, s):
@@ -64,7 +69,7 @@ def test_conv2d_paths_equal_numpy_and_lax(h, ci, co, k, s, padding):
     lax_out = jax.lax.conv_general_dilated(
         x, w, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    for impl in ("xla", "matmul", "auto"):
+    for impl in _impls(s):
         out = layers.conv2d(x, w, strides=s, padding=padding, impl=impl)
         chex.assert_shape(out, ref.shape)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
@@ -84,7 +89,7 @@ def test_conv2d_gradients_equal(h, ci, co, k, s, padding):
         return jnp.sum(jnp.sin(y) * target)
 
     gx_ref, gw_ref = jax.grad(loss_lax, argnums=(0, 1))(x, w)
-    for impl in ("xla", "matmul"):
+    for impl in _impls(s, auto=False):
         loss = lambda x, w, impl=impl: jnp.sum(
             jnp.sin(layers.conv2d(x, w, strides=s, padding=padding, impl=impl)) * target
         )
@@ -153,6 +158,17 @@ def test_use_matmul_rule():
     assert layers.use_matmul((32, 32), (1, 1), 64, 3, (1, 1), backend="cpu")
     assert layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu")
     assert not layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="gpu")
+
+
+def test_use_col2im_rule():
+    # thin (<= 4 channel) stride-1 outputs with kh*kw*c_out <= c_in: the decoder head's 3x3 64->3
+    assert layers.use_col2im((32, 32), (3, 3), 64, 3, (1, 1), backend="cpu")
+    assert not layers.use_col2im((32, 32), (3, 3), 64, 3, (1, 1), backend="gpu")
+    assert not layers.use_col2im((32, 32), (3, 3), 3, 3, (1, 1), backend="cpu")
+    assert not layers.use_col2im((16, 16), (3, 3), 64, 8, (1, 1), backend="cpu")  # bottleneck
+    assert not layers.use_col2im((8, 8), (3, 3), 128, 8, (1, 1), backend="cpu")
+    assert not layers.use_col2im((32, 32), (1, 1), 64, 3, (1, 1), backend="cpu")
+    assert not layers.use_col2im((32, 32), (3, 3), 64, 3, (2, 2), backend="cpu")
     # strided convs: XLA:CPU's dilated-conv gradients fall back to a naive loop
     assert layers.use_matmul((8, 8), (5, 5), 128, 256, (2, 2), backend="cpu")
     assert layers.use_matmul((64, 64), (3, 3), 16, 32, (2, 2), backend="cpu")
@@ -164,6 +180,8 @@ def test_conv_bad_inputs():
     x, w = _xw(4, 3, 2, 3)
     with pytest.raises(ValueError, match="impl"):
         layers.conv2d(x, w, impl="fast")
+    with pytest.raises(ValueError, match="stride 1"):
+        layers.conv2d(x, w, strides=2, impl="col2im")
     with pytest.raises(ValueError, match="padding"):
         layers.conv2d(x, w, padding="FULL")
     with pytest.raises(ValueError, match="padding"):
