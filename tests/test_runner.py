@@ -176,27 +176,54 @@ def test_run_with_attacks_then_reattack_and_load_client(tmp_path):
         "experiments.run",
         *args,
         "--epochs=1",
-        "--attacks=decoder,gan",
-        "--attack_epochs=1",
-        "--gan_epochs=1",
+        "--attacks=decoder,gan,whitebox",
+        "--attack_steps=4",
+        "--attack_eval_every=2",
+        "--attack_batch_size=32",
+        "--gan_steps=10",
+        "--whitebox_steps=4",
+        "--whitebox_images=8",
         "--test_subset=64",
         f"--workdir={wd}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _final(wd)
-    for attack in ("decoder", "gan"):
+    for attack in ("decoder", "gan", "whitebox"):
         for setting in ("train_time", "inference_time"):
             m = res["attacks"][attack][setting]
             assert 0 <= m["mse"] <= 1 and np.isfinite(m["psnr"]) and -1 <= m["ssim"] <= 1
-            assert m["wall_time_s"] > 0
-    assert np.isfinite(res["final"]["leakage_bits_full"])
-    assert res["final"]["leakage_bits_full"] <= res["final"]["leakage_bits_diagonal"] + 1e-3
+            assert m["wall_time_s"] > 0 and m["steps"] >= 1 and isinstance(m["converged"], bool)
+            assert m["curve"] and m["curve"][-1]["step"] == m["steps"]
+            base = m["baseline"]
+            assert 0 < base["mse"] < 1
+            assert m["informative"] == (m["mse"] <= 0.9 * base["mse"])
+            np.testing.assert_allclose(m["gain_db"], m["psnr"] - base["psnr"], rtol=1e-6)
+    assert res["attacks"]["gan"]["train_time"]["generator_steps"] == 1
+    assert res["attacks"]["whitebox"]["train_time"]["num_images"] == 8
+    # The budget was too small to converge: said so, in results.json and in the summary.
+    assert res["attacks"]["decoder"]["train_time"]["converged"] is False
+    assert "NOT converged" in proc.stdout
+    leak = res["final"]["leakage"]
+    assert res["final"]["leakage_bits"] == max(
+        leak["train"]["certificate"], leak["test"]["certificate"]
+    )
+    for split in ("train", "test"):
+        assert (
+            leak[split]["certificate"]
+            >= leak[split]["diagonal"]
+            >= leak[split]["full_estimate"] - 1e-3
+        )
+    assert res["dataset"]["mean"] and res["dataset"]["std"]
     assert os.path.getsize(wd / "reconstructions.png") > 0
-    assert "decoder" in proc.stdout and "PSNR" in proc.stdout
+    assert "decoder" in proc.stdout and "PSNR" in proc.stdout and "baseline" in proc.stdout
 
     # re-attack without retraining: decoder only
     proc = run_module(
-        "experiments.attack", f"--workdir={wd}", "--attacks=decoder", "--attack_epochs=1"
+        "experiments.attack",
+        f"--workdir={wd}",
+        "--attacks=decoder",
+        "--attack_steps=2",
+        "--attack_eval_every=2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res2 = _final(wd)
