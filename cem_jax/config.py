@@ -21,6 +21,7 @@ from cem_jax.models import ARCHS, default_cut_layer
 
 DATASETS = ("cifar10", "cifar100", "facescrub", "tinyimagenet", "synthetic")
 CEM_MODES = ("gmm", "reference")
+LAMBDA_SCHEDULES = ("constant", "inverse_lr")
 ATTACKS = ("decoder", "gan", "whitebox")
 ATTACK_SETTINGS = ("train_time", "inference_time")
 THREAT_MODELS = ("server_view", "noise_only")
@@ -53,6 +54,7 @@ class RunConfig:
     adversarial_alpha: float | None = None
     ssim_threshold: float | None = None
     cem_mode: str = "gmm"
+    lambda_schedule: str = "constant"  # or "inverse_lr": λ·lr₀/lr(t), the reference's schedule
     clusters_per_class: int | None = None  # None: 5 for VGG, 15 for ResNet (reference §4.2)
     kmeans_iterations: int = 50
     # optimisation (reference §5)
@@ -115,6 +117,7 @@ class RunConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("cem_mode", self.cem_mode, CEM_MODES)
+        _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
         _check_choice("threat_model", self.threat_model, THREAT_MODELS)
         for a in self.attacks:
             _check_choice("attacks", a, ATTACKS)

@@ -261,3 +261,29 @@ def test_cem_term_enters_the_client_gradient_only_through_lambda(tiny_data):
     assert any(client)  # λ > 0 changes the client's update
     for a, b in zip(jax.tree.leaves(p_zero["server"]), jax.tree.leaves(p_cem["server"])):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # ... and not the server's
+
+
+def test_inverse_lr_lambda_schedule_scales_the_cem_term_like_the_reference(tiny_data):
+    # λ_eff = λ·lr₀/lr(t): ×5 after the first ×0.2 learning-rate milestone (the official 0.001/lr).
+    cfg = small_config(
+        defense="cem_noise",
+        lambd=0.5,
+        batch_size=16,
+        lr_milestones=(0.5,),
+        epochs=2,
+        lambda_schedule="inverse_lr",
+    )
+    tr = train.Trainer(cfg, tiny_data)
+    state, _ = tr.refresh_mixture(tr.init_state(), 1)
+    idx = jnp.asarray(tr.epoch_order(1)[0])
+    with jax.set_mesh(tr.mesh):
+        for step, factor in ((0, 1.0), (tr.steps_per_epoch + 2, 5.0)):
+            s = jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # the step donates it
+            s = s.replace(step=jnp.asarray(step, state.step.dtype))
+            _, m = tr._train_step(s, idx)
+            np.testing.assert_allclose(float(m["lr"]), cfg.lr / factor, rtol=1e-6)
+            np.testing.assert_allclose(
+                float(m["loss"]), float(m["ce"]) + 0.5 * factor * float(m["cem"]), rtol=1e-5
+            )
+    with pytest.raises(ValueError, match="lambda_schedule"):
+        small_config(lambda_schedule="cosine")

@@ -40,6 +40,7 @@ from cem_jax.models import ARCHS
 CHOICES: dict[str, Sequence[str]] = {
     "arch": ARCHS,
     "cem_mode": config_lib.CEM_MODES,
+    "lambda_schedule": config_lib.LAMBDA_SCHEDULES,
     "topk_scope": defenses.TOPK_SCOPES,
     "threat_model": config_lib.THREAT_MODELS,
 }
@@ -72,6 +73,10 @@ HELP: dict[str, str] = {
     "adversarial_alpha": "Weight of the adversarial defense's SSIM penalty (default: the defense's).",
     "ssim_threshold": "SSIM above which the adversarial defense penalises (default: the defense's).",
     "cem_mode": "gmm: the paper's Gaussian-mixture bound; reference: the official code's hinge loss.",
+    "lambda_schedule": (
+        "constant: lambd throughout; inverse_lr: lambd * lr0 / lr(t) (x5 at every lr decay), the "
+        "official code's 0.001/lr scaling (its lambda_ref = lambd * lr0 / 0.001)."
+    ),
     "clusters_per_class": "k-means clusters per class (default: 5 for VGG, 15 for ResNet).",
     "kmeans_iterations": "Lloyd iterations of each per-epoch k-means refresh.",
     # optimisation
