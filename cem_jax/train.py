@@ -344,7 +344,10 @@ class Trainer:
             aux = {"ce": ce, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
             if d.cem:
                 lc = entropy.cem_loss(z, labels, state.mixture, sigma=d.sigma, mode=cfg.cem_mode)
-                total = total + d.lambd * state.mixture_ready * lc
+                lambd = d.lambd
+                if cfg.lambda_schedule == "inverse_lr":  # the reference's λ·0.001/lr, DESIGN §6
+                    lambd = lambd * cfg.lr / self.schedule(state.step)
+                total = total + lambd * state.mixture_ready * lc
                 aux["cem"] = lc
             if d.nopeek_alpha > 0:
                 dcor = defenses.distance_correlation(x, z)
