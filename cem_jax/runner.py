@@ -486,6 +486,7 @@ def finish(
         "config": cfg.to_dict(),
         "fingerprint": cfg.training_fingerprint(),
         "attack_config": _attack_config(cfg),
+        "commit": source_commit(),
         "dataset": {
             "name": ds.name,
             "source": ds.source,
@@ -615,6 +616,33 @@ def _check_attacks(
         report.check_attacks(cfg, ds, devices)
     except ValueError as e:
         raise RunError(str(e)) from e
+
+
+def source_commit() -> str | None:
+    """The git commit of the cem_jax source that ran (``+dirty`` with local changes), if known."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            cwd=os.path.dirname(here),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _attack_config(cfg: config_lib.RunConfig) -> dict[str, Any]:

@@ -59,13 +59,20 @@ def grid(
 
 
 def point_name(point: dict[str, Any]) -> str:
-    """The grid point's name without its seed: ``cem_noise_s0.1_l1``."""
+    """The grid point's name without its seed: ``cem_noise_s0.1_l1`` (``_<variant>`` in a study)."""
     name = point["defense"]
     if point.get("sigma") is not None:
         name += f"_s{point['sigma']:g}"
     if point.get("lambd") is not None:
         name += f"_l{point['lambd']:g}"
+    if point.get("variant"):
+        name += f"_{point['variant']}"
     return name
+
+
+def family(point: dict[str, Any]) -> str:
+    """The curve a point belongs to: its defense, with the study variant (``cem_noise [reference]``)."""
+    return point["defense"] + (f" [{point['variant']}]" if point.get("variant") else "")
 
 
 def run_name(point: dict[str, Any]) -> str:
@@ -79,8 +86,51 @@ def workdir_of(root: str, dataset: str, preset: str, point: dict[str, Any]) -> s
 
 
 def overrides_of(point: dict[str, Any]) -> dict[str, Any]:
-    """The point's RunConfig overrides (its non-``None`` axes)."""
-    return {k: v for k, v in point.items() if v is not None}
+    """The point's RunConfig overrides (its non-``None`` axes, then a study group's ``extra``)."""
+    axes = {k: v for k, v in point.items() if k in AXES and v is not None}
+    return {**axes, **(point.get("extra") or {})}
+
+
+AXES = ("defense", "sigma", "lambd", "seed")
+
+
+# ---------------------------------------------------------------------------------------- studies
+def load_study(path: str) -> dict[str, Any]:
+    """A study spec (JSON): ``{"description", "preset", "dataset", "common": {field: value},
+    "groups": [{"defenses", "sigmas", "lambdas", "seeds", "variant", "overrides"}]}``.
+
+    Returns it with ``"points"``: every run of every group (a group's ``overrides`` go into each
+    point's ``extra`` and its ``variant`` names the points apart). Raises ``ValueError`` naming what
+    is wrong.
+    """
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--study={path}: cannot read it ({e.strerror}).") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--study={path}: not valid JSON ({e}).") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("groups"), list) or not spec["groups"]:
+        raise ValueError(f"--study={path}: accepted an object with a non-empty list 'groups'.")
+    allowed = {"defenses", "sigmas", "lambdas", "seeds", "variant", "overrides"}
+    points: list[dict[str, Any]] = []
+    for i, g in enumerate(spec["groups"]):
+        unknown = sorted(set(g) - allowed) if isinstance(g, dict) else ["<not an object>"]
+        if unknown or not g.get("defenses"):
+            raise ValueError(
+                f"--study={path}: group {i}: unknown keys {unknown} or no 'defenses'; accepted "
+                f"keys: {sorted(allowed)}."
+            )
+        extra = dict(g.get("overrides") or {})
+        variant = g.get("variant")
+        if extra and not variant:
+            raise ValueError(f"--study={path}: group {i} has overrides: give it a 'variant' name.")
+        for p in grid(g["defenses"], g.get("sigmas", ()), g.get("lambdas", ()), g.get("seeds", ())):
+            if variant:
+                p = {**p, "variant": variant, "extra": extra}
+            points.append(p)
+    spec["points"] = points
+    return spec
 
 
 # ------------------------------------------------------------------------------------------ collect
@@ -152,7 +202,7 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
         records.append(
             {
                 "name": name,
-                "defense": point["defense"],
+                "defense": family(point),
                 "sigma": sigma,
                 "lambd": lambd,
                 "n": len(members),
@@ -410,7 +460,7 @@ def _unique(values: Iterable[Any]) -> list[Any]:
 def _unique_dicts(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen, out = set(), []
     for p in points:
-        key = tuple(sorted(p.items()))
+        key = json.dumps(p, sort_keys=True)
         if key not in seen:
             seen.add(key)
             out.append(p)

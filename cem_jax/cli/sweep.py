@@ -61,6 +61,14 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
     flags.DEFINE_string(
         "root", "runs/sweep", "Folder holding one workdir per run, and the table.", **kw
     )
+    flags.DEFINE_string(
+        "study",
+        None,
+        "A study spec (JSON, e.g. experiments/studies/frontier_cifar10.json): its groups replace "
+        "--defenses/--sigmas/--lambdas/--seeds, its preset, dataset and common settings apply "
+        "unless given as flags.",
+        **kw,
+    )
     flags.DEFINE_integer("num_shards", 1, "Split the grid over this many processes.", **kw)
     flags.DEFINE_integer("shard_index", 0, "This process's shard (0-based).", **kw)
     flags.DEFINE_bool(
@@ -73,19 +81,32 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
         "cache_dir", os.path.expanduser("~/.cache/cem_jax"), "Decoded-dataset cache ('' off).", **kw
     )
     own = ["defenses", "sigmas", "lambdas", "seeds", *names]
-    own += ["preset", "root", "num_shards", "shard_index", "collect_only", "cache_dir"]
+    own += ["preset", "root", "study", "num_shards", "shard_index", "collect_only", "cache_dir"]
     if fv is FLAGS:
         CONFIG_FLAGS[:], OWN_FLAGS[:] = names, own
     return own
 
 
+_STUDY: dict = {}
+
+
 def points() -> list[dict]:
+    if FLAGS.study:
+        _STUDY.clear()
+        _STUDY.update(collect.load_study(FLAGS.study))
+        for name in ("preset", "dataset"):  # the study's, unless given as a flag
+            if name in _STUDY and not FLAGS[name].present:
+                FLAGS[name].value = _STUDY[name]
+        return list(_STUDY["points"])
     return collect.grid(FLAGS.defenses, FLAGS.sigmas, FLAGS.lambdas, FLAGS.seeds)
 
 
 def common_overrides() -> dict:
-    """The config flags the user set, applied to every run (plus ``$CEM_DATA_DIR``)."""
-    overrides = config_flags.config_overrides(FLAGS, CONFIG_FLAGS)
+    """The study's common settings, then the config flags the user set (plus ``$CEM_DATA_DIR``)."""
+    common = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in (_STUDY.get("common") or {}).items()
+    }
+    overrides = {**common, **config_flags.config_overrides(FLAGS, CONFIG_FLAGS)}
     if overrides.get("data_dir") is None:
         overrides["data_dir"] = os.environ.get("CEM_DATA_DIR") or None
     return overrides
@@ -125,6 +146,7 @@ def collect_all(grid: list[dict]) -> None:
     meta = {
         "dataset": FLAGS.dataset,
         "preset": FLAGS.preset,
+        "study": FLAGS.study,
         "finished": len(runs),
         "runs": len(grid),
     }
@@ -147,8 +169,8 @@ def _main(argv: list[str]) -> None:
         from absl import app
 
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    grid = points()
     try:
+        grid = points()
         configs = check_grid(grid)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -1,0 +1,105 @@
+"""Tests of the results page: the frontier comparison and the page written from a table.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cem_jax.cli import collect, results_page
+
+KEY = results_page.KEY
+
+
+def _record(defense, acc, mse, std=0.001, n=3):
+    return {
+        "name": f"{defense}_{acc}",
+        "defense": defense,
+        "sigma": 0.1,
+        "lambd": None,
+        "n": n,
+        "runs": [{"seed": s, "workdir": f"w{s}", "commit": "abc123"} for s in range(n)],
+        "metrics": {
+            "defended_acc": {"mean": acc, "std": 0.01, "n": n, "values": [acc] * n, "flagged": 0},
+            KEY: {"mean": mse, "std": std, "n": n, "values": [mse] * n, "flagged": 0},
+        },
+    }
+
+
+def test_frontier_comparison_interpolates_noise_at_equal_accuracy():
+    recs = [
+        _record("noise", 0.40, 0.010),
+        _record("noise", 0.30, 0.020),
+        _record("noise", 0.20, 0.040),
+        _record("cem_noise", 0.35, 0.030),  # noise at 0.35: 0.015 -> +100 %
+        _record("cem_noise", 0.10, 0.050),  # outside the noise points' accuracy range
+    ]
+    rows = results_page.frontier_comparison(recs)
+    assert [r["name"] for r in rows] == ["cem_noise_0.35", "cem_noise_0.1"]
+    assert rows[0]["base_mse"] == pytest.approx(0.015)
+    assert rows[0]["gain"] == pytest.approx(1.0)
+    assert rows[0]["diff_std"] == pytest.approx((0.001**2 + 0.001**2) ** 0.5)
+    assert rows[1]["base_mse"] is None
+    text = results_page.answer(rows)
+    assert "higher train-time decoder MSE than `noise` at 1 of 1 comparable points" in text
+    assert "+100%" in text
+
+
+def test_answer_says_when_cem_is_not_better_or_not_comparable():
+    rows = results_page.frontier_comparison(
+        [
+            _record("noise", 0.4, 0.02),
+            _record("noise", 0.2, 0.04),
+            _record("cem_noise", 0.3, 0.0301),
+        ]
+    )
+    assert "not distinguishable from noise alone" in results_page.answer(rows)
+    assert "Not answered yet" in results_page.answer([])
+
+
+def test_write_page_from_table_json(tmp_path):
+    recs = [
+        _record("noise", 0.4, 0.01),
+        _record("noise", 0.2, 0.03),
+        _record("cem_noise", 0.3, 0.03),
+    ]
+    root = tmp_path / "root"
+    collect.write_table(
+        str(root), recs, {"dataset": "cifar10", "preset": "quick", "finished": 9, "runs": 9}
+    )
+    (root / collect.PLOT_PNG).write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "docs" / "results.md"
+    text = results_page.write_page(str(root), str(out))
+    assert out.read_text() == text
+    assert (tmp_path / "docs" / "results_privacy_utility.png").exists()
+    assert "![privacy-utility](results_privacy_utility.png)" in text
+    assert "at 1 of 1 comparable points" in text and "+50%" in text
+    assert "abc123" in text and "| cem_noise_0.3 |" in text
+    with pytest.raises(ValueError, match="table.json not found"):
+        results_page.write_page(str(tmp_path / "nothing"), str(out))
+    assert json.loads((root / collect.TABLE_JSON).read_text())["rows"][0]["name"] == "noise_0.4"
+
+
+def test_study_spec_expands_groups_with_variants(tmp_path):
+    spec = collect.load_study("experiments/studies/frontier_cifar10.json")
+    pts = spec["points"]
+    names = {collect.run_name(p) for p in pts}
+    assert len(names) == len(pts)  # every run has its own workdir
+    assert "noise_s0.05_seed1" in names and "cem_noise_s0.1_l0.32_reference_invlr_seed3" in names
+    ref = next(p for p in pts if p.get("variant") == "reference_invlr")
+    assert collect.overrides_of(ref) == {
+        "defense": "cem_noise",
+        "sigma": 0.1,
+        "lambd": 0.32,
+        "seed": ref["seed"],
+        "cem_mode": "reference",
+        "lambda_schedule": "inverse_lr",
+    }
+    assert collect.family(ref) == "cem_noise [reference_invlr]"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"groups": [{"defenses": ["noise"], "sigma": [1]}]}')
+    with pytest.raises(ValueError, match="unknown keys \\['sigma'\\]"):
+        collect.load_study(str(bad))
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        collect.load_study(str(bad))
