@@ -267,12 +267,14 @@ class Defense:
         for field in ("sigma", "nopeek_alpha", "adversarial_alpha", "lambd"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field}={getattr(self, field)}: accepted a value >= 0 (0: off).")
-        if self.lambd > MAX_LAMBDA:
-            raise ValueError(
-                f"lambd={self.lambd:g}: accepted 0 <= lambd <= {MAX_LAMBDA:g}; λ·L_C is computed in "
-                "float32 (largest 3.4e38), where a weight this large overflows the loss and its "
-                "gradients."
-            )
+        for field in ("lambd", "sigma", "nopeek_alpha", "adversarial_alpha"):
+            v = getattr(self, field)
+            if v > MAX_LAMBDA:
+                raise ValueError(
+                    f"{field}={v:g}: accepted 0 <= {field} <= {MAX_LAMBDA:g}; the loss is computed "
+                    "in float32 (largest 3.4e38), where a value this large overflows the loss and "
+                    "its gradients."
+                )
         for field in ("dropout_ratio", "topk_ratio"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(

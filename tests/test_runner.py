@@ -258,6 +258,9 @@ def test_lambd_that_overflows_float32_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lambd=1e\\+07: accepted"):
         defenses.Defense(name="x", sigma=0.1, cem=True, lambd=1e7)
     assert defenses.Defense(name="x", sigma=0.1, cem=True, lambd=1e6).lambd == 1e6
+    for field in ("sigma", "nopeek_alpha", "adversarial_alpha"):
+        with pytest.raises(ValueError, match=f"{field}=1e\\+300: accepted 0 <= {field} <= 1e\\+06"):
+            defenses.Defense(name="x", **{field: 1e300})
 
 
 def test_planted_symlink_at_the_temp_name_is_not_written_through(tmp_path):
