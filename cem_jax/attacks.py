@@ -468,18 +468,23 @@ def _evaluate(
     """Eval-mode metrics of the decoder ``(graphdef, state)`` over ``images`` in padded batches."""
     placement.check("eval_batch_size", batch_size)
 
+    n_examples = min(num_examples, batch_size)
+
     def step(state, batch, i):
         decoder = nnx.merge(graphdef, state)
         decoder.eval()
         feats = encode(jax.random.fold_in(key, i), batch)
         rec = decoder(feats)
-        return rec, _per_sample_metrics(rec, _to_target(batch))
+        return rec[:n_examples], _per_sample_metrics(rec, _to_target(batch))
 
-    step = jax.jit(step)
+    # outputs replicated: the per-sample metrics ([B] each) and the first reconstructions can be
+    # read on every process, also when the batch's rows live on other hosts
+    step = placement.jit(step)
     n = len(images)
     sums: dict[str, float] = {}
     ref_psnr_sum = 0.0
     examples = []
+    outs = []
     with placement.context():
         for i, start in enumerate(range(0, n, batch_size)):
             batch = images[start : start + batch_size]
@@ -487,15 +492,18 @@ def _evaluate(
             if valid < batch_size:  # pad to the static shape; padded rows are masked out below
                 pad = np.zeros((batch_size - valid, *batch.shape[1:]), batch.dtype)
                 batch = np.concatenate([batch, pad])
+            have = len(outs) * n_examples  # only the first batch(es) contribute examples
             rec, per = step(state, placement.batch(batch), jnp.int32(i))
-            per = {k: np.asarray(v, np.float64)[:valid] for k, v in per.items()}
-            for k, v in per.items():
-                sums[k] = sums.get(k, 0.0) + float(v.sum())
-            batch_mse = float(per["mse"].mean())
-            ref_psnr_sum += valid * float(-10.0 * np.log10(max(batch_mse, 1e-10)))
-            have = sum(len(e) for e in examples)
-            if have < num_examples:
-                examples.append(np.asarray(rec[: min(valid, num_examples - have)], np.float32))
+            outs.append((valid, rec if have < num_examples else None, per))
+    for valid, rec, per in jax.device_get(outs):  # one host sync for the whole evaluation
+        per = {k: np.asarray(v, np.float64)[:valid] for k, v in per.items()}
+        for k, v in per.items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
+        batch_mse = float(per["mse"].mean())
+        ref_psnr_sum += valid * float(-10.0 * np.log10(max(batch_mse, 1e-10)))
+        have = sum(len(e) for e in examples)
+        if have < num_examples:
+            examples.append(np.asarray(rec[: min(valid, num_examples - have)], np.float32))
     out = {k: v / n for k, v in sums.items()}
     out["ref_psnr"] = ref_psnr_sum / n
     ex = np.concatenate(examples) if examples else np.zeros((0, *images.shape[1:]), np.float32)
@@ -1247,7 +1255,10 @@ def whitebox_attack(
 
     chunk = jax.jit(chunk, donate_argnums=(0, 1))
     observe = jax.jit(lambda k, x: encode(k, x))
-    per_sample = jax.jit(lambda u, x: _per_sample_metrics(jax.nn.sigmoid(u), _to_target(x)))
+    # replicated outputs: readable on every process, also when the rows live on other hosts
+    per_sample = placement.jit(
+        lambda u, x: (_per_sample_metrics(jax.nn.sigmoid(u), _to_target(x)), jax.nn.sigmoid(u))
+    )
 
     sums: dict[str, float] = {}
     history: list[dict] = []
@@ -1293,7 +1304,8 @@ def whitebox_attack(
                     break
             steps_max = max(steps_max, step)
             all_converged &= converged
-            per = {k: np.asarray(v, np.float64)[:valid_n] for k, v in per_sample(u, xb).items()}
+            per, rec_all = per_sample(u, xb)
+            per = {k: np.asarray(v, np.float64)[:valid_n] for k, v in per.items()}
             for k, v in per.items():
                 sums[k] = sums.get(k, 0.0) + float(v.sum())
             sums["ref_psnr"] = sums.get("ref_psnr", 0.0) + valid_n * float(
@@ -1301,7 +1313,7 @@ def whitebox_attack(
             )
             have = sum(len(e) for e in examples)
             if have < config.num_examples:
-                rec_x = np.asarray(jax.nn.sigmoid(u[: min(valid_n, config.num_examples - have)]))
+                rec_x = np.asarray(rec_all[: min(valid_n, config.num_examples - have)])
                 examples.append(rec_x.astype(np.float32))
     n = len(images)
     metrics = {k: v / n for k, v in sums.items()}

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from cem_jax import attacks
+from cem_jax import attacks, parallel
 from cem_jax.config import RunConfig
 from cem_jax.progress import format_duration
 
@@ -236,7 +236,7 @@ def run_attacks(
                     file=out,
                     flush=True,
                 )
-    if workdir is not None and rows:
+    if workdir is not None and rows and parallel.is_main_process():  # one writer (DESIGN §5)
         save_grid(rows, os.path.join(workdir, FIGURE_FILE))
     return results
 

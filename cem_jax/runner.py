@@ -6,6 +6,11 @@ from the checkpoint's history on resume), ``results.json`` (written atomically, 
 ``reconstructions.png``. A run holds ``<workdir>/.lock`` while it works: a second run on the same
 workdir is refused, naming the process that holds it. A workdir is never reused for another
 configuration or other data: its ``results.json`` and ``metrics.jsonl`` are never overwritten by them.
+
+On several processes (:func:`cem_jax.parallel.initialize_distributed`) every process runs the same
+code on the same workdir; process 0 holds the lock and alone writes ``metrics.jsonl``,
+``results.json`` and the figure (the others wait for it at a barrier); orbax checkpoints are saved
+by all of them together.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cem_jax import config as config_lib
@@ -191,6 +195,36 @@ def lock_workdir(workdir: str, *, stream: TextIO | None = None) -> Iterator[dict
         os.close(fd)  # releases the flock
 
 
+@contextlib.contextmanager
+def _run_lock(workdir: str, out: TextIO) -> Iterator[None]:
+    """The workdir lock of a run; on several processes, process 0 holds it for all of them.
+
+    The other processes learn from process 0 whether it got the lock (a broadcast), so a refused
+    run stops on every process instead of leaving the others waiting at their first collective.
+    """
+    if jax.process_count() == 1:
+        with lock_workdir(workdir, stream=out):
+            yield
+        return
+    if not parallel.is_main_process():
+        if not parallel.broadcast_from_main(0):
+            raise RunError(
+                f"process 0 could not take the lock of --workdir={workdir} (its output says why); "
+                "this process stops too."
+            )
+        yield
+        return
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(lock_workdir(workdir, stream=out))
+    except BaseException:
+        parallel.broadcast_from_main(0)
+        raise
+    with stack:
+        parallel.broadcast_from_main(1)
+        yield
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
         raw = os.pread(fd, 4096, 0)
@@ -255,11 +289,7 @@ def run(
     non-finite loss or state, an unwritable workdir.
     """
     out = stream if stream is not None else sys.stdout
-    # one lock per run: on several hosts sharing the workdir, process 0 holds it for all of them
-    lock = (
-        lock_workdir(workdir, stream=out) if jax.process_index() == 0 else contextlib.nullcontext()
-    )
-    with lock:
+    with _run_lock(workdir, out):
         try:
             return _run_locked(
                 cfg, workdir=workdir, num_devices=num_devices, cache_dir=cache_dir, out=out
@@ -286,7 +316,9 @@ def _run_locked(
     results_path = os.path.join(workdir, RESULTS_FILE)
     metrics_path = os.path.join(workdir, METRICS_FILE)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    _remove_stale_temp_files(workdir)
+    main = parallel.is_main_process()  # the one writer of metrics.jsonl and results.json
+    if main:
+        _remove_stale_temp_files(workdir)
     previous = _read_results(results_path)
     # Refuse a workdir of another configuration before doing anything expensive.
     has_checkpoint = False
@@ -314,6 +346,8 @@ def _run_locked(
             "one metrics.jsonl: use another --workdir, or move the old files away."
         )
 
+    # every process has read the workdir before any of them writes into it (checkpoints/)
+    parallel.barrier("cem_jax:run_checked")
     t_start = time.perf_counter()
     mesh = parallel.make_mesh(num_devices)
     t0 = time.perf_counter()
@@ -345,7 +379,8 @@ def _run_locked(
     def on_resume(restored: list[dict[str, float]]) -> None:
         # the checkpoint is the truth: a kill between its save and the metrics line loses nothing
         history[:] = restored
-        write_metrics(metrics_path, history)
+        if main:
+            write_metrics(metrics_path, history)
 
     def on_epoch_start(epoch: int, trainer: train.Trainer) -> None:
         bars["bar"] = ProgressBar(
@@ -380,7 +415,8 @@ def _run_locked(
         )
         print(line, file=out, flush=True)
         history.append(m)
-        write_metrics(metrics_path, history)  # one line per epoch, whatever happened before
+        if main:  # one line per epoch, whatever happened before
+            write_metrics(metrics_path, history)
 
     result = train.train(
         cfg,
@@ -399,7 +435,9 @@ def _run_locked(
     results["dataset"] = {**(results.get("dataset") or {}), **identity}
     results["train_wall_time_s"] = result.wall_time_s
     results["wall_time_s"] = time.perf_counter() - t_start
-    write_json_atomic(results_path, results)
+    if main:
+        write_json_atomic(results_path, results)
+    parallel.barrier("cem_jax:results_written")  # no process ends before results.json is there
     print(summary(results), file=out, flush=True)
     return results
 
@@ -447,7 +485,7 @@ def leakage_report(trainer: train.Trainer, state: train.TrainState) -> dict[str,
         ("test", ds.test_images, ds.test_labels),
     ):
         feats = trainer.features(state, images)
-        y = jnp.asarray(labels, jnp.int32)
+        y = parallel.replicate(np.asarray(labels, np.int32), trainer.mesh)
         with jax.set_mesh(trainer.mesh):
             kw = dict(sigma=sigma)
             out[split] = {
@@ -538,7 +576,7 @@ def attack_workdir(
             flush=True,
         )
         return _attack_locked(workdir, overrides, cache_dir, out, problem)
-    with lock_workdir(workdir, stream=out):
+    with _run_lock(workdir, out):
         return _attack_locked(workdir, overrides, cache_dir, out, None)
 
 
@@ -595,12 +633,14 @@ def _attack_locked(
             "reconstructions figure) could not be written and are unchanged."
         )
     try:
-        write_json_atomic(results_path, results)
+        if parallel.is_main_process():
+            write_json_atomic(results_path, results)
     except OSError as e:
         raise RunError(
             f"the results above were NOT saved: writing {results_path} failed ({e.strerror or e}); "
             "the previous file is unchanged."
         ) from e
+    parallel.barrier("cem_jax:attack_results_written")
     print(f"results written to {results_path}", file=out, flush=True)
     return results
 

@@ -244,6 +244,9 @@ def build_adversary(
 class Trainer:
     """The jitted pieces of a defended split-training run for one config and one dataset."""
 
+    #: Steps whose metrics stay on the device before the host fetches (and checks) them at once.
+    metrics_every: int = 16
+
     def __init__(
         self, cfg: RunConfig, dataset: data_lib.Dataset, *, mesh: Mesh | None = None
     ) -> None:
@@ -289,9 +292,9 @@ class Trainer:
             )
 
         with jax.set_mesh(self.mesh):
-            rep = parallel.replicated(self.mesh)
-            self.train_images = jax.device_put(dataset.train_images, rep)
-            self.train_labels = jax.device_put(dataset.train_labels.astype(np.int32), rep)
+            # each process places its own copy (no cross-host transfer, DESIGN §5)
+            self.train_images = parallel.replicate(dataset.train_images, self.mesh)
+            self.train_labels = parallel.replicate(dataset.train_labels.astype(np.int32), self.mesh)
         self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
         self._eval_step = jax.jit(self._eval_step_impl)
         self._feature_step = jax.jit(self._feature_step_impl)
@@ -425,28 +428,39 @@ class Trainer:
         *,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
     ) -> tuple[TrainState, dict[str, float]]:
-        """One pass over the training set. Raises :class:`NaNLossError` on a non-finite loss."""
+        """One pass over the training set. Raises :class:`NaNLossError` on a non-finite loss.
+
+        The steps' metrics stay on the device; the host fetches them (one transfer) every
+        :attr:`metrics_every` steps (and after the first) and at the end of the epoch, then checks each step's loss in
+        order and calls ``on_step(i, metrics)`` for each (``i`` = steps done, 1-based).
+        """
         order = self.epoch_order(epoch)
         sums: dict[str, float] = {}
-        pending: dict[str, jax.Array] | None = None
+        pending: list[dict[str, jax.Array]] = []
         start = time.perf_counter()
         first_done = None
+
+        def drain(done: int) -> None:
+            fetched = jax.device_get(pending)  # one host sync for the whole window
+            for j, metrics in enumerate(fetched, start=done - len(fetched) + 1):
+                values = self._check_and_accumulate(metrics, sums, epoch, j)
+                if on_step is not None:
+                    on_step(j, values)
+            pending.clear()
+
         with jax.set_mesh(self.mesh):
             for i, idx in enumerate(order):
                 state, metrics = self._train_step(state, jnp.asarray(idx))
-                # Check the previous step while this one runs (keeps accelerators busy).
-                if pending is not None:
-                    self._check_and_accumulate(pending, sums, epoch, i)
-                    if on_step is not None:
-                        on_step(i, {k: float(v) for k, v in pending.items()})
+                pending.append(metrics)
                 if i == 0:
                     jax.block_until_ready(metrics["loss"])
                     first_done = time.perf_counter()
-                pending = metrics
-            if pending is not None:
-                self._check_and_accumulate(pending, sums, epoch, len(order))
-                if on_step is not None:
-                    on_step(len(order), {k: float(v) for k, v in pending.items()})
+                # the first step (compiled, waited for above) is reported at once: progress rates
+                # start from it; then one fetch per window
+                if i == 0 or len(pending) >= self.metrics_every:
+                    drain(i + 1)
+            if pending:
+                drain(len(order))
         elapsed = time.perf_counter() - start
         n = max(1, len(order))
         out = {k: v / n for k, v in sums.items()}
@@ -456,8 +470,8 @@ class Trainer:
         return state, out
 
     def _check_and_accumulate(
-        self, metrics: dict[str, jax.Array], sums: dict[str, float], epoch: int, step: int
-    ) -> None:
+        self, metrics: dict[str, Any], sums: dict[str, float], epoch: int, step: int
+    ) -> dict[str, float]:
         values = {k: float(v) for k, v in metrics.items()}
         if not math.isfinite(values["loss"]):
             raise NaNLossError(
@@ -468,6 +482,7 @@ class Trainer:
             )
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
+        return values
 
     def _padded_batches(self, n: int, batch_size: int) -> tuple[int, int]:
         devices = self.mesh.shape[parallel.DATA_AXIS]
@@ -480,17 +495,17 @@ class Trainer:
         n = len(labels)
         bs, nb = self._padded_batches(n, self.cfg.eval_batch_size)
         key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_EVAL), epoch)
-        clean = defended = nonfinite = 0.0
-        sharding = parallel.batch_sharding(self.mesh)
+        outs = []
         with jax.set_mesh(self.mesh):
             for b in range(nb):
                 sl = slice(b * bs, min(n, (b + 1) * bs))
-                x, y, m = _pad(images[sl], labels[sl], bs)
-                x, y, m = jax.device_put((x, y, m), sharding)
-                out = self._eval_step(state, x, y, m, jax.random.fold_in(key, b))
-                clean += float(out["clean_correct"])
-                defended += float(out["defended_correct"])
-                nonfinite += float(out["nonfinite"])
+                x, y, m = parallel.shard_batch(_pad(images[sl], labels[sl], bs), self.mesh)
+                outs.append(self._eval_step(state, x, y, m, jax.random.fold_in(key, b)))
+        # the per-batch counts stay on the devices until here: one host sync per evaluation
+        fetched = jax.device_get(outs)
+        clean = sum(float(o["clean_correct"]) for o in fetched)
+        defended = sum(float(o["defended_correct"]) for o in fetched)
+        nonfinite = sum(float(o["nonfinite"]) for o in fetched)
         self.last_eval_nonfinite = int(nonfinite)  # read by check_finite before a checkpoint
         return {"clean_acc": clean / n, "defended_acc": defended / n}
 
@@ -541,13 +556,12 @@ class Trainer:
         """Clean client features (eval mode, no noise), flattened: ``[N, D]``."""
         n = len(images)
         bs, nb = self._padded_batches(n, self.cfg.eval_batch_size)
-        sharding = parallel.batch_sharding(self.mesh)
         chunks = []
         with jax.set_mesh(self.mesh):
             for b in range(nb):
                 sl = slice(b * bs, min(n, (b + 1) * bs))
                 x, _, _ = _pad(images[sl], np.zeros(sl.stop - sl.start, np.int32), bs)
-                chunks.append(self._feature_step(state, jax.device_put(x, sharding)))
+                chunks.append(self._feature_step(state, parallel.shard_batch(x, self.mesh)))
             feats = jnp.concatenate(chunks)[:n]
         return parallel.replicate(feats, self.mesh)
 
@@ -562,7 +576,7 @@ class Trainer:
         """
         start = time.perf_counter()
         feats = self.features(state, self.dataset.train_images)
-        labels = jnp.asarray(self.dataset.train_labels, jnp.int32)
+        labels = self.train_labels
         key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_KMEANS), epoch)
         previous = state.mixture if float(state.mixture_ready) > 0 else None
         with jax.set_mesh(self.mesh):
@@ -597,7 +611,7 @@ class Trainer:
         if self.defense.sigma <= 0:
             return float("inf")  # no noise: the features can carry unbounded information
         feats = self.features(state, self.dataset.train_images)
-        labels = jnp.asarray(self.dataset.train_labels, jnp.int32)
+        labels = self.train_labels
         with jax.set_mesh(self.mesh):
             mixture = state.mixture
             if float(state.mixture_ready) == 0:
@@ -805,8 +819,12 @@ def train(
             state, meta = ckpt.restore(
                 state, check=lambda m: check_compatible(m, cfg, ckpt.directory, identity)
             )
-            if ckpt.skipped:
-                ckpt.set_aside_skipped()  # damaged steps would block re-saving those epochs
+            if ckpt.skipped:  # damaged steps would block re-saving those epochs
+                if parallel.is_main_process():  # one process moves them; the others reload
+                    ckpt.set_aside_skipped()
+                parallel.barrier("cem_jax:damaged_set_aside")
+                if not parallel.is_main_process():
+                    ckpt.set_aside_skipped()
             history = list(meta["history"])
             first_epoch = int(meta["epoch"]) + 1
             logging.info("resuming %s after epoch %d", workdir, first_epoch - 1)

@@ -90,3 +90,62 @@ def test_train_step_on_8_fake_devices_matches_1_device():
     # same step, same numbers (up to float reordering of the all-reduce)
     assert abs(out["loss_1"] - out["loss_8"]) < 1e-4 * max(1.0, abs(out["loss_1"]))
     assert out["max_abs_diff"] < 1e-4 * max(1.0, out["max_abs_param"])
+
+
+# ------------------------------------------------------------------------- several processes
+_CLUSTER_ENV = [
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "OMPI_MCA_orte_hnp_uri",
+    "KUBERNETES_SERVICE_HOST",
+]
+
+
+def test_initialize_distributed_auto_stays_single_process_without_a_coordinator(monkeypatch):
+    for name in _CLUSTER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.detected_cluster() is None
+    assert parallel.initialize_distributed("auto") is False
+    assert parallel.initialize_distributed(False) is False
+    assert parallel.initialize_distributed("false", coordinator_address="localhost:1") is False
+    with pytest.raises(ValueError, match="distributed='maybe'"):
+        parallel.initialize_distributed("maybe")
+    assert jax.process_count() == 1 and parallel.is_main_process()
+    parallel.barrier("single")  # nothing to wait for
+    assert parallel.broadcast_from_main(7) == 7
+
+
+def test_detected_cluster_needs_more_than_one_process(monkeypatch):
+    for name in _CLUSTER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    slurm = dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="n1", SLURM_PROCID="0", SLURM_LOCALID="0")
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert parallel.detected_cluster() is None  # a one-task job stays single-process
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert parallel.detected_cluster() == "SlurmCluster"
+
+
+def test_host_batches_enter_the_mesh_and_come_back():
+    import numpy as np
+
+    mesh = parallel.make_mesh()
+    n = 4 * jax.device_count()
+    x = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    sharding = parallel.batch_sharding(mesh)
+    # the multi-process path (each process passes its own rows), exercised on one process
+    g = parallel._global_from_host(x, sharding)
+    assert g.sharding == sharding
+    np.testing.assert_array_equal(parallel.to_host(g), x)
+    np.testing.assert_array_equal(parallel.to_host(parallel.shard_batch(x, mesh)), x)
+    r = parallel.replicate({"a": x}, mesh)["a"]
+    assert r.sharding.is_fully_replicated
+    np.testing.assert_array_equal(parallel.to_host(r), x)
+    np.testing.assert_array_equal(parallel.to_host(x), x)  # host arrays pass through

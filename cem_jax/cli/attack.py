@@ -49,7 +49,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
         "Decoded-dataset cache ('' off).",
         flag_values=fv,
     )
-    own = ["workdir", *names, "cache_dir"]
+    own = ["workdir", *names, "cache_dir", *config_flags.define_distributed_flags(fv)]
     if fv is FLAGS:
         CONFIG_FLAGS[:], OWN_FLAGS[:] = names, own
     return own
@@ -63,6 +63,7 @@ def _main(argv: list[str]) -> None:
     from cem_jax import runner
 
     try:
+        config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
         runner.attack_workdir(
             FLAGS.workdir,
             overrides=config_flags.config_overrides(FLAGS, CONFIG_FLAGS),

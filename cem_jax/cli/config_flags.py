@@ -273,6 +273,56 @@ def config_overrides(flag_values: flags.FlagValues, names: Iterable[str]) -> dic
     }
 
 
+DISTRIBUTED_FLAGS = ("distributed", "coordinator_address", "num_processes", "process_id")
+
+
+def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """``--distributed`` and the coordinator flags of a multi-process run (DESIGN §5); their names.
+
+    Not RunConfig fields: how many hosts run a job does not change what it computes.
+    """
+    kw = {"flag_values": flag_values}
+    flags.DEFINE_enum(
+        "distributed",
+        "auto",
+        ["auto", "true", "false"],
+        "Join JAX's distributed runtime (jax.distributed.initialize) to run on several processes "
+        "or hosts. auto: when --coordinator_address / $JAX_COORDINATOR_ADDRESS is given or JAX "
+        "detects a multi-process cluster job (SLURM, Open MPI, Cloud TPU pod slice, Kubernetes); "
+        "true: always (JAX auto-detects what is not given); false: never.",
+        **kw,
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "host:port of process 0's coordinator (default $JAX_COORDINATOR_ADDRESS, or detected).",
+        **kw,
+    )
+    flags.DEFINE_integer(
+        "num_processes",
+        None,
+        "Processes in the job (default $JAX_NUM_PROCESSES, or detected).",
+        **kw,
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "This process's index (default $JAX_PROCESS_ID, or detected).", **kw
+    )
+    return list(DISTRIBUTED_FLAGS)
+
+
+def initialize_distributed_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
+    """:func:`cem_jax.parallel.initialize_distributed` with the flags of
+    :func:`define_distributed_flags` (call before anything touches a JAX device)."""
+    from cem_jax import parallel
+
+    return parallel.initialize_distributed(
+        flag_values.distributed,
+        coordinator_address=flag_values.coordinator_address or None,
+        num_processes=flag_values.num_processes,
+        process_id=flag_values.process_id,
+    )
+
+
 def register_key_flags(names: Iterable[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Lists ``names`` in ``--help`` of the program being run (its flags live in this package, not in
     the ``__main__`` script that absl's short help looks at)."""

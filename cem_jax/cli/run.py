@@ -5,6 +5,9 @@ r"""Train a defended split network, attack it, and report privacy next to utilit
     python -m experiments.run --defense=cem_noise --preset=quick  # the same
 
 Re-running the same command with the same ``--workdir`` resumes from the last completed epoch.
+On several hosts, start the same command on each (``--coordinator_address=host0:1234
+--num_processes=N --process_id=i``, or nothing under SLURM / a TPU pod slice: ``--distributed=auto``
+detects it); process 0 writes the outputs.
 Every field of :class:`cem_jax.config.RunConfig` has a flag (``--help`` lists them with their
 defaults); a flag left unset keeps the preset's value.
 """
@@ -56,6 +59,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
         flag_values=fv,
     )
     own = [*names, "preset", "workdir", "num_devices", "cache_dir"]
+    own += config_flags.define_distributed_flags(fv)
     if fv is FLAGS:
         CONFIG_FLAGS[:], OWN_FLAGS[:] = names, own
     return own
@@ -80,6 +84,7 @@ def _main(argv: list[str]) -> None:
     from cem_jax import runner  # imported late: flags errors above come back fast
 
     try:
+        config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
         runner.run(
             cfg,
             workdir=workdir,

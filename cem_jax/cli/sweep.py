@@ -7,7 +7,8 @@ r"""Sweep defenses × σ × λ × seeds, then collect the table and the privacy�
     python -m experiments.sweep ...                              # the same
 
 Each run is an ordinary run (own workdir under ``--root``, resumable); finished runs are skipped, so
-re-running a sweep resumes it. Every shard runs its share of the grid; ``--collect_only`` (run once,
+re-running a sweep resumes it. On several hosts (``--coordinator_address`` ..., or detected: see
+``cem-run --help``) every process runs every run of its shard together; process 0 writes. Every shard runs its share of the grid; ``--collect_only`` (run once,
 after them) reads every ``results.json`` and writes ``table.md`` / ``table.json`` (mean ± std and n seeds
 per grid point) and ``privacy_utility.png`` under ``--root``. Every other flag is a RunConfig field,
 applied to every run.
@@ -82,6 +83,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
     )
     own = ["defenses", "sigmas", "lambdas", "seeds", *names]
     own += ["preset", "root", "study", "num_shards", "shard_index", "collect_only", "cache_dir"]
+    own += config_flags.define_distributed_flags(fv)
     if fv is FLAGS:
         CONFIG_FLAGS[:], OWN_FLAGS[:] = names, own
     return own
@@ -174,10 +176,16 @@ def _main(argv: list[str]) -> None:
         configs = check_grid(grid)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    from cem_jax import parallel, runner
+
+    try:
+        config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"error: --distributed: {e}")
     if FLAGS.collect_only:
-        collect_all(grid)
+        if parallel.is_main_process():  # one writer of the table and the plot
+            collect_all(grid)
         return
-    from cem_jax import runner
 
     mine = list(zip(grid, configs))[FLAGS.shard_index :: FLAGS.num_shards]
     for i, (point, cfg) in enumerate(mine):
@@ -186,6 +194,8 @@ def _main(argv: list[str]) -> None:
             runner.run(cfg, workdir=workdir_of(point), cache_dir=FLAGS.cache_dir or None)
         except (ValueError, FileNotFoundError, runner.RunError) as e:
             sys.exit(f"error at {collect.run_name(point)}: {e}")
+    if not parallel.is_main_process():
+        return
     print(
         f"\nshard {FLAGS.shard_index}/{FLAGS.num_shards}: {len(mine)} runs done. When every shard "
         "has finished, the same command with --collect_only writes the table and the plot."
