@@ -201,9 +201,9 @@ class WhiteboxAttackConfig:
     ``eval_every`` steps is below ``tolerance`` (checked at every record, the run stops there).
     """
 
-    max_steps: int = 1000
-    lr: float = 0.05
-    tv_weight: float = 0.5
+    max_steps: int = 3000
+    lr: float = 0.2
+    tv_weight: float = 2.0
     sigma_floor: float = 0.02
     batch_size: int = 128
     num_images: int = 512

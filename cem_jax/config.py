@@ -80,9 +80,9 @@ class RunConfig:
     attack_train_subset: int | None = None
     gan_steps: int = 30_000  # max critic steps (one generator step per 10)
     gan_train_subset: int | None = None  # the GAN attack trains on the first N attacker images
-    whitebox_steps: int = 1000  # max optimisation steps per image batch
+    whitebox_steps: int = 3000  # max optimisation steps per image batch
     whitebox_images: int = 512  # evaluation images attacked (first N of each setting)
-    whitebox_tv_weight: float = 0.5
+    whitebox_tv_weight: float = 2.0
     threat_model: str = "server_view"
     attack_seed: int = 200
 
@@ -237,7 +237,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack_patience": 2,
         "attack_min_improvement": 0.01,
         "attack_lr_decays": 1,
-        "whitebox_steps": 300,
+        "whitebox_steps": 1500,
         "whitebox_images": 64,
     },
 }
