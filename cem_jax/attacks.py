@@ -714,7 +714,7 @@ def _val_mse_fn(
     images: np.ndarray,
     *,
     key: jax.Array,
-    batch_size: int,
+    config: Any,
     placement: _Placement,
 ) -> Callable[[Any], float]:
     """``state -> mean per-image MSE`` of ``apply(state, encode(key_b, x))`` over ``images``.
@@ -722,7 +722,7 @@ def _val_mse_fn(
     Fixed noise keys (batch ``b`` uses ``fold_in(key, b)``), so successive evaluations differ only
     through the state. One host sync per call.
     """
-    batch_size = min(batch_size, len(images))
+    batch_size = min(config.eval_batch_size, len(images))
     if placement.mesh is not None:
         n_dev = placement.mesh.shape[parallel.DATA_AXIS]
         batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
@@ -932,12 +932,7 @@ def decoder_attack(
 
     step_fn = _decoder_train_step(graphdef, encode, k_train, placement, config.lr)
     val_mse = _val_mse_fn(
-        encode,
-        _eval_apply(graphdef, 0),
-        val_x,
-        key=k_val,
-        batch_size=config.eval_batch_size,
-        placement=placement,
+        encode, _eval_apply(graphdef, 0), val_x, key=k_val, config=config, placement=placement
     )
     fit = _fit(
         "decoder",
@@ -1130,12 +1125,7 @@ def gan_attack(
         return state, loss
 
     val_mse = _val_mse_fn(
-        encode,
-        _eval_apply(graphdef, 0),
-        val_x,
-        key=k_val,
-        batch_size=config.eval_batch_size,
-        placement=placement,
+        encode, _eval_apply(graphdef, 0), val_x, key=k_val, config=config, placement=placement
     )
 
     # eval_every >= n_critic and max_steps >= n_critic: every validation follows a generator step.
