@@ -57,6 +57,19 @@ def run_module(module: str, *args: str, timeout: float = 900) -> subprocess.Comp
             "ssim_threshold=1.5: accepted a value < 1",
         ),
         (["--defense=topk", "--topk_scope=layer"], "should be one of <sample|batch>"),
+        # attack budgets and sizes: refused before any training starts
+        (["--dataset=synthetic", "--attack_steps=0"], "attack_steps=0: an attack budget"),
+        (["--dataset=synthetic", "--gan_steps=5"], "gan_steps=5: the GAN attack"),
+        (["--dataset=synthetic", "--attack_val_fraction=1.5"], "attack_val_fraction=1.5"),
+        (
+            [
+                "--dataset=synthetic",
+                "--train_subset=128",
+                "--attack_batch_size=256",
+                "--cache_dir=",
+            ],
+            "leaves 115, fewer than one batch (256)",
+        ),
     ],
 )
 def test_bad_flags_fail_fast_with_clear_errors(args, message, tmp_path):
