@@ -26,6 +26,7 @@ between a checkpoint and its ``metrics.jsonl`` line (``after_checkpoint:<epoch>`
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -81,6 +82,20 @@ def _quiet_closed_loop_callbacks() -> None:
 
     hook._cem_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    # The other reads' tasks can also end with their own read error, which asyncio logs as "Task
+    # exception was never retrieved" when they are collected: drop those of orbax's
+    # async_deserialize only (the restore already diagnosed and reported the damage).
+    logging.getLogger("asyncio").addFilter(_drop_orphaned_deserialize_errors)
+
+
+def _drop_orphaned_deserialize_errors(record: logging.LogRecord) -> bool:
+    try:
+        text = record.getMessage()
+    except Exception:  # noqa: BLE001 - a filter must never raise
+        return True
+    return not (
+        text.startswith("Task exception was never retrieved") and "async_deserialize" in text
+    )
 
 
 class CheckpointError(RuntimeError):

@@ -114,3 +114,19 @@ def test_read_only_checkpointer_creates_nothing(tmp_path):
     ckpt = Checkpointer(str(missing), writable=False)
     assert ckpt.all_steps() == []
     assert not missing.exists()
+
+
+def test_orphaned_deserialize_errors_are_not_logged_but_others_are(caplog):
+    import logging
+
+    from cem_jax import checkpoint
+
+    checkpoint._quiet_closed_loop_callbacks()
+    log = logging.getLogger("asyncio")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        log.error(
+            "Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize() "
+            "done> exception=ValueError('OUT_OF_RANGE')>"
+        )
+        log.error("Task exception was never retrieved\nfuture: <Task finished coro=<mine()>>")
+    assert [r.getMessage().split("<")[-1] for r in caplog.records] == ["mine()>>"]
