@@ -3,7 +3,8 @@
 The main API, importable from the package (the mathematics of :mod:`cem_jax.entropy` and the restore
 path of :mod:`cem_jax.client`, imported on first use so ``import cem_jax`` stays cheap)::
 
-    from cem_jax import cem_loss, fit_mixture, leakage_upper_bound, mse_lower_bound, MixtureState
+    from cem_jax import cem_loss, fit_mixture, leakage_certificate, leakage_upper_bound
+    from cem_jax import mse_lower_bound, MixtureState
     from cem_jax import load_client
 
 >>> import cem_jax
@@ -24,6 +25,7 @@ _API = {
     "cem_loss": "cem_jax.entropy",
     "fit_mixture": "cem_jax.entropy",
     "MixtureState": "cem_jax.entropy",
+    "leakage_certificate": "cem_jax.entropy",
     "leakage_upper_bound": "cem_jax.entropy",
     "mse_lower_bound": "cem_jax.entropy",
     "load_client": "cem_jax.client",
@@ -32,6 +34,7 @@ __all__ = [
     "MixtureState",
     "cem_loss",
     "fit_mixture",
+    "leakage_certificate",
     "leakage_upper_bound",
     "load_client",
     "mse_lower_bound",
@@ -43,6 +46,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (py.typed)
         MixtureState,
         cem_loss,
         fit_mixture,
+        leakage_certificate,
         leakage_upper_bound,
         mse_lower_bound,
     )
