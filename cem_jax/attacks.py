@@ -481,9 +481,6 @@ def _evaluate(
     # read on every process, also when the batch's rows live on other hosts
     step = placement.jit(step)
     n = len(images)
-    sums: dict[str, float] = {}
-    ref_psnr_sum = 0.0
-    examples = []
     outs = []
     with placement.context():
         for i, start in enumerate(range(0, n, batch_size)):
@@ -495,18 +492,32 @@ def _evaluate(
             have = len(outs) * n_examples  # only the first batch(es) contribute examples
             rec, per = step(state, placement.batch(batch), jnp.int32(i))
             outs.append((valid, rec if have < num_examples else None, per))
-    for valid, rec, per in jax.device_get(outs):  # one host sync for the whole evaluation
+    return _reduce_metrics(jax.device_get(outs), num_examples, images.shape[1:])
+
+
+def _reduce_metrics(
+    batches: list[tuple[int, Any, dict[str, Any]]], num_examples: int, sample_shape: tuple
+) -> tuple[dict[str, float], np.ndarray]:
+    """Means over images of per-sample metrics, the reference's batch PSNR, the first examples.
+
+    ``batches``: host ``(valid rows, reconstructions or None, {metric: [B]})`` per padded batch.
+    """
+    sums: dict[str, float] = {}
+    ref_psnr_sum, n = 0.0, 0
+    examples: list[np.ndarray] = []
+    for valid, rec, per in batches:
         per = {k: np.asarray(v, np.float64)[:valid] for k, v in per.items()}
         for k, v in per.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
         batch_mse = float(per["mse"].mean())
         ref_psnr_sum += valid * float(-10.0 * np.log10(max(batch_mse, 1e-10)))
+        n += valid
         have = sum(len(e) for e in examples)
-        if have < num_examples:
+        if have < num_examples and rec is not None:
             examples.append(np.asarray(rec[: min(valid, num_examples - have)], np.float32))
     out = {k: v / n for k, v in sums.items()}
     out["ref_psnr"] = ref_psnr_sum / n
-    ex = np.concatenate(examples) if examples else np.zeros((0, *images.shape[1:]), np.float32)
+    ex = np.concatenate(examples) if examples else np.zeros((0, *sample_shape), np.float32)
     return out, ex
 
 
@@ -1250,9 +1261,8 @@ def whitebox_attack(
         lambda u, x: (_per_sample_metrics(jax.nn.sigmoid(u), _to_target(x)), jax.nn.sigmoid(u))
     )
 
-    sums: dict[str, float] = {}
+    batches: list[tuple[int, Any, dict[str, Any]]] = []
     history: list[dict] = []
-    examples: list[np.ndarray] = []
     steps_max, all_converged = 0, True
     with placement.context():
         for b, start in enumerate(range(0, len(images), bs)):
@@ -1295,19 +1305,9 @@ def whitebox_attack(
             steps_max = max(steps_max, step)
             all_converged &= converged
             per, rec_all = per_sample(u, xb)
-            per = {k: np.asarray(v, np.float64)[:valid_n] for k, v in per.items()}
-            for k, v in per.items():
-                sums[k] = sums.get(k, 0.0) + float(v.sum())
-            sums["ref_psnr"] = sums.get("ref_psnr", 0.0) + valid_n * float(
-                -10.0 * np.log10(max(float(per["mse"].mean()), 1e-10))
-            )
-            have = sum(len(e) for e in examples)
-            if have < config.num_examples:
-                rec_x = np.asarray(rec_all[: min(valid_n, config.num_examples - have)])
-                examples.append(rec_x.astype(np.float32))
+            batches.append((valid_n, *jax.device_get((rec_all, per))))
     n = len(images)
-    metrics = {k: v / n for k, v in sums.items()}
-    ex = np.concatenate(examples) if examples else np.zeros((0, *images.shape[1:]), np.float32)
+    metrics, ex = _reduce_metrics(batches, config.num_examples, images.shape[1:])
     return AttackResult(
         metrics=metrics,
         wall_time_s=time.perf_counter() - t0,
