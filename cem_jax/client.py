@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import jax
-import numpy as np
 
 from cem_jax import train
 from cem_jax.checkpoint import Checkpointer, CheckpointError
@@ -85,26 +84,26 @@ def restore_finished(ckpt: Checkpointer, template: Any, workdir: str) -> tuple[A
 
 
 def restore_state(
-    cfg: RunConfig, meta: dict[str, Any], ckpt: Checkpointer, workdir: str = "the workdir"
+    cfg: RunConfig,
+    meta: dict[str, Any],
+    ckpt: Checkpointer,
+    workdir: str = "the workdir",
+    *,
+    mesh: Any = None,
 ) -> tuple[train.ModelParts, Any]:
     """Rebuilds the model of ``cfg`` and restores the final train state from ``ckpt``.
 
-    The template has every entry training saves, including the adversarial defense's local decoder
-    (``adv``) for the ``adversarial`` / ``cem_adversarial`` presets.
+    The one restore of a finished run (:func:`load_client`, ``experiments.attack``): the template
+    is :func:`cem_jax.train.state_template`, the one resume also uses, so it has every entry
+    training saves (the adversarial defense's local decoder included). With ``mesh`` the state
+    comes back replicated over it.
     """
     parts = train.build_model_parts(cfg, meta["num_classes"], meta["image_size"])
-    tx = train.make_optimizer(cfg, 1)
-    template = train.initial_state(
-        parts.params,
-        parts.batch_stats,
-        tx,
-        meta["num_classes"],
-        cfg.resolved_clusters_per_class,
-        int(np.prod(parts.feature_shape)),
-    )
-    if cfg.defense_spec().adversarial_alpha > 0:
-        adversary = train.build_adversary(cfg, parts.feature_shape, int(meta["image_size"]), 1)
-        template = template.replace(adv=adversary.init_state())
+    template, _ = train.state_template(cfg, parts, meta["num_classes"], int(meta["image_size"]))
+    if mesh is not None:
+        from cem_jax import parallel
+
+        template = parallel.replicate(template, mesh)
     state, _ = restore_finished(ckpt, template, workdir)
     return parts, state
 

@@ -77,6 +77,45 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: _global_from_host(x, sharding), tree)
 
 
+def process_rows(global_size: int, mesh: Mesh) -> tuple[int, int] | None:
+    """The contiguous rows ``[lo, hi)`` of a ``global_size`` batch that this process's devices hold.
+
+    ``None`` when they are not contiguous (an unusual device order): then every row is needed.
+    """
+    sharding = batch_sharding(mesh)
+    rows = [
+        index[0] if index else slice(None)
+        for index in sharding.addressable_devices_indices_map((global_size,)).values()
+    ]
+    bounds = sorted({r.indices(global_size)[:2] for r in rows})
+    if not all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False)):
+        return None
+    return bounds[0][0], bounds[-1][1]
+
+
+def process_batch(get_rows: Any, global_size: int, mesh: Mesh) -> Any:
+    """A global batch-sharded batch of ``global_size`` rows, read only where it is needed.
+
+    ``get_rows(lo, hi)`` returns the tree of host arrays of rows ``lo..hi-1``; each process asks only
+    for the rows its own devices hold and builds the global arrays from them
+    (``jax.make_array_from_process_local_data``). On one process this is ``device_put`` of every row.
+    """
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(get_rows(0, global_size), sharding)
+    span = process_rows(global_size, mesh)
+    if span is None:  # scattered rows: read them all, hand each device its own
+        return shard_batch(get_rows(0, global_size), mesh)
+    lo, hi = span
+    local = get_rows(lo, hi)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x), (global_size, *np.shape(x)[1:])
+        ),
+        local,
+    )
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places every array of ``tree`` on every device of the mesh.
 
@@ -88,6 +127,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.device_put(tree, sharding)
 
     def put(x: Any) -> Any:
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            # a PRNG key array: place its raw data, then wrap it again (keys have no host form)
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         if isinstance(x, jax.Array):
             return jax.device_put(x, sharding)
         x = np.asarray(x)

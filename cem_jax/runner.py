@@ -25,11 +25,12 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from cem_jax import config as config_lib
 from cem_jax import data as data_lib
@@ -461,43 +462,50 @@ def _inside(filename: Any, workdir: str) -> bool:
 CERTIFICATE_CONFIDENCE = 0.95
 
 
-def leakage_report(trainer: train.Trainer, state: train.TrainState) -> dict[str, Any]:
-    """The leakage bound of the final client on the training and on the held-out test features.
+def leakage_report(
+    features: Callable[[np.ndarray], jax.Array],
+    mixture: Any,
+    dataset: data_lib.Dataset,
+    *,
+    sigma: float,
+    mesh: Mesh,
+) -> dict[str, Any]:
+    """The leakage bound of a client on the training and on the held-out test features.
 
-    Both use the training set's clusters (``state.mixture``). Per split: ``certificate`` (the
-    diagonal bound with 95 % upper-confidence variances, :func:`cem_jax.entropy.leakage_certificate`),
-    ``diagonal`` (maximum-likelihood variances) and ``full_estimate`` (full covariance where a
-    cluster has more than 10 samples per dimension, an estimate, not a guarantee).
-    ``certificate_bits`` is the larger certificate of the two splits. ``None`` without noise.
+    ``features`` maps images to the client's clean ``[N, D]`` features (e.g.
+    :meth:`cem_jax.train.Trainer.features_fn`); ``mixture`` is the training set's clusters. Per split:
+    ``certificate`` (the diagonal bound with 95 % upper-confidence variances,
+    :func:`cem_jax.entropy.leakage_certificate`), ``diagonal`` (maximum-likelihood variances) and
+    ``full_estimate`` (full covariance where a cluster has more than 10 samples per dimension, an
+    estimate, not a guarantee). ``certificate_bits`` is the larger certificate of the two splits.
+    ``None`` without noise.
     """
     from cem_jax import entropy
 
-    sigma = trainer.defense.sigma
     if sigma <= 0:
         return {
             "certificate_bits": None,
             "note": "no Gaussian noise: the transmitted features can carry unbounded information",
         }
-    ds = trainer.dataset
     out: dict[str, Any] = {"sigma": sigma, "confidence": CERTIFICATE_CONFIDENCE}
     for split, images, labels in (
-        ("train", ds.train_images, ds.train_labels),
-        ("test", ds.test_images, ds.test_labels),
+        ("train", dataset.train_images, dataset.train_labels),
+        ("test", dataset.test_images, dataset.test_labels),
     ):
-        feats = trainer.features(state, images)
-        y = parallel.replicate(np.asarray(labels, np.int32), trainer.mesh)
-        with jax.set_mesh(trainer.mesh):
+        feats = features(images)
+        y = parallel.replicate(np.asarray(labels, np.int32), mesh)
+        with jax.set_mesh(mesh):
             kw = dict(sigma=sigma)
             out[split] = {
                 "num_images": len(labels),
                 "certificate": float(
                     entropy.leakage_certificate(
-                        feats, y, state.mixture, confidence=CERTIFICATE_CONFIDENCE, **kw
+                        feats, y, mixture, confidence=CERTIFICATE_CONFIDENCE, **kw
                     )
                 ),
-                "diagonal": float(entropy.leakage_upper_bound(feats, y, state.mixture, **kw)),
+                "diagonal": float(entropy.leakage_upper_bound(feats, y, mixture, **kw)),
                 "full_estimate": float(
-                    entropy.leakage_upper_bound(feats, y, state.mixture, covariance="full", **kw)
+                    entropy.leakage_upper_bound(feats, y, mixture, covariance="full", **kw)
                 ),
             }
     out["certificate_bits"] = max(out["train"]["certificate"], out["test"]["certificate"])
@@ -517,7 +525,13 @@ def finish(
     ds = trainer.dataset
     t0 = time.perf_counter()
     final = dict(history[-1]) if history else {}
-    leakage = leakage_report(trainer, state)
+    leakage = leakage_report(
+        trainer.features_fn(state),
+        state.mixture,
+        trainer.dataset,
+        sigma=trainer.defense.sigma,
+        mesh=trainer.mesh,
+    )
     results: dict[str, Any] = {
         "status": "finished",
         "format_version": train.FORMAT_VERSION,
@@ -603,8 +617,8 @@ def _attack_locked(
     _check_attacks(cfg, ds, num_devices=None)
     try:
         train.check_same_dataset(meta.get("dataset"), identity, f"the run in {workdir}")
-        trainer = train.Trainer(cfg, ds)
-        state, meta = client.restore_finished(ckpt, trainer.init_state(), workdir)
+        trainer = train.Trainer(cfg, ds)  # the host loops; its steps are compiled once and shared
+        _, state = client.restore_state(cfg, meta, ckpt, workdir, mesh=trainer.mesh)
     except (train.IncompatibleCheckpointError, client.RunNotFoundError) as e:
         raise RunError(str(e)) from e
     finally:

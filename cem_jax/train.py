@@ -14,11 +14,13 @@ step or epoch, so a resumed run replays exactly what the uninterrupted run would
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -184,7 +186,7 @@ class Adversary:
 
     Unlike the reference, it is fitted on training data only (no pre-training on the test set) and
     on the features the server actually receives; one Adam step per training step maximises the SSIM
-    of its reconstructions.
+    of its reconstructions. This object only builds it: the steps use :class:`StepSpec`.
     """
 
     def __init__(self, decoder: Any, learning_rate: float | optax.Schedule) -> None:
@@ -203,23 +205,6 @@ class Adversary:
             "batch_stats": self._batch_stats,
             "opt_state": self.tx.init(self._params),
         }
-
-    def apply(self, adv: dict[str, Any], z: jax.Array, *, train: bool) -> tuple[jax.Array, Any]:
-        graphdef = self.graphdef if train else self.graphdef_eval
-        decoder = nnx.merge(graphdef, adv["params"], adv["batch_stats"], self.rest, copy=True)
-        return decoder(z), nnx.state(decoder, nnx.BatchStat)
-
-    def update(
-        self, adv: dict[str, Any], z: jax.Array, x01: jax.Array
-    ) -> tuple[dict[str, Any], jax.Array]:
-        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-            rec, batch_stats = self.apply({**adv, "params": params}, z, train=True)
-            return -jnp.mean(metrics_lib.ssim(rec, x01)), batch_stats
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(adv["params"])
-        updates, opt_state = self.tx.update(grads, adv["opt_state"], adv["params"])
-        params = optax.apply_updates(adv["params"], updates)
-        return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss
 
 
 def build_adversary(
@@ -241,8 +226,303 @@ def build_adversary(
     return Adversary(decoder, adversary_lr_schedule(cfg, steps_per_epoch))
 
 
+def state_template(
+    cfg: RunConfig, parts: ModelParts, num_classes: int, image_size: int, steps_per_epoch: int = 1
+) -> tuple[TrainState, dict[str, Any]]:
+    """A fresh (host) :class:`TrainState` of ``cfg`` and the constant ``rest`` the steps take.
+
+    The one template of every restore: resume, :func:`cem_jax.client.load_client`, re-attacks.
+    ``rest`` is ``{"model": parts.rest, "adv": the local decoder's rest or None}``.
+    """
+    state, rest, _ = _template(cfg, parts, num_classes, image_size, steps_per_epoch)
+    return state, rest
+
+
+def _template(
+    cfg: RunConfig, parts: ModelParts, num_classes: int, image_size: int, steps_per_epoch: int
+) -> tuple[TrainState, dict[str, Any], Adversary | None]:
+    state = initial_state(
+        parts.params,
+        parts.batch_stats,
+        make_optimizer(cfg, steps_per_epoch),
+        num_classes,
+        cfg.resolved_clusters_per_class,
+        int(np.prod(parts.feature_shape)),
+    )
+    rest: dict[str, Any] = {"model": parts.rest, "adv": None}
+    adversary = None
+    if cfg.defense_spec().adversarial_alpha > 0:
+        adversary = build_adversary(cfg, parts.feature_shape, image_size, steps_per_epoch)
+        state = state.replace(adv=adversary.init_state())
+        rest["adv"] = adversary.rest
+    return state, rest, adversary
+
+
+# ------------------------------------------------------------------------------------ pure steps
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a run's steps: hashable, so equal configs share one compiled step.
+
+    Built by :meth:`create` from the config and the model's graph definitions; the optimizer and
+    the schedules are rebuilt from these numbers inside the traced steps.
+    """
+
+    graphdef: Any
+    graphdef_eval: Any
+    defense: defenses.Defense
+    cem_mode: str
+    lambda_schedule: str
+    lr: float
+    lr_milestones: tuple[float, ...]
+    lr_decay: float
+    epochs: int
+    steps_per_epoch: int
+    weight_decay: float
+    momentum: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    adv_graphdef: Any = None  # the adversarial defense's local decoder (train mode), or None
+    adv_graphdef_eval: Any = None
+
+    @classmethod
+    def create(
+        cls,
+        cfg: RunConfig,
+        parts: ModelParts,
+        *,
+        steps_per_epoch: int,
+        mean: Any,
+        std: Any,
+        adversary: Adversary | None = None,
+    ) -> StepSpec:
+        return cls(
+            graphdef=parts.graphdef,
+            graphdef_eval=parts.graphdef_eval,
+            defense=cfg.defense_spec(),
+            cem_mode=cfg.cem_mode,
+            lambda_schedule=cfg.lambda_schedule,
+            lr=float(cfg.lr),
+            lr_milestones=tuple(float(m) for m in cfg.lr_milestones),
+            lr_decay=float(cfg.lr_decay),
+            epochs=int(cfg.epochs),
+            steps_per_epoch=int(steps_per_epoch),
+            weight_decay=float(cfg.weight_decay),
+            momentum=float(cfg.momentum),
+            mean=tuple(float(m) for m in mean),
+            std=tuple(float(s) for s in std),
+            adv_graphdef=None if adversary is None else adversary.graphdef,
+            adv_graphdef_eval=None if adversary is None else adversary.graphdef_eval,
+        )
+
+    def schedule(self) -> optax.Schedule:
+        return multistep_schedule(
+            self.lr, self.lr_milestones, self.lr_decay, self.epochs, self.steps_per_epoch
+        )
+
+    def tx(self) -> optax.GradientTransformation:
+        """:func:`make_optimizer`: coupled weight decay, SGD with momentum, the schedule."""
+        return optax.chain(
+            optax.add_decayed_weights(self.weight_decay),
+            optax.sgd(self.schedule(), momentum=self.momentum),
+        )
+
+    def adversary_tx(self) -> optax.GradientTransformation:
+        return optax.adam(
+            multistep_schedule(
+                ADVERSARY_LR,
+                ADVERSARY_LR_MILESTONES,
+                ADVERSARY_LR_DECAY,
+                self.epochs,
+                self.steps_per_epoch,
+            )
+        )
+
+    def model(self, state: TrainState, rest: dict[str, Any], *, train: bool = False) -> Any:
+        """The nnx SplitModel holding ``state``'s weights (eval mode unless ``train``)."""
+        graphdef = self.graphdef if train else self.graphdef_eval
+        return nnx.merge(graphdef, state.params, state.batch_stats, rest["model"], copy=True)
+
+
+#: How often each step function was traced (a test checks that equal configs compile once).
+TRACES: collections.Counter[str] = collections.Counter()
+
+
+def _adversary_apply(
+    spec: StepSpec, adv: dict[str, Any], rest: Any, z: jax.Array, *, train: bool
+) -> tuple[jax.Array, Any]:
+    graphdef = spec.adv_graphdef if train else spec.adv_graphdef_eval
+    decoder = nnx.merge(graphdef, adv["params"], adv["batch_stats"], rest, copy=True)
+    return decoder(z), nnx.state(decoder, nnx.BatchStat)
+
+
+def _adversary_update(
+    spec: StepSpec, adv: dict[str, Any], rest: Any, z: jax.Array, x01: jax.Array
+) -> tuple[dict[str, Any], jax.Array]:
+    def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+        rec, batch_stats = _adversary_apply(spec, {**adv, "params": params}, rest, z, train=True)
+        return -jnp.mean(metrics_lib.ssim(rec, x01)), batch_stats
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(adv["params"])
+    tx = spec.adversary_tx()
+    updates, opt_state = tx.update(grads, adv["opt_state"], adv["params"])
+    params = optax.apply_updates(adv["params"], updates)
+    return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss
+
+
+def train_step(
+    spec: StepSpec,
+    state: TrainState,
+    rest: dict[str, Any],
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One defended training step (pure): augment → client → defense → server → losses → SGD.
+
+    ``batch``: ``{"images": uint8 [B, H, W, 3], "labels": int32 [B]}``; ``key``: the run's training
+    key, folded here with ``state.step``. Returns the new state and the step's scalar metrics
+    (``loss``, ``ce``, ``train_acc``, ``lr``, and ``cem`` / ``dcor`` / ``adv_ssim`` / ``adv_loss``
+    where the defense has them). Jitted per (spec, mesh) by :func:`compiled_steps`.
+    """
+    TRACES["train"] += 1
+    d = spec.defense
+    images, labels = batch["images"], batch["labels"]
+    key = jax.random.fold_in(key, state.step)
+    k_aug, k_def, k_drop = jax.random.split(key, 3)
+    x01 = data_lib.augment(k_aug, images)
+    x = data_lib.normalize(x01, spec.mean, spec.std)
+    model = spec.model(state, rest, train=True)
+    schedule = spec.schedule()
+    adversarial = spec.adv_graphdef is not None
+
+    def loss_fn(model: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        z = model.encode(x)
+        z_sent = d.obfuscate(k_def, z)
+        logits = model.classify(z_sent, rngs=nnx.Rngs(dropout=k_drop))
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        total = ce
+        aux = {"ce": ce, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
+        if d.cem:
+            lc = entropy.cem_loss(z, labels, state.mixture, sigma=d.sigma, mode=spec.cem_mode)
+            lambd = d.lambd
+            if spec.lambda_schedule == "inverse_lr":  # the reference's λ·0.001/lr, DESIGN §6
+                lambd = lambd * spec.lr / schedule(state.step)
+            total = total + lambd * state.mixture_ready * lc
+            aux["cem"] = lc
+        if d.nopeek_alpha > 0:
+            dcor = defenses.distance_correlation(x, z)
+            total = total + d.nopeek_alpha * dcor
+            aux["dcor"] = dcor
+        if adversarial:
+            # the local attacker (eval mode) inverts what the server receives; the client is
+            # penalised when its reconstructions get too good: α·max(0, SSIM − threshold)
+            rec = _adversary_apply(spec, state.adv, rest["adv"], z_sent, train=False)[0]
+            ssim = jnp.mean(metrics_lib.ssim(rec, x01))
+            total = total + d.adversarial_penalty(ssim)
+            aux["adv_ssim"] = ssim
+            aux["_z_sent"] = z_sent
+        aux["loss"] = total
+        return total, aux
+
+    (_, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    updates, opt_state = spec.tx().update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        params=params,
+        batch_stats=nnx.state(model, nnx.BatchStat),
+        opt_state=opt_state,
+        step=state.step + 1,
+    )
+    if adversarial:
+        z_sent = jax.lax.stop_gradient(aux.pop("_z_sent"))
+        new_adv, aux["adv_loss"] = _adversary_update(spec, state.adv, rest["adv"], z_sent, x01)
+        new_state = new_state.replace(adv=new_adv)
+    aux["lr"] = schedule(state.step)
+    return new_state, aux
+
+
+def eval_step(
+    spec: StepSpec,
+    state: TrainState,
+    rest: dict[str, Any],
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+) -> dict[str, jax.Array]:
+    """Clean and defended correct counts of one (padded) test batch (pure).
+
+    ``batch``: ``{"images" [B, H, W, 3], "labels" [B], "mask" float [B]}`` (0 on padding rows).
+    ``nonfinite`` counts the real images whose features or logits are not finite.
+    """
+    TRACES["eval"] += 1
+    model = spec.model(state, rest)
+    images, labels, mask = batch["images"], batch["labels"], batch["mask"]
+    z = model.encode(data_lib.normalize(images, spec.mean, spec.std))
+    logits_clean = model.classify(z)
+    logits_defended = model.classify(spec.defense.obfuscate(key, z))
+    clean = jnp.argmax(logits_clean, -1) == labels
+    defended = jnp.argmax(logits_defended, -1) == labels
+
+    def finite(a: jax.Array) -> jax.Array:
+        return jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=-1)
+
+    ok = finite(z) & finite(logits_clean) & finite(logits_defended)
+    return {
+        "clean_correct": jnp.sum(clean * mask),
+        "defended_correct": jnp.sum(defended * mask),
+        "nonfinite": jnp.sum((~ok) * mask),  # test images with a NaN/inf feature or logit
+    }
+
+
+def feature_step(
+    spec: StepSpec, state: TrainState, rest: dict[str, Any], images: jax.Array
+) -> jax.Array:
+    """Clean client features (eval mode, no noise) of ``images [B, H, W, 3]``: ``[B, D]`` (pure)."""
+    TRACES["features"] += 1
+    z = spec.model(state, rest).encode(data_lib.normalize(images, spec.mean, spec.std))
+    return z.reshape(z.shape[0], -1)
+
+
+class Steps(NamedTuple):
+    """The jitted steps of one (spec, mesh): ``train(state, rest, batch, key)`` (state donated),
+    ``eval(state, rest, batch, key)``, ``features(state, rest, images)``."""
+
+    train: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    eval: Callable[..., dict[str, jax.Array]]
+    features: Callable[..., jax.Array]
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_steps(spec: StepSpec, mesh: Mesh) -> Steps:
+    """The steps of ``spec`` jitted over ``mesh`` with explicit shardings, once per (spec, mesh).
+
+    State, ``rest`` and keys are replicated, batches split along the mesh's ``data`` axis; the
+    train step's state is donated and comes back replicated.
+    """
+    rep, bat = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return Steps(
+        train=jax.jit(
+            functools.partial(train_step, spec),
+            in_shardings=(rep, rep, bat, rep),
+            out_shardings=(rep, rep),
+            donate_argnums=(0,),
+        ),
+        eval=jax.jit(
+            functools.partial(eval_step, spec),
+            in_shardings=(rep, rep, bat, rep),
+            out_shardings=rep,
+        ),
+        features=jax.jit(
+            functools.partial(feature_step, spec),
+            in_shardings=(rep, rep, bat),
+            out_shardings=bat,
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------ host loops
 class Trainer:
-    """The jitted pieces of a defended split-training run for one config and one dataset."""
+    """The host side of a run: feeds batches to the shared jitted steps, evaluates, refreshes the
+    mixture. Holds no device copy of the data: every step's batch is gathered on the host, each
+    process reading only the rows its devices hold (DESIGN §5)."""
 
     #: Steps whose metrics stay on the device before the host fetches (and checks) them at once.
     metrics_every: int = 16
@@ -272,146 +552,55 @@ class Trainer:
                 f"batch_size={cfg.batch_size} is larger than the training set ({dataset.num_train})."
             )
         self.steps_per_epoch = dataset.num_train // cfg.batch_size
-        self.tx = make_optimizer(cfg, self.steps_per_epoch)
-        self.schedule = lr_schedule(cfg, self.steps_per_epoch)
         self.key = jax.random.key(cfg.seed)
         self.mean = tuple(float(m) for m in dataset.mean)
         self.std = tuple(float(s) for s in dataset.std)
 
         parts = build_model_parts(cfg, self.num_classes, self.image_size)
-        self.graphdef, self.graphdef_eval, self.rest = (
-            parts.graphdef,
-            parts.graphdef_eval,
-            parts.rest,
+        self._template, rest, adversary = _template(
+            cfg, parts, self.num_classes, self.image_size, self.steps_per_epoch
         )
-        self._init_params, self._init_batch_stats = parts.params, parts.batch_stats
-        self.adversary = None
-        if self.defense.adversarial_alpha > 0:
-            self.adversary = build_adversary(
-                cfg, self.feature_shape, self.image_size, self.steps_per_epoch
-            )
-
-        with jax.set_mesh(self.mesh):
-            # each process places its own copy (no cross-host transfer, DESIGN §5)
-            self.train_images = parallel.replicate(dataset.train_images, self.mesh)
-            self.train_labels = parallel.replicate(dataset.train_labels.astype(np.int32), self.mesh)
-        self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
-        self._eval_step = jax.jit(self._eval_step_impl)
-        self._feature_step = jax.jit(self._feature_step_impl)
+        self.spec = StepSpec.create(
+            cfg,
+            parts,
+            steps_per_epoch=self.steps_per_epoch,
+            mean=self.mean,
+            std=self.std,
+            adversary=adversary,
+        )
+        self.tx = self.spec.tx()
+        self.schedule = self.spec.schedule()
+        self.rest = parallel.replicate(rest, self.mesh)
+        self.train_key = parallel.replicate(jax.random.fold_in(self.key, _TAG_TRAIN), self.mesh)
+        self.steps = compiled_steps(self.spec, self.mesh)
+        self.train_labels = np.asarray(dataset.train_labels, np.int32)
 
     # --------------------------------------------------------------------------- construction
     def init_state(self) -> TrainState:
-        """A fresh, replicated :class:`TrainState`."""
-        state = initial_state(
-            self._init_params,
-            self._init_batch_stats,
-            self.tx,
-            self.num_classes,
-            self.clusters,
-            self.feature_dim,
-        )
-        if self.adversary is not None:
-            state = state.replace(adv=self.adversary.init_state())
-        return parallel.replicate(state, self.mesh)
+        """A fresh, replicated :class:`TrainState` (also the template a checkpoint restores into)."""
+        return parallel.replicate(self._template, self.mesh)
 
     def model(self, state: TrainState, *, train: bool = False) -> Any:
         """The nnx SplitModel holding ``state``'s weights (eval mode unless ``train``)."""
-        graphdef = self.graphdef if train else self.graphdef_eval
-        return nnx.merge(graphdef, state.params, state.batch_stats, self.rest, copy=True)
+        return self.spec.model(state, self.rest, train=train)
 
-    # --------------------------------------------------------------------------- jitted pieces
     def _preprocess(self, images: jax.Array) -> jax.Array:
         return data_lib.normalize(images, self.mean, self.std)
 
-    def _train_step_impl(
-        self, state: TrainState, idx: jax.Array
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
-        cfg, d = self.cfg, self.defense
-        sharding = parallel.batch_sharding(self.mesh)
-        idx = jax.lax.with_sharding_constraint(idx, sharding)
-        images = jax.lax.with_sharding_constraint(self.train_images[idx], sharding)
-        labels = jax.lax.with_sharding_constraint(self.train_labels[idx], sharding)
-        key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_TRAIN), state.step)
-        k_aug, k_def, k_drop = jax.random.split(key, 3)
-        x01 = data_lib.augment(k_aug, images)
-        x = self._preprocess(x01)
-        model = nnx.merge(self.graphdef, state.params, state.batch_stats, self.rest, copy=True)
-        adv = self.adversary
-
-        def loss_fn(model: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            z = model.encode(x)
-            z_sent = d.obfuscate(k_def, z)
-            logits = model.classify(z_sent, rngs=nnx.Rngs(dropout=k_drop))
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            total = ce
-            aux = {"ce": ce, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
-            if d.cem:
-                lc = entropy.cem_loss(z, labels, state.mixture, sigma=d.sigma, mode=cfg.cem_mode)
-                lambd = d.lambd
-                if cfg.lambda_schedule == "inverse_lr":  # the reference's λ·0.001/lr, DESIGN §6
-                    lambd = lambd * cfg.lr / self.schedule(state.step)
-                total = total + lambd * state.mixture_ready * lc
-                aux["cem"] = lc
-            if d.nopeek_alpha > 0:
-                dcor = defenses.distance_correlation(x, z)
-                total = total + d.nopeek_alpha * dcor
-                aux["dcor"] = dcor
-            if adv is not None:
-                # the local attacker (eval mode) inverts what the server receives; the client is
-                # penalised when its reconstructions get too good: α·max(0, SSIM − threshold)
-                rec = adv.apply(state.adv, z_sent, train=False)[0]
-                ssim = jnp.mean(metrics_lib.ssim(rec, x01))
-                total = total + d.adversarial_penalty(ssim)
-                aux["adv_ssim"] = ssim
-                aux["_z_sent"] = z_sent
-            aux["loss"] = total
-            return total, aux
-
-        (_, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            params=params,
-            batch_stats=nnx.state(model, nnx.BatchStat),
-            opt_state=opt_state,
-            step=state.step + 1,
+    # --------------------------------------------------------------------------- steps
+    def batch(self, idx: np.ndarray) -> dict[str, jax.Array]:
+        """The global training batch of the indices ``idx [B]``: each process gathers its rows."""
+        idx = np.asarray(idx)
+        images, labels = self.dataset.train_images, self.train_labels
+        return parallel.process_batch(
+            lambda lo, hi: {"images": images[idx[lo:hi]], "labels": labels[idx[lo:hi]]},
+            len(idx),
+            self.mesh,
         )
-        if adv is not None:
-            z_sent = jax.lax.stop_gradient(aux.pop("_z_sent"))
-            new_adv, aux["adv_loss"] = adv.update(state.adv, z_sent, x01)
-            new_state = new_state.replace(adv=new_adv)
-        aux["lr"] = self.schedule(state.step)
-        return new_state, aux
 
-    def _eval_step_impl(
-        self,
-        state: TrainState,
-        images: jax.Array,
-        labels: jax.Array,
-        mask: jax.Array,
-        key: jax.Array,
-    ) -> dict[str, jax.Array]:
-        model = self.model(state)
-        x = self._preprocess(images)
-        z = model.encode(x)
-        logits_clean = model.classify(z)
-        logits_defended = model.classify(self.defense.obfuscate(key, z))
-        clean = jnp.argmax(logits_clean, -1) == labels
-        defended = jnp.argmax(logits_defended, -1) == labels
-
-        def finite(a: jax.Array) -> jax.Array:
-            return jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=-1)
-
-        ok = finite(z) & finite(logits_clean) & finite(logits_defended)
-        return {
-            "clean_correct": jnp.sum(clean * mask),
-            "defended_correct": jnp.sum(defended * mask),
-            "nonfinite": jnp.sum((~ok) * mask),  # test images with a NaN/inf feature or logit
-        }
-
-    def _feature_step_impl(self, state: TrainState, images: jax.Array) -> jax.Array:
-        z = self.model(state).encode(self._preprocess(images))
-        return z.reshape(z.shape[0], -1)
+    def step(self, state: TrainState, idx: np.ndarray) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One training step on the training images ``idx`` (``state`` is donated)."""
+        return self.steps.train(state, self.rest, self.batch(idx), self.train_key)
 
     # --------------------------------------------------------------------------- host loops
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -431,8 +620,9 @@ class Trainer:
         """One pass over the training set. Raises :class:`NaNLossError` on a non-finite loss.
 
         The steps' metrics stay on the device; the host fetches them (one transfer) every
-        :attr:`metrics_every` steps (and after the first) and at the end of the epoch, then checks each step's loss in
-        order and calls ``on_step(i, metrics)`` for each (``i`` = steps done, 1-based).
+        :attr:`metrics_every` steps (and after the first) and at the end of the epoch, then checks
+        each step's loss in order and calls ``on_step(i, metrics)`` for each (``i`` = steps done,
+        1-based). The next batch is gathered and sent while the device runs the current step.
         """
         order = self.epoch_order(epoch)
         sums: dict[str, float] = {}
@@ -450,7 +640,7 @@ class Trainer:
 
         with jax.set_mesh(self.mesh):
             for i, idx in enumerate(order):
-                state, metrics = self._train_step(state, jnp.asarray(idx))
+                state, metrics = self.step(state, idx)
                 pending.append(metrics)
                 if i == 0:
                     jax.block_until_ready(metrics["loss"])
@@ -499,8 +689,14 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             for b in range(nb):
                 sl = slice(b * bs, min(n, (b + 1) * bs))
-                x, y, m = parallel.shard_batch(_pad(images[sl], labels[sl], bs), self.mesh)
-                outs.append(self._eval_step(state, x, y, m, jax.random.fold_in(key, b)))
+
+                def rows(lo: int, hi: int, sl: slice = sl) -> dict[str, np.ndarray]:
+                    x, y, m = _pad(images[sl], labels[sl], bs)
+                    return {"images": x[lo:hi], "labels": y[lo:hi], "mask": m[lo:hi]}
+
+                batch = parallel.process_batch(rows, bs, self.mesh)
+                key_b = parallel.replicate(jax.random.fold_in(key, b), self.mesh)
+                outs.append(self.steps.eval(state, self.rest, batch, key_b))
         # the per-batch counts stay on the devices until here: one host sync per evaluation
         fetched = jax.device_get(outs)
         clean = sum(float(o["clean_correct"]) for o in fetched)
@@ -553,17 +749,30 @@ class Trainer:
             )
 
     def features(self, state: TrainState, images: np.ndarray) -> jax.Array:
-        """Clean client features (eval mode, no noise), flattened: ``[N, D]``."""
+        """Clean client features (eval mode, no noise), flattened: ``[N, D]``, replicated.
+
+        Batches are fed like training batches (each process its own rows); the result is
+        gathered on the devices, never through a host.
+        """
         n = len(images)
         bs, nb = self._padded_batches(n, self.cfg.eval_batch_size)
         chunks = []
         with jax.set_mesh(self.mesh):
             for b in range(nb):
                 sl = slice(b * bs, min(n, (b + 1) * bs))
-                x, _, _ = _pad(images[sl], np.zeros(sl.stop - sl.start, np.int32), bs)
-                chunks.append(self._feature_step(state, parallel.shard_batch(x, self.mesh)))
+
+                def rows(lo: int, hi: int, sl: slice = sl) -> np.ndarray:
+                    x, _, _ = _pad(images[sl], np.zeros(sl.stop - sl.start, np.int32), bs)
+                    return x[lo:hi]
+
+                x = parallel.process_batch(rows, bs, self.mesh)
+                chunks.append(self.steps.features(state, self.rest, x))
             feats = jnp.concatenate(chunks)[:n]
         return parallel.replicate(feats, self.mesh)
+
+    def features_fn(self, state: TrainState) -> Callable[[np.ndarray], jax.Array]:
+        """``images [N, H, W, 3] -> [N, D]`` clean features of ``state``'s client (see :meth:`features`)."""
+        return functools.partial(self.features, state)
 
     def refresh_mixture(
         self, state: TrainState, epoch: int, *, full_bound: bool = False
@@ -575,57 +784,38 @@ class Trainer:
         ``full_bound`` the full-covariance one (``leakage_bits_full``) from the same feature pass.
         """
         start = time.perf_counter()
-        feats = self.features(state, self.dataset.train_images)
-        labels = self.train_labels
         key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_KMEANS), epoch)
         previous = state.mixture if float(state.mixture_ready) > 0 else None
-        with jax.set_mesh(self.mesh):
-            mixture = entropy.fit_mixture(
-                feats,
-                labels,
-                num_classes=self.num_classes,
-                clusters_per_class=self.clusters,
-                key=key,
-                previous=previous,
-                iterations=self.cfg.kmeans_iterations,
-            )
-            mixture = parallel.replicate(mixture, self.mesh)
-            out: dict[str, float] = {"mixture_time_s": 0.0}
-            if self.defense.sigma > 0:
-                out["leakage_bits"] = float(
-                    entropy.leakage_upper_bound(feats, labels, mixture, sigma=self.defense.sigma)
-                )
-                if full_bound:
-                    out["leakage_bits_full"] = float(
-                        entropy.leakage_upper_bound(
-                            feats, labels, mixture, sigma=self.defense.sigma, covariance="full"
-                        )
-                    )
+        mixture, out = refresh_mixture(
+            self.features_fn(state),
+            self.dataset.train_images,
+            self.train_labels,
+            num_classes=self.num_classes,
+            clusters_per_class=self.clusters,
+            key=key,
+            previous=previous,
+            iterations=self.cfg.kmeans_iterations,
+            sigma=self.defense.sigma,
+            full_bound=full_bound,
+            mesh=self.mesh,
+        )
         out["mixture_time_s"] = time.perf_counter() - start
         ready = parallel.replicate(jnp.ones((), jnp.float32), self.mesh)
         state = state.replace(mixture=mixture, mixture_ready=ready)
         return state, out
 
     def leakage_bound(self, state: TrainState, *, covariance: str = "full") -> float:
-        """The leakage certificate (bits per image) of the client on the training set."""
+        """The leakage bound (bits per image) of the client on the training set."""
         if self.defense.sigma <= 0:
             return float("inf")  # no noise: the features can carry unbounded information
+        if float(state.mixture_ready) == 0:
+            state, _ = self.refresh_mixture(state, 0)
         feats = self.features(state, self.dataset.train_images)
-        labels = self.train_labels
+        labels = parallel.replicate(self.train_labels, self.mesh)
         with jax.set_mesh(self.mesh):
-            mixture = state.mixture
-            if float(state.mixture_ready) == 0:
-                mixture = entropy.fit_mixture(
-                    feats,
-                    labels,
-                    num_classes=self.num_classes,
-                    clusters_per_class=self.clusters,
-                    key=jax.random.fold_in(self.key, _TAG_KMEANS),
-                    iterations=self.cfg.kmeans_iterations,
-                )
             return float(
                 entropy.leakage_upper_bound(
-                    feats, labels, mixture, sigma=self.defense.sigma, covariance=covariance
+                    feats, labels, state.mixture, sigma=self.defense.sigma, covariance=covariance
                 )
             )
 
@@ -641,6 +831,53 @@ class Trainer:
         if noise_only:
             defense = dataclasses.replace(defense, dropout_ratio=0.0, topk_ratio=0.0)
         return make_encode(self.model(state), defense, self.dataset.mean, self.dataset.std)
+
+
+def refresh_mixture(
+    features: Callable[[np.ndarray], jax.Array],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    clusters_per_class: int,
+    key: jax.Array,
+    previous: entropy.MixtureState | None,
+    iterations: int,
+    sigma: float,
+    full_bound: bool,
+    mesh: Mesh,
+) -> tuple[entropy.MixtureState, dict[str, float]]:
+    """Fits the per-class mixture on ``features(images)`` (one clean pass); with noise, also the
+    diagonal leakage bound (``leakage_bits``) and, with ``full_bound``, the full-covariance one.
+
+    ``features`` is any ``images -> [N, D]`` function (:meth:`Trainer.features_fn`, or a restored
+    client's): nothing here needs a :class:`Trainer`.
+    """
+    feats = features(images)
+    labels = parallel.replicate(np.asarray(labels, np.int32), mesh)
+    with jax.set_mesh(mesh):
+        mixture = entropy.fit_mixture(
+            feats,
+            labels,
+            num_classes=num_classes,
+            clusters_per_class=clusters_per_class,
+            key=key,
+            previous=previous,
+            iterations=iterations,
+        )
+        mixture = parallel.replicate(mixture, mesh)
+        out: dict[str, float] = {"mixture_time_s": 0.0}
+        if sigma > 0:
+            out["leakage_bits"] = float(
+                entropy.leakage_upper_bound(feats, labels, mixture, sigma=sigma)
+            )
+            if full_bound:
+                out["leakage_bits_full"] = float(
+                    entropy.leakage_upper_bound(
+                        feats, labels, mixture, sigma=sigma, covariance="full"
+                    )
+                )
+    return mixture, out
 
 
 def _pad(

@@ -46,10 +46,11 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent(
         tr = train.Trainer(cfg, ds, mesh=parallel.make_mesh(n))
         st = tr.init_state()
         st, _ = tr.refresh_mixture(st, 1)  # CEM active in the step
-        idx = jnp.asarray(tr.epoch_order(2)[0])
+        idx = tr.epoch_order(2)[0]
         with jax.set_mesh(tr.mesh):
-            hlo = tr._train_step.lower(st, idx).compile().as_text()
-            st, m = tr._train_step(st, idx)
+            args = (st, tr.rest, tr.batch(idx), tr.train_key)
+            hlo = tr.steps.train.lower(*args).compile().as_text()
+            st, m = tr.steps.train(*args)
         params[n] = [np.asarray(x) for x in jax.tree.leaves(st.params)]
         out[f"loss_{n}"] = float(m["loss"])
         out[f"per_device_batch_{n}"] = bool(re.search(r"f32\\[%d,32,32,3\\]" % (64 // n), hlo))

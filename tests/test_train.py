@@ -167,13 +167,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
 
     def poison_epoch_2(epoch, trainer):
         if epoch == 2:
-            step = trainer._train_step
+            step = trainer.step
 
             def poisoned(state, idx):
                 bad = jax.tree.map(lambda p: p * jnp.nan, state.params)
                 return step(state.replace(params=bad), idx)
 
-            trainer._train_step = poisoned
+            trainer.step = poisoned
 
     with pytest.raises(train.NaNLossError, match=r"epoch 2, step \d+"):
         train.train(cfg, tiny_data, workdir=str(tmp_path), on_epoch_start=poison_epoch_2)
@@ -211,9 +211,9 @@ def test_every_defense_trains_and_compiles_once(defense, tiny_data):
     order = tr.epoch_order(1)
     with jax.set_mesh(tr.mesh):
         for i in range(3):
-            state, m = tr._train_step(state, jnp.asarray(order[i]))
+            state, m = tr.step(state, order[i])
             assert np.isfinite(float(m["loss"])), (defense, m)
-    assert tr._train_step._cache_size() == 1  # one compilation per configuration
+    assert tr.steps.train._cache_size() == 1  # one compilation per configuration
     moved = [
         not np.allclose(a, np.asarray(b))
         for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))
@@ -244,7 +244,7 @@ def test_cem_term_enters_the_client_gradient_only_through_lambda(tiny_data):
         state = tr.init_state()
         state, _ = tr.refresh_mixture(state, 1)  # the noise run fits one too (unused)
         with jax.set_mesh(tr.mesh):
-            new, m = tr._train_step(state, jnp.asarray(tr.epoch_order(1)[0]))
+            new, m = tr.step(state, tr.epoch_order(1)[0])
         return tr, jax.tree.map(np.asarray, new.params), {k: float(v) for k, v in m.items()}
 
     tr, p_noise, m_noise = one_step("noise", None)
@@ -275,15 +275,44 @@ def test_inverse_lr_lambda_schedule_scales_the_cem_term_like_the_reference(tiny_
     )
     tr = train.Trainer(cfg, tiny_data)
     state, _ = tr.refresh_mixture(tr.init_state(), 1)
-    idx = jnp.asarray(tr.epoch_order(1)[0])
+    idx = tr.epoch_order(1)[0]
     with jax.set_mesh(tr.mesh):
         for step, factor in ((0, 1.0), (tr.steps_per_epoch + 2, 5.0)):
             s = jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # the step donates it
             s = s.replace(step=jnp.asarray(step, state.step.dtype))
-            _, m = tr._train_step(s, idx)
+            _, m = tr.step(s, idx)
             np.testing.assert_allclose(float(m["lr"]), cfg.lr / factor, rtol=1e-6)
             np.testing.assert_allclose(
                 float(m["loss"]), float(m["ce"]) + 0.5 * factor * float(m["cem"]), rtol=1e-5
             )
     with pytest.raises(ValueError, match="lambda_schedule"):
         small_config(lambda_schedule="cosine")
+
+
+def test_equal_configs_share_one_compiled_step(tiny_data):
+    """Two Trainers (two runs in one process) with equal configs trace and compile each step once;
+    another config gets its own."""
+    cfg_kw = dict(defense="cem_noise", batch_size=16, epochs=1, seed=123)
+    cfg = small_config(**cfg_kw)
+    counts = []
+    for _ in range(2):
+        tr = train.Trainer(cfg, tiny_data)
+        before = dict(train.TRACES)
+        state, _ = tr.refresh_mixture(tr.init_state(), 1)
+        with jax.set_mesh(tr.mesh):
+            state, m = tr.step(state, tr.epoch_order(1)[0])
+        tr.evaluate(state, 1)
+        float(m["loss"])
+        counts.append(
+            {k: train.TRACES[k] - before.get(k, 0) for k in ("train", "eval", "features")}
+        )
+    assert counts[0] == {"train": 1, "eval": 1, "features": 1}  # first Trainer: one trace each
+    assert counts[1] == {"train": 0, "eval": 0, "features": 0}  # equal config: none
+    assert train.compiled_steps(tr.spec, tr.mesh).train._cache_size() == 1
+    other = train.Trainer(small_config(defense="cem_noise", sigma=0.3, batch_size=16), tiny_data)
+    assert other.spec != tr.spec and other.steps is not tr.steps
+    # the spec is a value: rebuilding it from the same config gives an equal, hashable key
+    again = train.Trainer(cfg, tiny_data)
+    assert again.spec == tr.spec and hash(again.spec) == hash(tr.spec) and again.steps is tr.steps
+    # the seed is an argument (the key and the initial state), not part of the program
+    assert train.Trainer(small_config(**{**cfg_kw, "seed": 124}), tiny_data).steps is tr.steps
