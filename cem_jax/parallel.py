@@ -33,15 +33,38 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh named ``data`` over the first ``num_devices`` devices (all by default)."""
+def make_mesh(num_devices: int | None = None, *, device_index: int | None = None) -> Mesh:
+    """A 1-D mesh named ``data`` over ``num_devices`` devices (all by default).
+
+    ``device_index`` pins the mesh to devices ``device_index ..`` (one device unless
+    ``num_devices`` says more): one run per device of a multi-GPU machine. Not on several processes
+    (there the mesh spans every process's devices).
+    """
     available = jax.device_count()
-    n = available if num_devices is None else num_devices
-    if not 1 <= n <= available:
+    first = 0
+    if device_index is not None:
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"device_index={device_index}: a run on several processes uses every process's "
+                "devices; pin single-process runs only."
+            )
+        if not 0 <= device_index < available:
+            raise ValueError(
+                f"device_index={device_index}: accepted 0..{available - 1} "
+                f"({available} devices: {jax.devices()[0].platform})."
+            )
+        first = device_index
+        if num_devices is None:
+            num_devices = 1
+    n = available - first if num_devices is None else num_devices
+    if not 1 <= n <= available - first:
+        where = f" from device {first}" if first else ""
         raise ValueError(
-            f"num_devices={num_devices}: accepted 1..{available} (jax.device_count())."
+            f"num_devices={num_devices}: accepted 1..{available - first}{where} "
+            f"(jax.device_count() = {available})."
         )
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+    devices = jax.devices()[first : first + n]
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -70,6 +70,18 @@ def _replace(ds: data_lib.Dataset, **kw: Any) -> data_lib.Dataset:
     return dataclasses.replace(ds, **kw)
 
 
+def check_local_workdir(workdir: str) -> None:
+    """Refuses a remote workdir (``gs://...``) with :class:`RunError` rather than mangling it into a
+    local folder: the workdir lock (``flock``) and the atomic writes (``mkstemp`` + ``os.replace``)
+    need a POSIX file system."""
+    if "://" in os.fspath(workdir):
+        raise RunError(
+            f"--workdir={workdir}: remote workdirs are not supported yet (the workdir lock and the "
+            "atomic writes need a POSIX file system). Use a local or shared folder, or mount the "
+            "bucket (e.g. gcsfuse) and pass the mounted path."
+        )
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Replaces ``path`` with ``text`` atomically, through a fresh temporary file beside it.
 
@@ -279,10 +291,14 @@ def run(
     *,
     workdir: str,
     num_devices: int | None = None,
+    device_index: int | None = None,
     cache_dir: str | None = None,
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """Trains (or resumes), attacks and reports; returns the ``results.json`` content.
+
+    The mesh: ``num_devices`` devices (all by default), from device ``device_index`` on when given
+    (one device unless ``num_devices`` says more: :func:`cem_jax.parallel.make_mesh`).
 
     Holds the workdir's lock throughout (:func:`lock_workdir`). Refused with :class:`RunError`: a
     workdir of another configuration or other data (checkpoint or ``results.json``), one whose
@@ -290,11 +306,14 @@ def run(
     non-finite loss or state, an unwritable workdir.
     """
     out = stream if stream is not None else sys.stdout
+    check_local_workdir(workdir)
+    try:
+        mesh = parallel.make_mesh(num_devices, device_index=device_index)
+    except ValueError as e:
+        raise RunError(str(e)) from e
     with _run_lock(workdir, out):
         try:
-            return _run_locked(
-                cfg, workdir=workdir, num_devices=num_devices, cache_dir=cache_dir, out=out
-            )
+            return _run_locked(cfg, workdir=workdir, mesh=mesh, cache_dir=cache_dir, out=out)
         except (train.NaNLossError, train.IncompatibleCheckpointError, CheckpointError) as e:
             raise RunError(str(e)) from e
         except OSError as e:
@@ -310,7 +329,7 @@ def _run_locked(
     cfg: config_lib.RunConfig,
     *,
     workdir: str,
-    num_devices: int | None,
+    mesh: Mesh,
     cache_dir: str | None,
     out: TextIO,
 ) -> dict[str, Any]:
@@ -350,7 +369,6 @@ def _run_locked(
     # every process has read the workdir before any of them writes into it (checkpoints/)
     parallel.barrier("cem_jax:run_checked")
     t_start = time.perf_counter()
-    mesh = parallel.make_mesh(num_devices)
     t0 = time.perf_counter()
     ds = load_data(cfg, cache_dir)
     identity = data_lib.dataset_identity(ds)
@@ -573,8 +591,12 @@ def attack_workdir(
     overrides: dict[str, Any] | None = None,
     cache_dir: str | None = None,
     stream: TextIO | None = None,
+    num_devices: int | None = None,
+    device_index: int | None = None,
 ) -> dict[str, Any]:
     """Re-runs the attacks of a finished run (``experiments.attack``); updates ``results.json``.
+
+    ``num_devices`` / ``device_index`` choose the mesh as in :func:`run`.
 
     The file is replaced atomically once every attack is done, so an interrupted attack never
     leaves partial numbers behind; re-running it restarts the attacks cleanly. The data must be
@@ -582,6 +604,11 @@ def attack_workdir(
     their summary is printed, then :class:`RunError` says that (and where) nothing was saved.
     """
     out = stream if stream is not None else sys.stdout
+    check_local_workdir(workdir)
+    try:
+        mesh = parallel.make_mesh(num_devices, device_index=device_index)
+    except ValueError as e:
+        raise RunError(str(e)) from e
     problem = _writable_problem(workdir) if os.path.isdir(workdir) else None
     if problem is not None:
         print(
@@ -589,9 +616,9 @@ def attack_workdir(
             file=out,
             flush=True,
         )
-        return _attack_locked(workdir, overrides, cache_dir, out, problem)
+        return _attack_locked(workdir, overrides, cache_dir, out, problem, mesh)
     with _run_lock(workdir, out):
-        return _attack_locked(workdir, overrides, cache_dir, out, None)
+        return _attack_locked(workdir, overrides, cache_dir, out, None, mesh)
 
 
 def _attack_locked(
@@ -600,6 +627,7 @@ def _attack_locked(
     cache_dir: str | None,
     out: TextIO,
     unwritable: str | None,
+    mesh: Mesh,
 ) -> dict[str, Any]:
     import dataclasses
 
@@ -614,10 +642,10 @@ def _attack_locked(
     cfg.validate()
     ds = load_data(cfg, cache_dir)
     identity = data_lib.dataset_identity(ds)
-    _check_attacks(cfg, ds, num_devices=None)
+    _check_attacks(cfg, ds, mesh.shape[parallel.DATA_AXIS])
     try:
         train.check_same_dataset(meta.get("dataset"), identity, f"the run in {workdir}")
-        trainer = train.Trainer(cfg, ds)  # the host loops; its steps are compiled once and shared
+        trainer = train.Trainer(cfg, ds, mesh=mesh)  # host loops; the compiled steps are shared
         _, state = client.restore_state(cfg, meta, ckpt, workdir, mesh=trainer.mesh)
     except (train.IncompatibleCheckpointError, client.RunNotFoundError) as e:
         raise RunError(str(e)) from e

@@ -25,6 +25,10 @@ def test_mesh_of_one_device_and_bad_sizes():
     with pytest.raises(ValueError, match="num_devices"):
         parallel.make_mesh(jax.device_count() + 1)
     parallel.check_batch_size(7, mesh)
+    n = jax.device_count()
+    with pytest.raises(ValueError, match=rf"device_index={n}: accepted 0\.\.{n - 1}"):
+        parallel.make_mesh(device_index=n)
+    assert parallel.make_mesh(device_index=n - 1).devices.flat[0] == jax.devices()[n - 1]
 
 
 EIGHT_DEVICE_SCRIPT = textwrap.dedent(
@@ -55,6 +59,18 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent(
         out[f"loss_{n}"] = float(m["loss"])
         out[f"per_device_batch_{n}"] = bool(re.search(r"f32\\[%d,32,32,3\\]" % (64 // n), hlo))
         out[f"param_devices_{n}"] = len(jax.tree.leaves(st.params)[0].sharding.device_set)
+    # --device_index: one run per device
+    out["pinned"] = [d.id for d in parallel.make_mesh(device_index=3).devices.flat]
+    out["pinned_two"] = [d.id for d in parallel.make_mesh(2, device_index=6).devices.flat]
+    try:
+        parallel.make_mesh(3, device_index=6)
+    except ValueError as e:
+        out["pinned_error"] = str(e)
+    tr = train.Trainer(cfg, ds, mesh=parallel.make_mesh(device_index=3))
+    st = tr.init_state()
+    batch = tr.batch(tr.epoch_order(1)[0])
+    out["pinned_state"] = sorted(d.id for d in jax.tree.leaves(st.params)[0].sharding.device_set)
+    out["pinned_batch"] = sorted(d.id for d in batch["images"].sharding.device_set)
     out["max_abs_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(params[1], params[8]))
     out["max_abs_param"] = max(float(np.max(np.abs(a))) for a in params[1])
     print("RESULT" + json.dumps(out))
@@ -86,6 +102,9 @@ def test_train_step_on_8_fake_devices_matches_1_device():
     # the batch is really split: each device's convolution sees 64/8 = 8 images
     assert out["per_device_batch_8"], "no per-device [8,32,32,3] batch in the 8-device program"
     assert out["per_device_batch_1"]
+    assert out["pinned"] == [3] and out["pinned_two"] == [6, 7]
+    assert "num_devices=3: accepted 1..2 from device 6" in out["pinned_error"]
+    assert out["pinned_state"] == [3] and out["pinned_batch"] == [3]
     # parameters are replicated on all 8 devices
     assert out["param_devices_8"] == 8 and out["param_devices_1"] == 1
     # same step, same numbers (up to float reordering of the all-reduce)

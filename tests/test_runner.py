@@ -70,12 +70,30 @@ def run_module(module: str, *args: str, timeout: float = 900) -> subprocess.Comp
             ],
             "leaves 115, fewer than one batch (256)",
         ),
+        (["--dataset=synthetic", "--device_index=99"], "device_index=99: accepted 0..0"),
     ],
 )
 def test_bad_flags_fail_fast_with_clear_errors(args, message, tmp_path):
     proc = run_module("experiments.run", *args, f"--workdir={tmp_path}", timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_remote_workdir_is_refused_not_mangled_into_a_local_folder(tmp_path, monkeypatch):
+    import io
+
+    from cem_jax import config as config_lib
+    from cem_jax import runner
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config_lib.make_config("quick", dataset="synthetic", attacks=())
+    for call in (
+        lambda: runner.run(cfg, workdir="gs://bucket/run", stream=io.StringIO()),
+        lambda: runner.attack_workdir("gs://bucket/run", stream=io.StringIO()),
+    ):
+        with pytest.raises(runner.RunError, match="remote workdirs are not supported yet"):
+            call()
+    assert os.listdir(tmp_path) == []  # no local "gs:" folder
 
 
 def test_every_defense_setting_has_a_flag():

@@ -49,7 +49,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
         "Decoded-dataset cache ('' off).",
         flag_values=fv,
     )
-    own = ["workdir", *names, "cache_dir", *config_flags.define_distributed_flags(fv)]
+    own = ["workdir", *names, "cache_dir", *config_flags.define_device_flags(fv)]
+    own += config_flags.define_distributed_flags(fv)
     if fv is FLAGS:
         CONFIG_FLAGS[:], OWN_FLAGS[:] = names, own
     return own
@@ -68,6 +69,8 @@ def _main(argv: list[str]) -> None:
             FLAGS.workdir,
             overrides=config_flags.config_overrides(FLAGS, CONFIG_FLAGS),
             cache_dir=FLAGS.cache_dir or None,
+            num_devices=FLAGS.num_devices,
+            device_index=FLAGS.device_index,
         )
     except (ValueError, FileNotFoundError, runner.RunError) as e:
         sys.exit(f"error: {e}")

@@ -310,6 +310,34 @@ def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> lis
     return list(DISTRIBUTED_FLAGS)
 
 
+def define_device_flags(
+    flag_values: flags.FlagValues = flags.FLAGS, *, num_devices: bool = True
+) -> list[str]:
+    """``--device_index`` (and ``--num_devices``): which devices a run's mesh uses; their names.
+
+    Not RunConfig fields: the devices a run is placed on do not change what it computes.
+    """
+    kw = {"flag_values": flag_values}
+    names = ["device_index"]
+    if num_devices:
+        flags.DEFINE_integer(
+            "num_devices",
+            None,
+            "Devices in the data mesh (default: all; one when --device_index is given).",
+            **kw,
+        )
+        names.append("num_devices")
+    flags.DEFINE_integer(
+        "device_index",
+        None,
+        "Pin the run to the devices from this index on (jax.devices()[K:K+num_devices]), e.g. one "
+        "sweep shard per GPU of a machine (with XLA_PYTHON_CLIENT_PREALLOCATE=false; or give each "
+        "shard its own CUDA_VISIBLE_DEVICES instead). Single-process runs only.",
+        **kw,
+    )
+    return names
+
+
 def initialize_distributed_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
     """:func:`cem_jax.parallel.initialize_distributed` with the flags of
     :func:`define_distributed_flags` (call before anything touches a JAX device)."""

@@ -49,16 +49,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
         "Output folder (default runs/<dataset>_<defense>_<preset>).",
         flag_values=fv,
     )
-    flags.DEFINE_integer(
-        "num_devices", None, "Devices in the data mesh (default: all).", flag_values=fv
-    )
     flags.DEFINE_string(
         "cache_dir",
         os.path.expanduser("~/.cache/cem_jax"),
         "Decoded-dataset cache ('' off).",
         flag_values=fv,
     )
-    own = [*names, "preset", "workdir", "num_devices", "cache_dir"]
+    own = [*names, "preset", "workdir", *config_flags.define_device_flags(fv), "cache_dir"]
     own += config_flags.define_distributed_flags(fv)
     if fv is FLAGS:
         CONFIG_FLAGS[:], OWN_FLAGS[:] = names, own
@@ -89,6 +86,7 @@ def _main(argv: list[str]) -> None:
             cfg,
             workdir=workdir,
             num_devices=FLAGS.num_devices,
+            device_index=FLAGS.device_index,
             cache_dir=FLAGS.cache_dir or None,
         )
     except (ValueError, FileNotFoundError, runner.RunError) as e:

@@ -83,6 +83,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
     )
     own = ["defenses", "sigmas", "lambdas", "seeds", *names]
     own += ["preset", "root", "study", "num_shards", "shard_index", "collect_only", "cache_dir"]
+    own += config_flags.define_device_flags(fv)
     own += config_flags.define_distributed_flags(fv)
     if fv is FLAGS:
         CONFIG_FLAGS[:], OWN_FLAGS[:] = names, own
@@ -122,6 +123,11 @@ def check_grid(grid: list[dict]) -> list[config_lib.RunConfig]:
     """Every run's validated config, before any runs: a bad σ / λ / seed fails in seconds, not hours."""
     if not FLAGS.defenses:
         raise ValueError("--defenses is empty: name at least one defense preset.")
+    if "://" in FLAGS.root:
+        raise ValueError(
+            f"--root={FLAGS.root}: remote folders are not supported yet (each run's lock and atomic "
+            "writes need a POSIX file system); use a local or mounted path."
+        )
     if FLAGS.num_shards < 1:
         raise ValueError(f"num_shards={FLAGS.num_shards}: accepted values are >= 1.")
     if not 0 <= FLAGS.shard_index < FLAGS.num_shards:
@@ -191,7 +197,13 @@ def _main(argv: list[str]) -> None:
     for i, (point, cfg) in enumerate(mine):
         print(f"\n### sweep run {i + 1}/{len(mine)}: {collect.run_name(point)}", flush=True)
         try:
-            runner.run(cfg, workdir=workdir_of(point), cache_dir=FLAGS.cache_dir or None)
+            runner.run(
+                cfg,
+                workdir=workdir_of(point),
+                cache_dir=FLAGS.cache_dir or None,
+                num_devices=FLAGS.num_devices,
+                device_index=FLAGS.device_index,
+            )
         except (ValueError, FileNotFoundError, runner.RunError) as e:
             sys.exit(f"error at {collect.run_name(point)}: {e}")
     if not parallel.is_main_process():
