@@ -128,6 +128,8 @@ def test_two_processes_equal_one_process_on_four_devices(tmp_path):
     assert results["devices"] == reference["devices"] == "4 x cpu"
     got, want = _numbers(results), _numbers(reference)
     assert got.keys() == want.keys()
+    for k, v in want.items():  # shown with -s: the figures of the comparison
+        print(f"{k:<36} 2 proc x 2 dev {got[k]:.7g}   1 proc x 4 dev {v:.7g}")
     for k, v in want.items():  # the same program; only the order of the cross-process sums differs
         # float32 rounding, amplified by the certificate (~1100 bits from the variances of a few
         # samples) and by the attack's Adam steps: observed up to 1.2e-4 relative
