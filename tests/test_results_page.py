@@ -41,8 +41,22 @@ def test_frontier_comparison_interpolates_noise_at_equal_accuracy():
     assert rows[0]["diff_std"] == pytest.approx((0.001**2 + 0.001**2) ** 0.5)
     assert rows[1]["base_mse"] is None
     text = results_page.answer(rows)
-    assert "higher train-time decoder MSE than `noise` at 1 of 1 comparable points" in text
-    assert "+100%" in text
+    assert "higher train-time decoder MSE than `noise` at 1 and a lower one at 0 of the 1" in text
+    assert "+100%" in text and "higher than noise alone" in text
+
+
+def test_one_seed_is_reported_but_not_counted():
+    rows = results_page.frontier_comparison(
+        [
+            _record("noise", 0.4, 0.02, n=1),
+            _record("noise", 0.2, 0.04, n=1),
+            _record("cem_noise", 0.3, 0.06, n=1),  # +100 %, but no spread
+        ]
+    )
+    text = results_page.answer(rows)
+    assert "at 0 and a lower one at 0 of the 0 comparable points" in text
+    assert "1 more comparable point(s) have one seed" in text
+    assert "no spread: not evidence either way yet" in text and "+100%" in text
 
 
 def test_answer_says_when_cem_is_not_better_or_not_comparable():
@@ -62,18 +76,42 @@ def test_write_page_from_table_json(tmp_path):
         _record("noise", 0.4, 0.01),
         _record("noise", 0.2, 0.03),
         _record("cem_noise", 0.3, 0.03),
+        {**_record("cem_noise [reference]", 0.35, 0.03), "name": "cem_noise_s0.1_l1_reference"},
     ]
+    # the compute section reads each run's results.json
+    for s in range(3):
+        wd = tmp_path / f"w{s}"
+        wd.mkdir()
+        (wd / "results.json").write_text(
+            json.dumps(
+                {
+                    "wall_time_s": 600.0 + 60 * s,
+                    "devices": "1 x cpu",
+                    "config": {"arch": "vgg11_bn_sgm", "epochs": 6, "batch_size": 128},
+                    "dataset": {"num_train": 5000, "num_test": 2000},
+                }
+            )
+        )
+    for r in recs:
+        for run in r["runs"]:
+            run["workdir"] = str(tmp_path / run["workdir"])
     root = tmp_path / "root"
     collect.write_table(
         str(root), recs, {"dataset": "cifar10", "preset": "quick", "finished": 9, "runs": 9}
     )
     (root / collect.PLOT_PNG).write_bytes(b"\x89PNG\r\n\x1a\n")
     out = tmp_path / "docs" / "results.md"
-    text = results_page.write_page(str(root), str(out))
+    text = results_page.write_page(str(root), str(out), machine="2-core CPU")
     assert out.read_text() == text
+    # which CEM: the reference variant against noise at 0.35 (0.02): +50 %
+    assert "| cem_noise [reference] | cem_noise_s0.1_l1_reference | 3 | 0.350 |" in text
+    assert "| 0.0200 (n=3) | +50% |" in text
+    assert "6 epochs of batch 128 on 5000 training images" in text
+    assert "min per run (median; train + attack), on 1 x cpu (2-core CPU)" in text
+    assert "3 runs, 0.5 h of wall time in all, 11.0 min per run" in text
     assert (tmp_path / "docs" / "results_privacy_utility.png").exists()
     assert "![privacy-utility](results_privacy_utility.png)" in text
-    assert "at 1 of 1 comparable points" in text and "+50%" in text
+    assert "at 1 and a lower one at 0 of the 1 comparable points" in text and "+50%" in text
     assert "abc123" in text and "| cem_noise_0.3 |" in text
     with pytest.raises(ValueError, match="table.json not found"):
         results_page.write_page(str(tmp_path / "nothing"), str(out))

@@ -32,7 +32,10 @@ def define_flags() -> list[str]:
     flags.DEFINE_string(
         "command", None, "The sweep command to print on the page (default: a guess)."
     )
-    return ["root", "out", "command"]
+    flags.DEFINE_string(
+        "machine", None, "What ran the study, in words, for the compute line (e.g. '2-core CPU')."
+    )
+    return ["root", "out", "command", "machine"]
 
 
 def frontier_comparison(
@@ -66,6 +69,7 @@ def frontier_comparison(
         acc = r["metrics"]["defended_acc"]["mean"]
         mse, std = r["metrics"][KEY]["mean"], r["metrics"][KEY].get("std") or 0.0
         row: dict[str, Any] = {
+            "family": other,
             "name": r["name"],
             "acc": acc,
             "mse": mse,
@@ -81,6 +85,7 @@ def frontier_comparison(
                 s0, s1 = lo["metrics"][KEY].get("std") or 0.0, hi["metrics"][KEY].get("std") or 0.0
                 row["base_mse"] = (1 - t) * m0 + t * m1
                 row["base_std"] = (1 - t) * s0 + t * s1
+                row["base_n"] = min(lo["n"], hi["n"])
                 row["gain"] = mse / row["base_mse"] - 1.0
                 row["diff"] = mse - row["base_mse"]
                 row["diff_std"] = math.sqrt(std**2 + row["base_std"] ** 2)
@@ -89,38 +94,110 @@ def frontier_comparison(
     return out
 
 
-def answer(rows: list[dict[str, Any]]) -> str:
-    """The one-paragraph answer, whichever way the numbers go."""
+def _verdict(r: dict[str, Any]) -> str:
+    """``higher`` / ``lower`` / ``not distinguishable from`` noise alone, or ``no spread`` (one seed)."""
+    if r["n"] < 2 or r.get("base_n", 0) < 2:
+        return "one seed on a side, so no spread: not evidence either way yet"
+    if r["diff"] > 2 * r["diff_std"]:
+        return "higher than"
+    if r["diff"] < -2 * r["diff_std"]:
+        return "lower than"
+    return "not distinguishable from"
+
+
+def answer(rows: list[dict[str, Any]], other: str = "cem_noise") -> str:
+    """The one-paragraph answer, whichever way the numbers go.
+
+    A difference counts when it exceeds twice its spread over seeds; a point or a pair of noise
+    points with one seed has no spread and is reported, not counted.
+    """
     inside = [r for r in rows if r["base_mse"] is not None]
     if not inside:
         return (
-            "**Not answered yet.** No finished `cem_noise` point lies inside the accuracy range "
+            f"**Not answered yet.** No finished `{other}` point lies inside the accuracy range "
             "spanned by the finished `noise` points, so the two cannot be compared at equal accuracy."
         )
     parts = []
     for r in inside:
-        verdict = (
-            "higher"
-            if r["diff"] > 2 * r["diff_std"]
-            else "lower"
-            if r["diff"] < -2 * r["diff_std"]
-            else "not distinguishable from"
-        )
         parts.append(
             f"`{r['name']}` (accuracy {r['acc']:.3f}, n={r['n']}): attack MSE {r['mse']:.4f} ± "
-            f"{r['std']:.4f} against {r['base_mse']:.4f} for noise alone at that accuracy, "
-            f"{r['gain']:+.0%} ({r['diff']:+.4f} ± {r['diff_std']:.4f}: {verdict} noise alone)"
+            f"{r['std']:.4f} against {r['base_mse']:.4f} for noise alone at that accuracy "
+            f"(n={r.get('base_n', '?')}), {r['gain']:+.0%} ({r['diff']:+.4f} ± {r['diff_std']:.4f}: "
+            f"{_verdict(r)} noise alone)"
         )
-    better = sum(r["diff"] > 2 * r["diff_std"] for r in inside)
+    seeded = [r for r in inside if r["n"] >= 2 and r.get("base_n", 0) >= 2]
+    better = sum(r["diff"] > 2 * r["diff_std"] for r in seeded)
+    worse = sum(r["diff"] < -2 * r["diff_std"] for r in seeded)
     head = (
-        f"At equal defended accuracy, `cem_noise` gives a higher train-time decoder MSE than `noise` "
-        f"at {better} of {len(inside)} comparable points (a difference counts when it exceeds twice "
-        "its spread over seeds)."
+        f"At equal defended accuracy, `{other}` gives a higher train-time decoder MSE than `noise` "
+        f"at {better} and a lower one at {worse} of the {len(seeded)} comparable points with at "
+        "least two seeds on both sides (a difference counts when it exceeds twice its spread over "
+        f"seeds); {len(inside) - len(seeded)} more comparable point(s) have one seed."
     )
+    mean_gain = sum(r["gain"] for r in inside) / len(inside)
+    head += f" Mean relative change over all {len(inside)}: {mean_gain:+.0%}."
     return head + " " + "; ".join(parts) + "."
 
 
-def write_page(root: str, out: str, command: str | None = None) -> str:
+def variants_section(records: list[dict[str, Any]]) -> list[str]:
+    """Which CEM: every ``cem_noise`` variant (loss mode, λ schedule, λ) against the noise frontier."""
+    families = sorted({r["defense"] for r in records if r["defense"].startswith("cem_noise")})
+    lines = [
+        "| variant | point | n | defended acc | attack MSE | noise alone at that acc | change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for fam in families:
+        for r in frontier_comparison(records, other=fam):
+            base = (
+                "outside the noise frontier"
+                if r["base_mse"] is None
+                else f"{r['base_mse']:.4f} (n={r.get('base_n', '?')})"
+            )
+            change = "-" if r["base_mse"] is None else f"{r['gain']:+.0%}"
+            lines.append(
+                f"| {fam} | {r['name']} | {r['n']} | {r['acc']:.3f} | {r['mse']:.4f} ± "
+                f"{r['std']:.4f} | {base} | {change} |"
+            )
+    return lines if len(lines) > 2 else ["(no finished cem_noise run yet)"]
+
+
+def compute_section(records: list[dict[str, Any]], machine: str | None) -> list[str]:
+    """The scale (the preset's sizes and the attack protocol) and the compute (wall time, devices)."""
+    results = []
+    workdirs = dict.fromkeys(run.get("workdir") or "" for r in records for run in r.get("runs", []))
+    for workdir in workdirs:
+        if workdir:
+            path = os.path.join(workdir, "results.json")
+            try:
+                with open(path) as f:
+                    results.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    if not results:
+        return ["(no results.json readable)"]
+    cfg = results[0].get("config") or {}
+    ds = results[0].get("dataset") or {}
+    walls = sorted(float(x.get("wall_time_s") or 0.0) for x in results)
+    devices = sorted({str(x.get("devices")) for x in results})
+    attack = (
+        f"attacks {', '.join(cfg.get('attacks') or [])} ({', '.join(cfg.get('attack_settings') or [])}), "
+        f"at most {cfg.get('attack_steps')} steps of batch {cfg.get('attack_batch_size')}, validated "
+        f"every {cfg.get('attack_eval_every')} steps, converged after {cfg.get('attack_patience')} "
+        f"validations without a {cfg.get('attack_min_improvement')} relative improvement "
+        f"({cfg.get('attack_lr_decays')} learning-rate decay(s) first)"
+    )
+    return [
+        f"- Scale: {cfg.get('arch')} cut at layer {cfg.get('cut_layer') or 'default'}, "
+        f"{cfg.get('epochs')} epochs of batch {cfg.get('batch_size')} on "
+        f"{ds.get('num_train')} training images, accuracy on {ds.get('num_test')} test images; "
+        f"{attack}.",
+        f"- Compute: {len(results)} runs, {sum(walls) / 3600:.1f} h of wall time in all, "
+        f"{walls[len(walls) // 2] / 60:.1f} min per run (median; train + attack), on "
+        f"{', '.join(devices)}" + (f" ({machine})" if machine else "") + ".",
+    ]
+
+
+def write_page(root: str, out: str, command: str | None = None, machine: str | None = None) -> str:
     path = os.path.join(root, collect.TABLE_JSON)
     if not os.path.exists(path):
         raise ValueError(
@@ -159,11 +236,21 @@ def write_page(root: str, out: str, command: str | None = None) -> str:
         "",
         f"![privacy-utility]({plot_name})" if have_plot else "(no plot: no finished run)",
         "",
+        "## Which CEM",
+        "",
+        "Every `cem_noise` variant (the paper's Gaussian-mixture bound `gmm` or the official hinge "
+        "`reference`; λ constant or scaled by lr₀/lr like the official code, `invlr`) against the "
+        "noise frontier at its own accuracy:",
+        "",
+        *variants_section(records),
+        "",
         "## The table",
         "",
         collect.table_markdown(records),
         "",
         "## How it was made",
+        "",
+        *compute_section(records, machine),
         "",
         "```bash",
         command,
@@ -194,7 +281,7 @@ def _main(argv: list[str]) -> None:
     if not FLAGS.root:
         sys.exit("error: --root is required (the sweep's root folder).")
     try:
-        write_page(FLAGS.root, FLAGS.out, FLAGS.command)
+        write_page(FLAGS.root, FLAGS.out, FLAGS.command, FLAGS.machine)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {FLAGS.out}")
