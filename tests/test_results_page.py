@@ -108,7 +108,7 @@ def test_write_page_from_table_json(tmp_path):
     assert "| 0.0200 (n=3) | +50% |" in text
     assert "6 epochs of batch 128 on 5000 training images" in text
     assert "min per run (median; train + attack), on 1 x cpu (2-core CPU)" in text
-    assert "3 runs, 0.5 h of wall time in all, 11.0 min per run" in text
+    assert "3 runs, 0.6 h of wall time in all, 11.0 min per run" in text
     assert (tmp_path / "docs" / "results_privacy_utility.png").exists()
     assert "![privacy-utility](results_privacy_utility.png)" in text
     assert "at 1 and a lower one at 0 of the 1 comparable points" in text and "+50%" in text
