@@ -76,14 +76,16 @@ def test_sweep_runs_every_seed_in_its_own_workdir_split_over_shards(tmp_path):
     driver = (
         "import sys\n"
         "from cem_jax import runner\n"
-        "calls = []\n"
-        "runner.run = lambda cfg, workdir, cache_dir=None: calls.append("
-        "(cfg.defense, cfg.sigma, cfg.lambd, cfg.seed, cfg.epochs, workdir))\n"
+        "calls, devs = [], []\n"
+        "runner.run = lambda cfg, workdir, cache_dir=None, num_devices=None, device_index=None: ("
+        "calls.append((cfg.defense, cfg.sigma, cfg.lambd, cfg.seed, cfg.epochs, workdir)), "
+        "devs.append(device_index))\n"
         "from experiments import sweep\n"
         "sys.argv = ['sweep', *sys.argv[1:]]\n"
         "try:\n"
         "    sweep.main()\n"
         "finally:\n"
+        "    print(repr(devs))\n"
         "    print(repr(calls))\n"
     )
     shards = []
@@ -98,6 +100,7 @@ def test_sweep_runs_every_seed_in_its_own_workdir_split_over_shards(tmp_path):
                 f"--root={tmp_path}",
                 "--num_shards=2",
                 f"--shard_index={index}",
+                *(["--device_index=0"] if index else []),  # pins shard 1's runs
             ],
             cwd=ROOT,
             capture_output=True,
@@ -107,6 +110,8 @@ def test_sweep_runs_every_seed_in_its_own_workdir_split_over_shards(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         shards.append(ast.literal_eval(proc.stdout.strip().splitlines()[-1]))
+        devs = ast.literal_eval(proc.stdout.strip().splitlines()[-2])
+        assert devs == [0 if index else None] * len(shards[-1])
     calls = shards[0] + shards[1]
     assert abs(len(shards[0]) - len(shards[1])) <= 1
     assert len(calls) == (1 + 2 + 2) * 3

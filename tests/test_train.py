@@ -294,6 +294,7 @@ def test_equal_configs_share_one_compiled_step(tiny_data):
     another config gets its own."""
     cfg_kw = dict(defense="cem_noise", batch_size=16, epochs=1, seed=123)
     cfg = small_config(**cfg_kw)
+    train.compiled_steps.cache_clear()  # other tests may have compiled an equal spec already
     counts = []
     for _ in range(2):
         tr = train.Trainer(cfg, tiny_data)
