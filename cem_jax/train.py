@@ -577,8 +577,13 @@ class Trainer:
 
     # --------------------------------------------------------------------------- construction
     def init_state(self) -> TrainState:
-        """A fresh, replicated :class:`TrainState` (also the template a checkpoint restores into)."""
-        return parallel.replicate(self._template, self.mesh)
+        """A fresh, replicated :class:`TrainState` (also the template a checkpoint restores into).
+
+        A new copy on every call: the train step donates (deletes) the state it is given, which
+        must never be the template's own buffers.
+        """
+        state = parallel.replicate(self._template, self.mesh)
+        return jax.device_put(state, parallel.replicated(self.mesh), may_alias=False)
 
     def model(self, state: TrainState, *, train: bool = False) -> Any:
         """The nnx SplitModel holding ``state``'s weights (eval mode unless ``train``)."""

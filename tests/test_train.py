@@ -317,3 +317,16 @@ def test_equal_configs_share_one_compiled_step(tiny_data):
     assert again.spec == tr.spec and hash(again.spec) == hash(tr.spec) and again.steps is tr.steps
     # the seed is an argument (the key and the initial state), not part of the program
     assert train.Trainer(small_config(**{**cfg_kw, "seed": 124}), tiny_data).steps is tr.steps
+
+
+def test_init_state_is_a_fresh_copy_the_step_may_donate(tiny_data):
+    """The step donates its state: a second init_state() after a step must still hold the initial
+    weights (not the donated, deleted buffers) and give the same first step."""
+    tr = train.Trainer(small_config(defense="noise", batch_size=16, epochs=1), tiny_data)
+    idx = tr.epoch_order(1)[0]
+    losses = []
+    with jax.set_mesh(tr.mesh):
+        for _ in range(2):
+            state, m = tr.step(tr.init_state(), idx)
+            losses.append(float(m["loss"]))
+    assert losses[0] == losses[1]
