@@ -7,13 +7,14 @@ setting, a row of test originals above one row of reconstructions per attack.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from PIL import Image
 
 from cem_jax import attacks, parallel
@@ -125,34 +126,32 @@ def _judge(result: dict[str, Any], baseline: dict[str, float]) -> dict[str, Any]
 
 def run_attacks(
     cfg: RunConfig,
-    trainer: Any,
-    state: Any,
+    ds: Any,
+    encode: Callable[[jax.Array, jax.Array], jax.Array],
+    clean_encode: Callable[[jax.Array, jax.Array], jax.Array],
     *,
+    feature_shape: tuple[int, ...],
+    mesh: Mesh,
     workdir: str | None = None,
     stream: TextIO | None = None,
     num_examples: int = 8,
 ) -> dict[str, Any]:
     """``{attack: {setting: result}}`` for ``cfg.attacks``, each beside the mean-image baseline.
 
+    ``encode(key, images)`` is the client as the attacker queries it (the threat model's
+    obfuscation), ``clean_encode(key, images)`` its differentiable copy without any obfuscation
+    (the white-box attacker's model); ``ds`` holds the images. Nothing here needs a Trainer.
+
     A result holds the metrics (``mse``, ``psnr``, ``ssim``, ``ref_*``), ``steps``, ``converged``,
     ``curve`` (validation curve), ``baseline`` (the mean training image's metrics on the same
     images), ``gain_db`` and ``informative`` (MSE ≤ 0.9 × baseline MSE), and ``wall_time_s``.
     """
-    from cem_jax import train
-
     out = stream if stream is not None else sys.stdout
-    ds = trainer.dataset
-    devices = trainer.mesh.shape["data"]
-    encode = trainer.client_fn(state, noise_only=cfg.threat_model == "noise_only")
+    devices = mesh.shape["data"]
     base_key = jax.random.fold_in(jax.random.key(cfg.attack_seed), _TAG_ATTACK)
     results: dict[str, Any] = {a: {} for a in cfg.attacks}
     rows: list[np.ndarray] = []
     defense = cfg.defense_spec()
-    # The white-box attacker's differentiable copy of the client: no obfuscation, no noise.
-    clean = dataclasses.replace(
-        defense, sigma=0.0, dropout_ratio=0.0, topk_ratio=0.0, cem=False, lambd=0.0
-    )
-    clean_encode = train.make_encode(trainer.model(state), clean, ds.mean, ds.std)
 
     def clean_features(images: jax.Array) -> jax.Array:
         return clean_encode(base_key, images)  # no randomness is used
@@ -176,7 +175,7 @@ def run_attacks(
             flush=True,
         )
         rows.append(eval_x[:num_examples].astype(np.float32) / 255.0)
-        baseline = attacks.mean_image_baseline(train_x, eval_x, mesh=trainer.mesh)
+        baseline = attacks.mean_image_baseline(train_x, eval_x, mesh=mesh)
         dec = None
         if "decoder" in cfg.attacks or "gan" in cfg.attacks:
             dec = attacks.decoder_attack(
@@ -185,8 +184,8 @@ def run_attacks(
                 eval_x,
                 config=confs["decoder"],
                 key=jax.random.fold_in(key, 0),
-                feature_shape=trainer.feature_shape,
-                mesh=trainer.mesh,
+                feature_shape=feature_shape,
+                mesh=mesh,
                 progress=progress,
             )
             if "decoder" in results:
@@ -201,7 +200,7 @@ def run_attacks(
                 config=confs["gan"],
                 key=jax.random.fold_in(key, 1),
                 init_decoder=dec.decoder,
-                mesh=trainer.mesh,
+                mesh=mesh,
                 progress=progress,
             )
             rec = _judge(gan.summary(), baseline)
@@ -217,10 +216,10 @@ def run_attacks(
                 config=confs["whitebox"],
                 key=jax.random.fold_in(key, 2),
                 sigma=defense.sigma,
-                mesh=trainer.mesh,
+                mesh=mesh,
                 progress=progress,
             )
-            wb_base = attacks.mean_image_baseline(train_x, wb_images, mesh=trainer.mesh)
+            wb_base = attacks.mean_image_baseline(train_x, wb_images, mesh=mesh)
             results["whitebox"][setting] = _judge(wb.summary(), wb_base)
             rows.append(np.asarray(wb.examples[:num_examples]))
         for name in results:

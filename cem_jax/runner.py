@@ -581,7 +581,16 @@ def finish(
     if cfg.attacks:
         from cem_jax import report
 
-        results["attacks"] = report.run_attacks(cfg, trainer, state, workdir=workdir, stream=stream)
+        results["attacks"] = report.run_attacks(
+            cfg,
+            trainer.dataset,
+            trainer.client_fn(state, noise_only=cfg.threat_model == "noise_only"),
+            trainer.client_fn(state, clean=True),
+            feature_shape=trainer.feature_shape,
+            mesh=trainer.mesh,
+            workdir=workdir,
+            stream=stream,
+        )
     return results
 
 

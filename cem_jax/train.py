@@ -825,16 +825,21 @@ class Trainer:
             )
 
     def client_fn(
-        self, state: TrainState, *, noise_only: bool = False
+        self, state: TrainState, *, noise_only: bool = False, clean: bool = False
     ) -> Callable[[jax.Array, jax.Array], jax.Array]:
         """The trained client as a black box: ``encode(key, images uint8|[0,1]) -> transmitted z``.
 
         By default it applies every obfuscation of the defense (what the server receives); with
-        ``noise_only`` only the Gaussian noise (the reference attacker's simulation, §6.1).
+        ``noise_only`` only the Gaussian noise (the reference attacker's simulation, §6.1); with
+        ``clean`` none (the differentiable copy a white-box attacker inverts).
         """
         defense = self.defense
         if noise_only:
             defense = dataclasses.replace(defense, dropout_ratio=0.0, topk_ratio=0.0)
+        if clean:
+            defense = dataclasses.replace(
+                defense, sigma=0.0, dropout_ratio=0.0, topk_ratio=0.0, cem=False, lambd=0.0
+            )
         return make_encode(self.model(state), defense, self.dataset.mean, self.dataset.std)
 
 
