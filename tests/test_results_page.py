@@ -141,3 +141,34 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
     bad.write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         collect.load_study(str(bad))
+
+
+def test_line_comparison_matches_numpy_least_squares():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    noise = []
+    for i, acc in enumerate((0.35, 0.3, 0.25, 0.2)):
+        accs = list(acc + 0.02 * rng.standard_normal(3))
+        mses = list(0.05 - 0.1 * np.array(accs) + 0.002 * rng.standard_normal(3))
+        rec = _record("noise", acc, float(np.mean(mses)))
+        rec["name"] = f"noise_{i}"
+        rec["metrics"]["defended_acc"]["values"] = accs
+        rec["metrics"][KEY]["values"] = mses
+        noise.append(rec)
+    cem = _record("cem_noise", 0.27, 0.04)
+    fit = results_page.line_comparison([*noise, cem])
+    xs = np.concatenate([r["metrics"]["defended_acc"]["values"] for r in noise])
+    ys = np.concatenate([r["metrics"][KEY]["values"] for r in noise])
+    slope, intercept = np.polyfit(xs, ys, 1)
+    resid = ys - (intercept + slope * xs)
+    assert fit["n"] == 12
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    assert fit["resid_std"] == pytest.approx(np.sqrt(np.sum(resid**2) / 10))
+    row = fit["rows"][0]
+    assert row["line_mse"] == pytest.approx(intercept + slope * 0.27)
+    assert row["gain"] == pytest.approx(0.04 / (intercept + slope * 0.27) - 1)
+    assert row["inside"]
+    text = results_page.line_paragraph(fit)
+    assert "a straight line through all 12 noise runs" in text and "`cem_noise_0.27` (n=3" in text
+    assert results_page.line_comparison([cem]) is None  # no noise run: no line

@@ -139,6 +139,93 @@ def answer(rows: list[dict[str, Any]], other: str = "cem_noise") -> str:
     return head + " " + "; ".join(parts) + "."
 
 
+def line_comparison(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> dict[str, Any] | None:
+    """A second, smoother reading: a straight line ``MSE = a + b·accuracy`` fitted (least squares)
+    through every ``base`` run (each seed its own point), and each ``other`` point against it.
+
+    Final-epoch accuracy at a small scale moves by points from seed to seed, so neighbouring noise
+    points can cross; the line uses all of them at once. ``resid_std`` is a single noise run's
+    scatter about the line. ``None`` with fewer than 3 base runs or no spread in accuracy.
+
+    >>> rec = lambda d, accs, mses: {"defense": d, "name": d, "n": len(accs), "metrics": {
+    ...     "defended_acc": {"mean": sum(accs) / len(accs), "values": accs},
+    ...     KEY: {"mean": sum(mses) / len(mses), "values": mses}}}
+    >>> out = line_comparison([rec("noise", [0.3, 0.2, 0.1], [0.01, 0.02, 0.03]),
+    ...                        rec("cem_noise", [0.25], [0.03])])
+    >>> round(out["slope"], 3), round(out["rows"][0]["line_mse"], 4), round(out["rows"][0]["gain"], 2)
+    (-0.1, 0.015, 1.0)
+    """
+    xs: list[float] = []
+    ys: list[float] = []
+    for r in records:
+        m = r["metrics"]
+        if r["defense"] != base or "defended_acc" not in m or KEY not in m:
+            continue
+        accs, mses = m["defended_acc"].get("values"), m[KEY].get("values")
+        if accs and mses and len(accs) == len(mses):
+            xs += [float(v) for v in accs]
+            ys += [float(v) for v in mses]
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx <= 0:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    intercept = my - slope * mx
+    resid = [y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)]
+    resid_std = math.sqrt(sum(e * e for e in resid) / (n - 2)) if n > 2 else 0.0
+    rows = []
+    for r in records:
+        m = r["metrics"]
+        if r["defense"] != other or "defended_acc" not in m or KEY not in m:
+            continue
+        acc, mse = m["defended_acc"]["mean"], m[KEY]["mean"]
+        line = intercept + slope * acc
+        rows.append(
+            {
+                "name": r["name"],
+                "n": r["n"],
+                "acc": acc,
+                "mse": mse,
+                "line_mse": line,
+                "gain": mse / line - 1.0 if line > 0 else float("nan"),
+                "inside": min(xs) <= acc <= max(xs),
+            }
+        )
+    return {
+        "slope": slope,
+        "intercept": intercept,
+        "resid_std": resid_std,
+        "n": n,
+        "acc_range": (min(xs), max(xs)),
+        "rows": rows,
+    }
+
+
+def line_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
+    if fit is None or not fit["rows"]:
+        return "(The straight-line reading needs at least 3 finished noise runs and one cem_noise run.)"
+    lo, hi = fit["acc_range"]
+    parts = []
+    for r in fit["rows"]:
+        where = "" if r["inside"] else ", outside the noise runs' accuracy range: extrapolated"
+        z = (r["mse"] - r["line_mse"]) / fit["resid_std"] if fit["resid_std"] > 0 else float("nan")
+        parts.append(
+            f"`{r['name']}` (n={r['n']}, accuracy {r['acc']:.3f}{where}): {r['mse']:.4f} against "
+            f"{r['line_mse']:.4f}, {r['gain']:+.0%} ({z:+.1f} noise-run residual std)"
+        )
+    return (
+        f"A second reading, less sensitive to one seed's accuracy: a straight line through all "
+        f"{fit['n']} noise runs (attack MSE = {fit['intercept']:.4f} {fit['slope']:+.4f} × "
+        f"accuracy, accuracy {lo:.3f}–{hi:.3f}, a single run's scatter about it "
+        f"{fit['resid_std']:.4f}). Against it, `{other}`: " + "; ".join(parts) + "."
+    )
+
+
 def variants_section(records: list[dict[str, Any]]) -> list[str]:
     """Which CEM: every ``cem_noise`` variant (loss mode, λ schedule, λ) against the noise frontier."""
     families = sorted({r["defense"] for r in records if r["defense"].startswith("cem_noise")})
@@ -231,6 +318,8 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "## The answer",
         "",
         answer(rows),
+        "",
+        line_paragraph(line_comparison(records)),
         "",
         "## The frontier",
         "",
