@@ -172,3 +172,13 @@ def test_line_comparison_matches_numpy_least_squares():
     text = results_page.line_paragraph(fit)
     assert "a straight line through all 12 noise runs" in text and "`cem_noise_0.27` (n=3" in text
     assert results_page.line_comparison([cem]) is None  # no noise run: no line
+
+
+def test_undefended_check_line():
+    assert "Undefended check: not run yet" in results_page.undefended_line([])
+    none = _record("none", 0.36, 0.0087, n=3)
+    none["metrics"]["decoder.train_time.baseline_mse"] = {"mean": 0.0610, "n": 3}
+    none["metrics"]["decoder.train_time.psnr"] = {"mean": 21.21, "n": 3}
+    text = results_page.undefended_line([none])
+    assert "(`none`, n=3)" in text and "MSE 0.0087 (PSNR 21.21 dB)" in text
+    assert "+8.5 dB over the mean image" in text  # 10·log10(0.0610 / 0.0087) = 8.46

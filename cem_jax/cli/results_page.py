@@ -99,10 +99,10 @@ def _verdict(r: dict[str, Any]) -> str:
     if r["n"] < 2 or r.get("base_n", 0) < 2:
         return "one seed on a side, so no spread: not evidence either way yet"
     if r["diff"] > 2 * r["diff_std"]:
-        return "higher than"
+        return "higher than noise alone"
     if r["diff"] < -2 * r["diff_std"]:
-        return "lower than"
-    return "not distinguishable from"
+        return "lower than noise alone"
+    return "not distinguishable from noise alone"
 
 
 def answer(rows: list[dict[str, Any]], other: str = "cem_noise") -> str:
@@ -119,11 +119,13 @@ def answer(rows: list[dict[str, Any]], other: str = "cem_noise") -> str:
         )
     parts = []
     for r in inside:
+        seeded = r["n"] >= 2 and r.get("base_n", 0) >= 2
+        spread = f" ± {r['std']:.4f}" if r["n"] >= 2 else ""
+        diff = f"{r['diff']:+.4f}" + (f" ± {r['diff_std']:.4f}" if seeded else "")
         parts.append(
-            f"`{r['name']}` (accuracy {r['acc']:.3f}, n={r['n']}): attack MSE {r['mse']:.4f} ± "
-            f"{r['std']:.4f} against {r['base_mse']:.4f} for noise alone at that accuracy "
-            f"(n={r.get('base_n', '?')}), {r['gain']:+.0%} ({r['diff']:+.4f} ± {r['diff_std']:.4f}: "
-            f"{_verdict(r)} noise alone)"
+            f"`{r['name']}` (accuracy {r['acc']:.3f}, n={r['n']}): attack MSE {r['mse']:.4f}"
+            f"{spread} against {r['base_mse']:.4f} for noise alone at that accuracy "
+            f"(n={r.get('base_n', '?')}), {r['gain']:+.0%} ({diff}: {_verdict(r)})"
         )
     seeded = [r for r in inside if r["n"] >= 2 and r.get("base_n", 0) >= 2]
     better = sum(r["diff"] > 2 * r["diff_std"] for r in seeded)
@@ -226,6 +228,27 @@ def line_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
     )
 
 
+def undefended_line(records: list[dict[str, Any]]) -> str:
+    """The sanity check every privacy number needs: the attacker against no defense at all."""
+    none = [r for r in records if r["defense"] == "none" and KEY in r["metrics"]]
+    if not none:
+        return (
+            "**Undefended check: not run yet.** Without a `none` run, nothing shows that this "
+            "attacker beats the mean-image baseline by a wide margin."
+        )
+    m = none[0]["metrics"]
+    base = m.get("decoder.train_time.baseline_mse") or {}
+    psnr = m.get("decoder.train_time.psnr") or {}
+    gain = ""
+    if base.get("mean"):
+        gain = f", {10 * math.log10(base['mean'] / m[KEY]['mean']):+.1f} dB over the mean image"
+    return (
+        f"Undefended check (`none`, n={none[0]['n']}): the converged decoder attack reaches MSE "
+        f"{m[KEY]['mean']:.4f} (PSNR {psnr.get('mean', float('nan')):.2f} dB) against the mean "
+        f"image's {base.get('mean', float('nan')):.4f}{gain}."
+    )
+
+
 def variants_section(records: list[dict[str, Any]]) -> list[str]:
     """Which CEM: every ``cem_noise`` variant (loss mode, λ schedule, λ) against the noise frontier."""
     families = sorted({r["defense"] for r in records if r["defense"].startswith("cem_noise")})
@@ -241,9 +264,10 @@ def variants_section(records: list[dict[str, Any]]) -> list[str]:
                 else f"{r['base_mse']:.4f} (n={r.get('base_n', '?')})"
             )
             change = "-" if r["base_mse"] is None else f"{r['gain']:+.0%}"
+            spread = f" ± {r['std']:.4f}" if r["n"] >= 2 else ""
             lines.append(
-                f"| {fam} | {r['name']} | {r['n']} | {r['acc']:.3f} | {r['mse']:.4f} ± "
-                f"{r['std']:.4f} | {base} | {change} |"
+                f"| {fam} | {r['name']} | {r['n']} | {r['acc']:.3f} | {r['mse']:.4f}{spread} | "
+                f"{base} | {change} |"
             )
     return lines if len(lines) > 2 else ["(no finished cem_noise run yet)"]
 
@@ -320,6 +344,8 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         answer(rows),
         "",
         line_paragraph(line_comparison(records)),
+        "",
+        undefended_line(records),
         "",
         "## The frontier",
         "",
