@@ -105,7 +105,10 @@ def process_rows(global_size: int, mesh: Mesh) -> tuple[int, int] | None:
 
     ``None`` when they are not contiguous (an unusual device order): then every row is needed.
     """
-    sharding = batch_sharding(mesh)
+    return _process_span(batch_sharding(mesh), global_size)
+
+
+def _process_span(sharding: NamedSharding, global_size: int) -> tuple[int, int] | None:
     rows = [
         index[0] if index else slice(None)
         for index in sharding.addressable_devices_indices_map((global_size,)).values()
@@ -165,15 +168,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def _global_from_host(x: Any, sharding: NamedSharding) -> jax.Array:
     """The global batch-sharded array of the host array ``x`` (held whole by every process)."""
     x = np.asarray(x)
-    rows = [
-        index[0] if index else slice(None)
-        for index in sharding.addressable_devices_indices_map(x.shape).values()
-    ]
-    bounds = sorted({r.indices(len(x))[:2] for r in rows})
-    lo, hi = bounds[0][0], bounds[-1][1]
-    contiguous = all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
-    if not contiguous:  # this process's devices hold scattered rows: hand them over one by one
+    span = _process_span(sharding, len(x))
+    if span is None:  # this process's devices hold scattered rows: hand them over one by one
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    lo, hi = span
     return jax.make_array_from_process_local_data(sharding, x[lo:hi], x.shape)
 
 

@@ -82,6 +82,15 @@ def check_local_workdir(workdir: str) -> None:
         )
 
 
+def _workdir_mesh(workdir: str, num_devices: int | None, device_index: int | None) -> Mesh:
+    """:func:`check_local_workdir`, then the run's mesh; a bad device choice is a :class:`RunError`."""
+    check_local_workdir(workdir)
+    try:
+        return parallel.make_mesh(num_devices, device_index=device_index)
+    except ValueError as e:
+        raise RunError(str(e)) from e
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Replaces ``path`` with ``text`` atomically, through a fresh temporary file beside it.
 
@@ -306,11 +315,7 @@ def run(
     non-finite loss or state, an unwritable workdir.
     """
     out = stream if stream is not None else sys.stdout
-    check_local_workdir(workdir)
-    try:
-        mesh = parallel.make_mesh(num_devices, device_index=device_index)
-    except ValueError as e:
-        raise RunError(str(e)) from e
+    mesh = _workdir_mesh(workdir, num_devices, device_index)
     with _run_lock(workdir, out):
         try:
             return _run_locked(cfg, workdir=workdir, mesh=mesh, cache_dir=cache_dir, out=out)
@@ -613,11 +618,7 @@ def attack_workdir(
     their summary is printed, then :class:`RunError` says that (and where) nothing was saved.
     """
     out = stream if stream is not None else sys.stdout
-    check_local_workdir(workdir)
-    try:
-        mesh = parallel.make_mesh(num_devices, device_index=device_index)
-    except ValueError as e:
-        raise RunError(str(e)) from e
+    mesh = _workdir_mesh(workdir, num_devices, device_index)
     problem = _writable_problem(workdir) if os.path.isdir(workdir) else None
     if problem is not None:
         print(
@@ -696,15 +697,13 @@ def _attack_locked(
     return results
 
 
-def _check_attacks(
-    cfg: config_lib.RunConfig, ds: data_lib.Dataset, num_devices: int | None
-) -> None:
-    """Refuses (``RunError``) attack settings that cannot run on ``ds``, before anything trains."""
+def _check_attacks(cfg: config_lib.RunConfig, ds: data_lib.Dataset, num_devices: int) -> None:
+    """Refuses (``RunError``) attack settings that cannot run on ``ds`` split over ``num_devices``
+    (the mesh's), before anything trains."""
     from cem_jax import report
 
-    devices = num_devices if num_devices is not None else len(jax.devices())
     try:
-        report.check_attacks(cfg, ds, devices)
+        report.check_attacks(cfg, ds, num_devices)
     except ValueError as e:
         raise RunError(str(e)) from e
 

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -97,19 +97,34 @@ def lr_schedule(cfg: RunConfig, steps_per_epoch: int) -> optax.Schedule:
     return multistep_schedule(cfg.lr, cfg.lr_milestones, cfg.lr_decay, cfg.epochs, steps_per_epoch)
 
 
+def _adversary_schedule(epochs: int, steps_per_epoch: int) -> optax.Schedule:
+    return multistep_schedule(
+        ADVERSARY_LR, ADVERSARY_LR_MILESTONES, ADVERSARY_LR_DECAY, epochs, steps_per_epoch
+    )
+
+
 def adversary_lr_schedule(cfg: RunConfig, steps_per_epoch: int) -> optax.Schedule:
     """The adversarial defense's decoder rate: Adam 1e-3, ×0.2 after 25 % and 62.5 % of the run."""
-    return multistep_schedule(
-        ADVERSARY_LR, ADVERSARY_LR_MILESTONES, ADVERSARY_LR_DECAY, cfg.epochs, steps_per_epoch
+    return _adversary_schedule(cfg.epochs, steps_per_epoch)
+
+
+def adversary_optimizer(epochs: int, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam on :func:`adversary_lr_schedule`: what builds and what updates the local decoder."""
+    return optax.adam(_adversary_schedule(epochs, steps_per_epoch))
+
+
+def sgd_optimizer(
+    schedule: optax.Schedule, weight_decay: float, momentum: float
+) -> optax.GradientTransformation:
+    """PyTorch-style SGD: coupled weight decay, then momentum, then the schedule (reference §5.1)."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)
     )
 
 
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """PyTorch-style SGD: coupled weight decay, then momentum 0.9, then the schedule (reference §5.1)."""
-    return optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay),
-        optax.sgd(lr_schedule(cfg, steps_per_epoch), momentum=cfg.momentum),
-    )
+    """:func:`sgd_optimizer` on :func:`lr_schedule` with the config's weight decay and momentum."""
+    return sgd_optimizer(lr_schedule(cfg, steps_per_epoch), cfg.weight_decay, cfg.momentum)
 
 
 @dataclasses.dataclass
@@ -189,7 +204,7 @@ class Adversary:
     of its reconstructions. This object only builds it: the steps use :class:`StepSpec`.
     """
 
-    def __init__(self, decoder: Any, learning_rate: float | optax.Schedule) -> None:
+    def __init__(self, decoder: Any, tx: optax.GradientTransformation) -> None:
         decoder.train()
         self.graphdef, params, batch_stats, self.rest = nnx.split(
             decoder, nnx.Param, nnx.BatchStat, ...
@@ -197,7 +212,7 @@ class Adversary:
         decoder.eval()
         self.graphdef_eval = nnx.split(decoder, nnx.Param, nnx.BatchStat, ...)[0]
         self._params, self._batch_stats = params, batch_stats
-        self.tx = optax.adam(learning_rate)
+        self.tx = tx
 
     def init_state(self) -> dict[str, Any]:
         return {
@@ -213,7 +228,7 @@ def build_adversary(
     image_size: int,
     steps_per_epoch: int,
 ) -> Adversary:
-    """The local decoder, its Adam rate following :func:`adversary_lr_schedule`."""
+    """The local decoder and its optimizer (:func:`adversary_optimizer`)."""
     from cem_jax.models.decoder import decoder_from_name
 
     decoder = decoder_from_name(
@@ -223,7 +238,7 @@ def build_adversary(
         image_size=image_size,
         rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(cfg.seed), _TAG_ADV)),
     )
-    return Adversary(decoder, adversary_lr_schedule(cfg, steps_per_epoch))
+    return Adversary(decoder, adversary_optimizer(cfg.epochs, steps_per_epoch))
 
 
 def state_template(
@@ -320,22 +335,11 @@ class StepSpec:
         )
 
     def tx(self) -> optax.GradientTransformation:
-        """:func:`make_optimizer`: coupled weight decay, SGD with momentum, the schedule."""
-        return optax.chain(
-            optax.add_decayed_weights(self.weight_decay),
-            optax.sgd(self.schedule(), momentum=self.momentum),
-        )
+        """:func:`make_optimizer` of the config this spec was built from."""
+        return sgd_optimizer(self.schedule(), self.weight_decay, self.momentum)
 
     def adversary_tx(self) -> optax.GradientTransformation:
-        return optax.adam(
-            multistep_schedule(
-                ADVERSARY_LR,
-                ADVERSARY_LR_MILESTONES,
-                ADVERSARY_LR_DECAY,
-                self.epochs,
-                self.steps_per_epoch,
-            )
-        )
+        return adversary_optimizer(self.epochs, self.steps_per_epoch)
 
     def model(self, state: TrainState, rest: dict[str, Any], *, train: bool = False) -> Any:
         """The nnx SplitModel holding ``state``'s weights (eval mode unless ``train``)."""
@@ -568,8 +572,6 @@ class Trainer:
             std=self.std,
             adversary=adversary,
         )
-        self.tx = self.spec.tx()
-        self.schedule = self.spec.schedule()
         self.rest = parallel.replicate(rest, self.mesh)
         self.train_key = parallel.replicate(jax.random.fold_in(self.key, _TAG_TRAIN), self.mesh)
         self.steps = compiled_steps(self.spec, self.mesh)
@@ -679,27 +681,31 @@ class Trainer:
             sums[k] = sums.get(k, 0.0) + v
         return values
 
-    def _padded_batches(self, n: int, batch_size: int) -> tuple[int, int]:
+    def _fed_batches(
+        self, images: np.ndarray, labels: np.ndarray
+    ) -> Iterator[tuple[int, dict[str, jax.Array]]]:
+        """``(b, batch)`` over ``images`` in eval-size batches, the last one zero-padded (``mask``
+        0 there) to a multiple of the devices; each process reads only its own rows."""
+        n = len(images)
         devices = self.mesh.shape[parallel.DATA_AXIS]
-        bs = int(math.ceil(min(batch_size, max(n, 1)) / devices) * devices)
-        return bs, int(math.ceil(n / bs))
+        bs = int(math.ceil(min(self.cfg.eval_batch_size, max(n, 1)) / devices) * devices)
+        for b in range(int(math.ceil(n / bs))):
+            sl = slice(b * bs, min(n, (b + 1) * bs))
+
+            def rows(lo: int, hi: int, sl: slice = sl) -> dict[str, np.ndarray]:
+                x, y, m = _pad(images[sl], labels[sl], bs)
+                return {"images": x[lo:hi], "labels": y[lo:hi], "mask": m[lo:hi]}
+
+            yield b, parallel.process_batch(rows, bs, self.mesh)
 
     def evaluate(self, state: TrainState, epoch: int) -> dict[str, float]:
         """Clean and defended top-1 on the test set (defense obfuscation with fresh noise)."""
         images, labels = self.dataset.test_images, self.dataset.test_labels
         n = len(labels)
-        bs, nb = self._padded_batches(n, self.cfg.eval_batch_size)
         key = jax.random.fold_in(jax.random.fold_in(self.key, _TAG_EVAL), epoch)
         outs = []
         with jax.set_mesh(self.mesh):
-            for b in range(nb):
-                sl = slice(b * bs, min(n, (b + 1) * bs))
-
-                def rows(lo: int, hi: int, sl: slice = sl) -> dict[str, np.ndarray]:
-                    x, y, m = _pad(images[sl], labels[sl], bs)
-                    return {"images": x[lo:hi], "labels": y[lo:hi], "mask": m[lo:hi]}
-
-                batch = parallel.process_batch(rows, bs, self.mesh)
+            for b, batch in self._fed_batches(images, labels):
                 key_b = parallel.replicate(jax.random.fold_in(key, b), self.mesh)
                 outs.append(self.steps.eval(state, self.rest, batch, key_b))
         # the per-batch counts stay on the devices until here: one host sync per evaluation
@@ -760,18 +766,10 @@ class Trainer:
         gathered on the devices, never through a host.
         """
         n = len(images)
-        bs, nb = self._padded_batches(n, self.cfg.eval_batch_size)
         chunks = []
         with jax.set_mesh(self.mesh):
-            for b in range(nb):
-                sl = slice(b * bs, min(n, (b + 1) * bs))
-
-                def rows(lo: int, hi: int, sl: slice = sl) -> np.ndarray:
-                    x, _, _ = _pad(images[sl], np.zeros(sl.stop - sl.start, np.int32), bs)
-                    return x[lo:hi]
-
-                x = parallel.process_batch(rows, bs, self.mesh)
-                chunks.append(self.steps.features(state, self.rest, x))
+            for _, batch in self._fed_batches(images, np.zeros(n, np.int32)):
+                chunks.append(self.steps.features(state, self.rest, batch["images"]))
             feats = jnp.concatenate(chunks)[:n]
         return parallel.replicate(feats, self.mesh)
 
@@ -876,7 +874,7 @@ def refresh_mixture(
             iterations=iterations,
         )
         mixture = parallel.replicate(mixture, mesh)
-        out: dict[str, float] = {"mixture_time_s": 0.0}
+        out: dict[str, float] = {}
         if sigma > 0:
             out["leakage_bits"] = float(
                 entropy.leakage_upper_bound(feats, labels, mixture, sigma=sigma)
