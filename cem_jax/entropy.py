@@ -112,7 +112,9 @@ def _check_state(state: Any) -> tuple[int, int, int]:
     return c, k, d
 
 
-def _check_features_labels(features: Any, labels: Any, num_classes: int, dim: int | None):
+def _check_features_labels(
+    features: Any, labels: Any, num_classes: int, dim: int | None, *, padding: bool = False
+):
     fs, ls = jnp.shape(features), jnp.shape(labels)
     if len(fs) < 2 or fs[0] < 1:
         raise ValueError(
@@ -133,10 +135,11 @@ def _check_features_labels(features: Any, labels: Any, num_classes: int, dim: in
     if _is_concrete(labels):
         with jax.ensure_compile_time_eval():  # concrete labels captured inside a caller's jit
             lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
-        if lo < 0 or hi >= num_classes:
+        if lo < (kmeans.PAD_LABEL if padding else 0) or hi >= num_classes:
+            pad = f", or {kmeans.PAD_LABEL} for a padding row" if padding else ""
             raise ValueError(
                 f"labels span [{lo}, {hi}]: accepted values in [0, {num_classes}) "
-                f"(num_classes = {num_classes})."
+                f"(num_classes = {num_classes}){pad}."
             )
     return fs[0], d
 
@@ -202,8 +205,9 @@ def fit_mixture(
     """Clusters each class's features with k-means and returns the mixture statistics.
 
     Args:
-      features: ``[N, ...]`` clean (pre-noise) features, flattened to ``[N, D]``.
-      labels: ``[N]`` int class labels in ``[0, num_classes)``.
+      features: ``[N, ...]`` clean (pre-noise) features, flattened to ``[N, D]``; may be sharded
+        along ``N`` over several devices (k-means then runs sharded, ``method="segments"``).
+      labels: ``[N]`` int class labels in ``[0, num_classes)``; ``-1`` marks a padding row (ignored).
       num_classes: ``C``.
       clusters_per_class: ``K``.
       key: PRNG key for the k-means++ seeding (unused when warm-starting).
@@ -233,7 +237,7 @@ def fit_mixture(
             "fit_mixture got traced features/labels: accepted concrete arrays (call it outside "
             "jax.jit; it sizes the per-class layout on the host)."
         )
-    n, d = _check_features_labels(features, labels, c, None)
+    n, d = _check_features_labels(features, labels, c, None, padding=True)
     init = None
     if previous is not None:
         pc, pk, pd = _check_state(previous)
@@ -382,10 +386,13 @@ def cem_loss(
 # The leakage certificate
 
 
-def _assign_groups(z, labels, centroids):
-    """Nearest own-class centroid per sample: group id ``label·K + k`` ``[N]`` and sizes ``[C·K]``.
+def _assign_groups(z, labels, centroids, segments=False):
+    """Nearest own-class centroid per sample: group id ``label·K + k`` ``[N]`` (``-1`` for a padding
+    row) and sizes ``[C·K]``.
 
-    Samples are processed in chunks, so memory is ``O(chunk·K·D)``, not ``O(N·K·D)``.
+    Samples are processed in chunks, so memory is ``O(chunk·K·D)``, not ``O(N·K·D)``; with
+    ``segments`` (features sharded along ``N``) by :func:`cem_jax.kmeans.nearest_in_class` instead,
+    one ``[N, C·K]`` matmul partitioned along the samples.
     """
     num_classes, k, _ = centroids.shape
     labels = labels.astype(jnp.int32)
@@ -395,13 +402,16 @@ def _assign_groups(z, labels, centroids):
         zi, yi = args
         return jnp.argmin(jnp.sum((zi[None, :] - centroids[yi]) ** 2, axis=-1)).astype(jnp.int32)
 
-    assign = lax.map(nearest, (z, labels), batch_size=min(z.shape[0], 512))
-    group = labels * k + assign
+    if segments:
+        assign = kmeans.nearest_in_class(z, labels, centroids)
+    else:
+        assign = lax.map(nearest, (z, labels), batch_size=min(z.shape[0], 512))
+    group = jnp.where(labels >= 0, labels * k + assign, -1)
     sizes = jax.ops.segment_sum(jnp.ones_like(group), group, num_segments=num_classes * k)
     return group, sizes
 
 
-_assign_groups_jit = jax.jit(_assign_groups)
+_assign_groups_jit = jax.jit(_assign_groups, static_argnames=("segments",))
 
 
 def _cluster_entropy(sizes, total):
@@ -430,21 +440,22 @@ def _variance_upper_limit(var_ml, n, confidence):
     return n * var_ml / _chi2_lower_quantile(k, confidence)
 
 
-@functools.partial(jax.jit, static_argnames=("confidence",))
-def _diagonal_bound(z, labels, centroids, sigma, confidence=None):
-    group, sizes = _assign_groups(z, labels, centroids)
+@functools.partial(jax.jit, static_argnames=("confidence", "segments"))
+def _diagonal_bound(z, labels, centroids, sigma, confidence=None, segments=False):
+    group, sizes = _assign_groups(z, labels, centroids, segments)
     num = centroids.shape[0] * centroids.shape[1]
     n = jnp.maximum(sizes, 1).astype(z.dtype)[:, None]
+    total = jnp.sum(sizes)  # the samples, without padding rows
     means = jax.ops.segment_sum(z, group, num_segments=num) / n
     var = jax.ops.segment_sum((z - means[group]) ** 2, group, num_segments=num) / n
     if confidence is not None:
         # Clusters of one sample have no variance estimate: they take the upper limit of the
         # variance of all samples (N of them) instead.
-        n_all = jnp.asarray(z.shape[0], z.dtype)
-        var_all = jnp.var(z, axis=0, keepdims=True)
+        n_all = total.astype(z.dtype)
+        var_all = jnp.var(z, axis=0, keepdims=True, where=(labels >= 0)[:, None])
         var_all = _variance_upper_limit(var_all, n_all[None, None], confidence)
         var = jnp.where(n >= 2, _variance_upper_limit(var, n, confidence), var_all)
-    h_c, p = _cluster_entropy(sizes, z.shape[0])
+    h_c, p = _cluster_entropy(sizes, total)
     logdet = jnp.sum(jnp.log1p(var / sigma**2), axis=1)
     return h_c + 0.5 * jnp.sum(p * logdet)
 
@@ -488,11 +499,37 @@ def _full_bound(z, group, sizes, sigma, *, max_group_size):
         return jnp.where(n > FULL_MIN_SAMPLES_PER_DIM * d, full, diagonal)
 
     logdets = lax.map(one_cluster, (layout.index, layout.mask))  # one cluster at a time
-    h_c, p = _cluster_entropy(sizes, z.shape[0])
+    h_c, p = _cluster_entropy(sizes, jnp.sum(sizes))
     return h_c + 0.5 * jnp.sum(jnp.where(p > 0, p * logdets, 0.0))
 
 
 _full_bound_jit = jax.jit(_full_bound, static_argnames=("max_group_size",))
+
+
+@jax.jit
+def _full_bound_segments(z, group, sizes, sigma):
+    """:func:`_full_bound` for features sharded along ``N``: one cluster at a time, its members
+    selected by a mask over all ``N`` rows (reductions over ``N``, no gather of the features); the
+    ``D×D`` scatter matrix only for the clusters that use it (more than 10 samples per dimension)."""
+    d = z.shape[1]
+
+    def one_cluster(g):
+        member = (group == g)[:, None]
+        n = jnp.maximum(sizes[g], 1).astype(z.dtype)
+        mean = jnp.sum(jnp.where(member, z, 0.0), axis=0) / n
+        centred = jnp.where(member, z - mean, 0.0)
+        diagonal = jnp.sum(jnp.log1p(jnp.sum(centred**2, axis=0) / (n * sigma**2)))
+
+        def full():
+            gram = jnp.matmul(centred.T, centred, precision=_HIGHEST)
+            chol = jnp.linalg.cholesky(jnp.eye(d, dtype=z.dtype) + gram / (n * sigma**2))
+            return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+
+        return lax.cond(n > FULL_MIN_SAMPLES_PER_DIM * d, full, lambda: diagonal)
+
+    logdets = lax.map(one_cluster, jnp.arange(sizes.shape[0]))
+    h_c, p = _cluster_entropy(sizes, jnp.sum(sizes))
+    return h_c + 0.5 * jnp.sum(jnp.where(p > 0, p * logdets, 0.0))
 
 
 def leakage_upper_bound(
@@ -532,9 +569,13 @@ def leakage_upper_bound(
     largest cluster), with a Cholesky log-determinant; it must be called outside ``jax.jit`` (it
     sizes the padded layout on the host). The diagonal version is jittable.
 
+    Features sharded along ``N`` over several devices (:func:`cem_jax.kmeans.is_sharded`) are
+    never gathered: the assignment is a partitioned matmul, the statistics are segment sums, and the
+    full version selects one cluster's rows at a time by a mask.
+
     Args:
       features: ``[N, ...]`` clean (pre-noise) features, flattened to ``[N, D]``.
-      labels: ``[N]`` int labels.
+      labels: ``[N]`` int labels; ``-1`` marks a padding row (not counted in ``N``).
       state: :class:`MixtureState` whose centroids define the clusters (fit on the training
         features; pass held-out features to measure the bound off the fitting data).
       sigma: noise standard deviation σ > 0.
@@ -550,7 +591,7 @@ def leakage_upper_bound(
     0.5
     """
     c, _, d = _check_state(state)
-    n, _ = _check_features_labels(features, labels, c, d)
+    n, _ = _check_features_labels(features, labels, c, d, padding=True)
     _check_scalar("sigma", sigma, low=0.0, strict=True)
     if covariance not in _COVARIANCES:
         raise ValueError(f"covariance={covariance!r}: accepted one of {_COVARIANCES}.")
@@ -564,11 +605,15 @@ def leakage_upper_bound(
         if not confidence < 1:
             raise ValueError(f"confidence={confidence}: accepted a level in (0, 1).")
         confidence = float(confidence)
+    segments = kmeans.is_sharded(features)
     z = jnp.reshape(features, (n, d))
     z = z.astype(_float_dtype(z))
     sigma = jnp.asarray(sigma, z.dtype)
     if covariance == "diagonal":
-        nats = _diagonal_bound(z, labels, state.centroids, sigma, confidence)
+        nats = _diagonal_bound(z, labels, state.centroids, sigma, confidence, segments)
+    elif segments:
+        group, sizes = _assign_groups_jit(z, labels, state.centroids, segments=True)
+        nats = _full_bound_segments(z, group, sizes, sigma)
     else:
         if not (_is_concrete(features) and _is_concrete(labels)):
             raise ValueError(

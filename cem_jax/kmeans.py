@@ -6,12 +6,28 @@ gathered into ``[C, M, D]`` and one k-means is ``jax.vmap``-ped over the classes
 padding. On accelerators all classes form one vmap; on CPU ``lax.map(batch_size=...)`` takes a few
 classes at a time (~8 MiB of features) so that they stay in cache over the Lloyd iterations, which is
 about twice as fast. A sample is only ever compared with the centroids of its own class, so one Lloyd
-iteration costs ``O(C·M·K·D) ≈ O(N·K·D)``.
+iteration costs ``O(C·M·K·D) ≈ O(N·K·D)``. This is ``method="classes"``.
+
+Features sharded along ``N`` over several devices (or hosts) take ``method="segments"`` instead: the
+gather into ``[C, M, D]`` would pull every sample onto every device. Every step is then a matmul or a
+reduction over ``N`` that XLA partitions along the samples (DESIGN §5): distances to all ``C·K``
+centroids ``[N, C·K]`` restricted to the own class, centroid sums as ``one_hot(group)ᵀ · x`` (an
+all-reduce of ``[C·K, D]``), and each k-means++ draw as a Gumbel-max over ``[C, N]`` scores, the chosen
+rows picked by a one-hot matmul. It does ``C``× the arithmetic of ``classes`` (the same memory traffic,
+which is what bounds it on accelerators). Both methods draw the k-means++ seeds from the same
+noise: row ``i``'s Gumbel noise comes from ``fold_in(key, i)``, and each draw is a Gumbel-max over
+the class's members, so the seeds depend neither on the method, nor on how the samples are sharded,
+nor on padding rows after them (a run on one device and on eight cluster alike, up to the rounding
+of the Lloyd sums). ``method=None`` picks ``segments`` for an array sharded over several devices and
+``classes`` otherwise.
+
+Padding: a label of ``-1`` (:data:`PAD_LABEL`) marks a row that belongs to no class (the padding that
+makes ``N`` a multiple of the device count); it is ignored by both methods and gets assignment 0.
 
 Algorithm (per class, ``x`` its members):
 
 1. Seeding (``init_centroids=None``), k-means++: the first centroid is a uniformly random member; each
-   next one is a member drawn with probability ∝ its **squared** distance to the nearest centroid chosen
+   next one is a member drawn (Gumbel-max) with probability ∝ its **squared** distance to the nearest centroid chosen
    so far (the reference draws ∝ distance, a bug we fix). When every remaining squared distance is 0
    (fewer than ``K`` distinct members) a uniformly random member is drawn instead; the duplicate centroid
    then becomes an empty cluster. A class without members gets zero centroids.
@@ -43,6 +59,10 @@ import jax
 import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+#: The label of a padding row: it belongs to no class and is ignored.
+PAD_LABEL = -1
+_METHODS = ("classes", "segments")
 
 
 class ClassLayout(NamedTuple):
@@ -123,12 +143,18 @@ def max_class_size(labels, num_classes: int, multiple: int = 64) -> int:
         )
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple={multiple!r}: accepted an int >= 1.")
-    counts = jnp.bincount(jnp.asarray(labels).astype(jnp.int32).ravel(), length=num_classes)
-    largest = int(counts.max()) if num_classes > 0 else 0
+    largest = int(_class_counts(labels, num_classes).max()) if num_classes > 0 else 0
     return max(multiple, -(-largest // multiple) * multiple)
 
 
 _max_class_size = max_class_size  # kmeans_per_class has an argument of the same name
+
+
+def _class_counts(labels, num_classes: int) -> jax.Array:
+    """Members per class ``[C]``; labels outside ``[0, C)`` (padding) are not counted."""
+    labels = jnp.asarray(labels).astype(jnp.int32).ravel()
+    valid = (labels >= 0) & (labels < num_classes)
+    return jnp.bincount(jnp.where(valid, labels, num_classes), length=num_classes + 1)[:num_classes]
 
 
 def _sq_dists(x: jax.Array, x_sq: jax.Array, c: jax.Array) -> jax.Array:
@@ -138,12 +164,20 @@ def _sq_dists(x: jax.Array, x_sq: jax.Array, c: jax.Array) -> jax.Array:
     return jnp.maximum(x_sq[:, None] - 2.0 * cross + c_sq[None, :], 0.0)
 
 
-def _seed(x: jax.Array, mask: jax.Array, key: jax.Array, k: int) -> jax.Array:
-    """k-means++ seeding of one class. ``x [M, D]``, ``mask [M]`` -> ``[K, D]`` centroids."""
+def _row_gumbel(key: jax.Array, n: int, k: int, dtype) -> jax.Array:
+    """``[N, K]`` Gumbel noise for the k-means++ draws; row ``i``'s comes from ``fold_in(key, i)``,
+    so it depends neither on the sharding, nor on the method, nor on padding rows after the samples."""
+    rows = jnp.arange(n, dtype=jnp.uint32)
+    return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i), (k,), dtype))(rows)
+
+
+def _seed(x: jax.Array, mask: jax.Array, gumbel: jax.Array, k: int) -> jax.Array:
+    """k-means++ seeding of one class. ``x [M, D]``, ``mask [M]``, ``gumbel [M, K]`` (the members'
+    rows of :func:`_row_gumbel`) -> ``[K, D]`` centroids. Draw ``j`` is the Gumbel-max
+    ``argmax(log w + gumbel[:, j])``: a member with probability ∝ ``w``."""
     m, d = x.shape
     uniform = jnp.where(mask, 0.0, -jnp.inf)  # log-weights of a uniform draw over the members
-    keys = jax.random.split(key, k)
-    first = x[jax.random.categorical(keys[0], uniform)]
+    first = x[jnp.argmax(uniform + gumbel[:, 0])]
     centroids = jnp.zeros((k, d), x.dtype).at[0].set(first)
     min_d2 = jnp.sum((x - first) ** 2, axis=-1)  # [M]
 
@@ -152,7 +186,7 @@ def _seed(x: jax.Array, mask: jax.Array, key: jax.Array, k: int) -> jax.Array:
         positive = mask & (min_d2 > 0)
         logits = jnp.where(positive, jnp.log(jnp.where(positive, min_d2, 1.0)), -jnp.inf)
         logits = jnp.where(jnp.any(positive), logits, uniform)
-        chosen = x[jax.random.categorical(keys[j], logits)]
+        chosen = x[jnp.argmax(logits + gumbel[:, j])]
         min_d2 = jnp.minimum(min_d2, jnp.sum((x - chosen) ** 2, axis=-1))
         return centroids.at[j].set(chosen), min_d2
 
@@ -193,10 +227,10 @@ def _lloyd(x, mask, centroids, iterations: int):
     return centroids, assign, sizes.astype(jnp.int32), d2
 
 
-def _one_class(features, index, mask, key, init, *, k: int, iterations: int):
+def _one_class(features, gumbel, index, mask, init, *, k: int, iterations: int):
     """Seeding (if ``init`` is None) and Lloyd for one class; ``index``, ``mask`` ``[M]``."""
     x = jnp.where(mask[:, None], features[index], 0.0)  # [M, D]
-    centroids = _seed(x, mask, key, k) if init is None else init
+    centroids = _seed(x, mask, gumbel[index], k) if init is None else init
     return _lloyd(x, mask, centroids, iterations)
 
 
@@ -205,12 +239,10 @@ def _kmeans_impl(
 ):
     n = features.shape[0]
     layout = group_by_class(labels, num_classes, m)
-    keys = None
-    if init_centroids is None:
-        keys = jax.random.split(key, num_classes)
-    per_class = lambda a: _one_class(features, *a, k=k, iterations=iterations)
+    gumbel = _row_gumbel(key, n, k, features.dtype) if init_centroids is None else None
+    per_class = lambda a: _one_class(features, gumbel, *a, k=k, iterations=iterations)
     centroids, assign, sizes, d2 = jax.lax.map(
-        per_class, (layout.index, layout.mask, keys, init_centroids), batch_size=class_batch
+        per_class, (layout.index, layout.mask, init_centroids), batch_size=class_batch
     )
     target = jnp.where(layout.mask, layout.index, n)  # padding scatters out of range -> dropped
     assignments = jnp.zeros((n,), jnp.int32).at[target.ravel()].set(assign.ravel(), mode="drop")
@@ -232,6 +264,127 @@ def _class_batch(num_classes: int, m: int, d: int) -> int:
     return max(1, min(num_classes, _CPU_CHUNK_BYTES // max(1, 4 * m * d)))
 
 
+# ------------------------------------------------------------------------------------------------
+# method="segments": global matmuls and reductions over N, which XLA partitions along the samples.
+
+
+def _segment_setup(x, labels, num_classes):
+    """One-hot classes ``[N, C]``, member mask ``[N]``, class means ``[C, D]``, the centred
+    samples ``xc = x − μ_y`` ``[N, D]`` (0 on padding) and ``‖xc‖²`` ``[N]``."""
+    member = (labels >= 0) & (labels < num_classes)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=x.dtype)  # a zero row for padding
+    counts = jnp.sum(onehot, axis=0)
+    mu = jnp.matmul(onehot.T, x, precision=_HIGHEST) / jnp.maximum(counts, 1.0)[:, None]
+    xc = (x - jnp.matmul(onehot, mu, precision=_HIGHEST)) * member[:, None]
+    return onehot, member, mu, xc, jnp.sum(xc * xc, axis=-1)
+
+
+def _segment_assign(xc, xc_sq, onehot, centroids, mu):
+    """Nearest centroid of the own class (ties → lowest id), ``[N]`` int32, by one ``[N, C·K]``
+    matmul on the centred samples; the other classes' columns are dropped by the one-hot."""
+    c, k, d = centroids.shape
+    cent = centroids - mu[:, None, :]
+    cross = jnp.matmul(xc, cent.reshape(c * k, d).T, precision=_HIGHEST).reshape(-1, c, k)
+    own_cross = jnp.einsum("nck,nc->nk", cross, onehot, precision=_HIGHEST)
+    own_sq = jnp.matmul(onehot, jnp.sum(cent * cent, axis=-1), precision=_HIGHEST)  # [N, K]
+    d2 = jnp.maximum(xc_sq[:, None] - 2.0 * own_cross + own_sq, 0.0)
+    return jnp.argmin(d2, axis=-1).astype(jnp.int32)
+
+
+def _segment_seed(x, labels, onehot, member, key, k):
+    """k-means++ of every class at once: each draw is a Gumbel-max over ``[C, N]`` scores."""
+    n, d = x.shape
+    num_classes = onehot.shape[1]
+    in_class = onehot.T > 0  # [C, N]
+    gumbel = _row_gumbel(key, n, k, x.dtype).T  # [K, N]
+    safe_labels = jnp.where(member, labels, 0)
+
+    def pick(logits):  # [C, N] -> the argmax row of each class, [C, D] (exact: a one-hot matmul)
+        chosen = jax.nn.one_hot(jnp.argmax(logits, axis=1), n, dtype=x.dtype)
+        return jnp.matmul(chosen, x, precision=_HIGHEST)
+
+    def own_d2(chosen):  # squared distance of every sample to its own class's new centroid, [N]
+        return jnp.sum((x - chosen[safe_labels]) ** 2, axis=-1)
+
+    uniform = jnp.where(in_class, 0.0, -jnp.inf)
+    first = pick(uniform + gumbel[0][None, :])
+    centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
+
+    def body(j, carry):
+        centroids, min_d2 = carry
+        positive = in_class & (min_d2 > 0)[None, :]
+        log_d2 = jnp.log(jnp.where(min_d2 > 0, min_d2, 1.0))[None, :]
+        logits = jnp.where(positive, log_d2, -jnp.inf)
+        logits = jnp.where(jnp.any(positive, axis=1, keepdims=True), logits, uniform)
+        chosen = pick(logits + gumbel[j][None, :])
+        return centroids.at[:, j].set(chosen), jnp.minimum(min_d2, own_d2(chosen))
+
+    centroids, _ = jax.lax.fori_loop(1, k, body, (centroids, own_d2(first)))
+    return jnp.where(jnp.any(in_class, axis=1)[:, None, None], centroids, 0.0)
+
+
+def _segments_impl(features, labels, key, init_centroids, *, num_classes, k, iterations):
+    x = features
+    onehot, member, mu, xc, xc_sq = _segment_setup(x, labels, num_classes)
+    if init_centroids is None:
+        centroids = _segment_seed(x, labels, onehot, member, key, k)
+    else:
+        centroids = init_centroids
+    num = num_classes * k
+
+    def groups(c):
+        return labels * k + _segment_assign(xc, xc_sq, onehot, c, mu)  # negative on padding
+
+    def step(_, c):
+        hot = jax.nn.one_hot(groups(c), num, dtype=x.dtype)  # [N, C·K]; padding rows are zero
+        sizes = jnp.sum(hot, axis=0)
+        sums = jnp.matmul(hot.T, xc, precision=_HIGHEST).reshape(num_classes, k, -1)
+        means = sums / jnp.maximum(sizes, 1.0).reshape(num_classes, k, 1) + mu[:, None, :]
+        return jnp.where(sizes.reshape(num_classes, k, 1) > 0, means, c)
+
+    centroids = jax.lax.fori_loop(0, iterations, step, centroids)
+    group = jnp.where(member, groups(centroids), 0)
+    own = centroids.reshape(num, -1)[group]
+    d2 = jnp.where(member, jnp.sum((x - own) ** 2, axis=-1), 0.0)
+    sizes = jnp.sum(jax.nn.one_hot(group, num, dtype=jnp.int32) * member[:, None], axis=0)
+    assignments = jnp.where(member, group - jnp.where(member, labels, 0) * k, 0)
+    return KMeansResult(
+        centroids, assignments.astype(jnp.int32), sizes.reshape(num_classes, k), jnp.sum(d2)
+    )
+
+
+_segments_jit = jax.jit(_segments_impl, static_argnames=("num_classes", "k", "iterations"))
+
+
+@jax.jit
+def nearest_in_class(features: jax.Array, labels: jax.Array, centroids: jax.Array) -> jax.Array:
+    """The nearest centroid of each sample's own class, ``[N, D], [N], [C, K, D] -> [N]`` int32.
+
+    The assignment step of ``method="segments"`` (ties → lowest id; 0 for padding rows, label
+    ``-1``): one ``[N, C·K]`` matmul on class-centred samples, partitioned along ``N`` when the
+    features are sharded.
+
+    >>> c = jnp.array([[[0.0], [10.0]], [[5.0], [6.0]]])
+    >>> nearest_in_class(jnp.array([[9.0], [9.0], [1.0]]), jnp.array([0, 1, -1]), c).tolist()
+    [1, 1, 0]
+    """
+    num_classes = centroids.shape[0]
+    x = features.astype(jnp.float32)
+    labels = labels.astype(jnp.int32)
+    onehot, member, mu, xc, xc_sq = _segment_setup(x, labels, num_classes)
+    assign = _segment_assign(xc, xc_sq, onehot, centroids.astype(jnp.float32), mu)
+    return jnp.where(member, assign, 0)
+
+
+def is_sharded(x) -> bool:
+    """True for a ``jax.Array`` split over several devices (``method=None`` then picks
+    ``"segments"``); False for host arrays, one device, or a replicated array."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or isinstance(x, jax.core.Tracer):
+        return False
+    return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -246,12 +399,13 @@ def kmeans_per_class(
     init_centroids: jax.Array | None = None,
     iterations: int = 50,
     max_class_size: int | None = None,
+    method: str | None = None,
 ) -> KMeansResult:
     """K-means with ``K = clusters_per_class`` clusters inside each class, all classes at once.
 
     Args:
       features: ``[N, D]`` float (computed in float32).
-      labels: ``[N]`` int in ``[0, num_classes)``.
+      labels: ``[N]`` int in ``[0, num_classes)``, or ``-1`` for a padding row (ignored).
       num_classes: ``C`` >= 1.
       clusters_per_class: ``K`` >= 1.
       key: PRNG key for the k-means++ seeding (unused, may be None, when ``init_centroids`` is given).
@@ -259,6 +413,11 @@ def kmeans_per_class(
       iterations: number of Lloyd iterations (>= 0; no early stop).
       max_class_size: padded class size ``M``; None computes it on the host with
         :func:`max_class_size` (labels must then be concrete). Must be at least the largest class count.
+        Not used by ``method="segments"``.
+      method: ``"classes"`` (the padded per-class layout), ``"segments"`` (global matmuls over ``N``,
+        for features sharded over several devices) or None (``"segments"`` when
+        :func:`is_sharded` says the features are, ``"classes"`` otherwise). The two follow the same
+        algorithm and draw the same k-means++ seeds; they differ only in the rounding of the sums.
 
     Returns:
       A :class:`KMeansResult` (centroids ``[C, K, D]``, assignments ``[N]``, cluster_sizes ``[C, K]``,
@@ -267,6 +426,10 @@ def kmeans_per_class(
     The work is one ``jax.jit`` (static ``C``, ``K``, ``iterations``, ``M``): calls with equal shapes
     compile once.
     """
+    if method is None:
+        method = "segments" if is_sharded(features) else "classes"
+    if method not in _METHODS:
+        raise ValueError(f"method={method!r}: accepted one of {_METHODS} or None.")
     if not _is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: accepted an int >= 1.")
     if not _is_int(clusters_per_class) or clusters_per_class < 1:
@@ -287,10 +450,10 @@ def kmeans_per_class(
     concrete = not isinstance(labels, jax.core.Tracer)
     if concrete and labels.size:
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
+        if lo < PAD_LABEL or hi >= num_classes:
             raise ValueError(
                 f"labels range over [{lo}, {hi}]: accepted values in [0, num_classes) = "
-                f"[0, {num_classes})."
+                f"[0, {num_classes}), or {PAD_LABEL} for a padding row."
             )
     n, d = features.shape
     k = clusters_per_class
@@ -304,6 +467,18 @@ def kmeans_per_class(
         init_centroids = init_centroids.astype(jnp.float32)
     elif key is None:
         raise ValueError("key=None: accepted a jax.random key when init_centroids is None.")
+    if init_centroids is not None:
+        key = None
+    if method == "segments":
+        return _segments_jit(
+            features.astype(jnp.float32),
+            labels.astype(jnp.int32),
+            key,
+            init_centroids,
+            num_classes=num_classes,
+            k=k,
+            iterations=iterations,
+        )
     if max_class_size is None:
         if not concrete:
             raise ValueError(
@@ -316,14 +491,12 @@ def kmeans_per_class(
             raise ValueError(f"max_class_size={max_class_size!r}: accepted an int >= 1 or None.")
         m = max_class_size
         if concrete and n:
-            largest = int(jnp.bincount(labels.astype(jnp.int32), length=num_classes).max())
+            largest = int(_class_counts(labels, num_classes).max())
             if largest > m:
                 raise ValueError(
                     f"max_class_size={m}: accepted an int >= the largest class count ({largest}) "
                     "or None."
                 )
-    if init_centroids is not None:
-        key = None
     return _kmeans_jit(
         features.astype(jnp.float32),
         labels.astype(jnp.int32),

@@ -142,6 +142,32 @@ def process_batch(get_rows: Any, global_size: int, mesh: Mesh) -> Any:
     )
 
 
+def padded_rows(global_size: int, mesh: Mesh) -> int:
+    """``global_size`` rounded up to a multiple of the mesh's devices (arrays split along ``data``
+    must divide evenly)."""
+    devices = mesh.shape[DATA_AXIS]
+    return -(-global_size // devices) * devices
+
+
+def shard_rows(x: Any, mesh: Mesh, *, fill: Any) -> jax.Array:
+    """The host array ``x`` ``[N, ...]`` split along ``data``, padded with ``fill`` to
+    :func:`padded_rows` rows; each process places only its own rows (:func:`process_batch`).
+
+    >>> mesh = make_mesh(1)
+    >>> shard_rows(np.array([3, 1]), mesh, fill=-1).tolist()
+    [3, 1]
+    """
+    x = np.asarray(x)
+
+    def get_rows(lo: int, hi: int) -> np.ndarray:
+        out = np.full((hi - lo, *x.shape[1:]), fill, x.dtype)
+        real = x[lo:hi]
+        out[: len(real)] = real
+        return out
+
+    return process_batch(get_rows, padded_rows(len(x), mesh), mesh)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places every array of ``tree`` on every device of the mesh.
 

@@ -495,8 +495,9 @@ def leakage_report(
 ) -> dict[str, Any]:
     """The leakage bound of a client on the training and on the held-out test features.
 
-    ``features`` maps images to the client's clean ``[N, D]`` features (e.g.
-    :meth:`cem_jax.train.Trainer.features_fn`); ``mixture`` is the training set's clusters. Per split:
+    ``features`` maps images to the client's clean ``[N', D]`` features (e.g.
+    :meth:`cem_jax.train.Trainer.features_fn`; rows past ``N`` are padding, labelled ``-1`` here by
+    :func:`cem_jax.train.feature_labels`); ``mixture`` is the training set's clusters. Per split:
     ``certificate`` (the diagonal bound with 95 % upper-confidence variances,
     :func:`cem_jax.entropy.leakage_certificate`), ``diagonal`` (maximum-likelihood variances) and
     ``full_estimate`` (full covariance where a cluster has more than 10 samples per dimension, an
@@ -516,7 +517,7 @@ def leakage_report(
         ("test", dataset.test_images, dataset.test_labels),
     ):
         feats = features(images)
-        y = parallel.replicate(np.asarray(labels, np.int32), mesh)
+        y = train.feature_labels(labels, mesh)
         with jax.set_mesh(mesh):
             kw = dict(sigma=sigma)
             out[split] = {

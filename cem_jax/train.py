@@ -29,10 +29,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from cem_jax import data as data_lib
-from cem_jax import defenses, entropy, parallel
+from cem_jax import defenses, entropy, kmeans, parallel
 from cem_jax import metrics as metrics_lib
 from cem_jax.checkpoint import Checkpointer, fault_point
 from cem_jax.config import RunConfig
@@ -760,18 +760,21 @@ class Trainer:
             )
 
     def features(self, state: TrainState, images: np.ndarray) -> jax.Array:
-        """Clean client features (eval mode, no noise), flattened: ``[N, D]``, replicated.
+        """Clean client features (eval mode, no noise), flattened: ``[N', D]``, split along the
+        mesh's ``data`` axis.
 
-        Batches are fed like training batches (each process its own rows); the result is
-        gathered on the devices, never through a host.
+        ``N'`` is ``N`` rounded up to a multiple of the devices (:func:`cem_jax.parallel.padded_rows`);
+        the rows past ``N`` are padding, to be labelled ``-1`` (:func:`feature_labels`). Batches are
+        fed like training batches (each process its own rows) and the features stay on the devices
+        that computed them: k-means and the certificate work on them sharded.
         """
         n = len(images)
         chunks = []
         with jax.set_mesh(self.mesh):
             for _, batch in self._fed_batches(images, np.zeros(n, np.int32)):
                 chunks.append(self.steps.features(state, self.rest, batch["images"]))
-            feats = jnp.concatenate(chunks)[:n]
-        return parallel.replicate(feats, self.mesh)
+            rows = parallel.padded_rows(n, self.mesh)
+            return _stack_rows(chunks, rows, parallel.batch_sharding(self.mesh))
 
     def features_fn(self, state: TrainState) -> Callable[[np.ndarray], jax.Array]:
         """``images [N, H, W, 3] -> [N, D]`` clean features of ``state``'s client (see :meth:`features`)."""
@@ -814,7 +817,7 @@ class Trainer:
         if float(state.mixture_ready) == 0:
             state, _ = self.refresh_mixture(state, 0)
         feats = self.features(state, self.dataset.train_images)
-        labels = parallel.replicate(self.train_labels, self.mesh)
+        labels = feature_labels(self.train_labels, self.mesh)
         with jax.set_mesh(self.mesh):
             return float(
                 entropy.leakage_upper_bound(
@@ -841,6 +844,18 @@ class Trainer:
         return make_encode(self.model(state), defense, self.dataset.mean, self.dataset.std)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _stack_rows(chunks: list[jax.Array], rows: int, sharding: NamedSharding) -> jax.Array:
+    """The first ``rows`` rows of the concatenated ``chunks``, split as ``sharding`` says."""
+    return jax.lax.with_sharding_constraint(jnp.concatenate(chunks)[:rows], sharding)
+
+
+def feature_labels(labels: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The labels of :meth:`Trainer.features`' rows: ``labels`` then ``-1`` on the padding rows,
+    split along ``data`` like the features (each process places its own rows)."""
+    return parallel.shard_rows(np.asarray(labels, np.int32), mesh, fill=kmeans.PAD_LABEL)
+
+
 def refresh_mixture(
     features: Callable[[np.ndarray], jax.Array],
     images: np.ndarray,
@@ -858,11 +873,13 @@ def refresh_mixture(
     """Fits the per-class mixture on ``features(images)`` (one clean pass); with noise, also the
     diagonal leakage bound (``leakage_bits``) and, with ``full_bound``, the full-covariance one.
 
-    ``features`` is any ``images -> [N, D]`` function (:meth:`Trainer.features_fn`, or a restored
-    client's): nothing here needs a :class:`Trainer`.
+    ``features`` is any ``images -> [N', D]`` function (:meth:`Trainer.features_fn`, or a restored
+    client's; ``N' >= N``, the rows past ``N`` padding): nothing here needs a :class:`Trainer`. On a
+    mesh of several devices the features stay split along ``data`` and k-means runs sharded
+    (:mod:`cem_jax.kmeans`, ``method="segments"``); on one device it runs per class.
     """
     feats = features(images)
-    labels = parallel.replicate(np.asarray(labels, np.int32), mesh)
+    labels = feature_labels(labels, mesh)
     with jax.set_mesh(mesh):
         mixture = entropy.fit_mixture(
             feats,

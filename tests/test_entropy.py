@@ -632,3 +632,103 @@ def test_gradient_steps_on_cem_loss_lower_the_leakage_bound(mode):
     assert after < 0.7 * before, (before, after)
     # and the certificate agrees: the features carry less information through the channel
     assert float(entropy.leakage_certificate(z, labels, state, sigma=sigma)) < before
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding rows and features sharded over devices
+
+
+def test_padding_rows_change_neither_the_mixture_nor_the_bounds():
+    # Rows labelled -1 pad N to a multiple of the device count; they must count for nothing.
+    rng = np.random.default_rng(20)
+    z, labels = _blobs(rng, [60, 45, 50], 2, 4, spread=3.0)
+    pad_z = np.concatenate([z, np.full((5, 4), 100.0, np.float32)])
+    pad_y = np.concatenate([labels, np.full(5, -1, np.int32)])
+    fit = dict(num_classes=3, clusters_per_class=2, key=jax.random.key(2), iterations=10)
+    plain = entropy.fit_mixture(z, labels, **fit)
+    padded = entropy.fit_mixture(pad_z, pad_y, **fit)
+    for a, b in zip(plain, padded):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    for kw in (dict(), dict(covariance="full"), dict(confidence=0.95)):
+        a = float(entropy.leakage_upper_bound(z, labels, plain, sigma=0.3, **kw))
+        b = float(entropy.leakage_upper_bound(pad_z, pad_y, plain, sigma=0.3, **kw))
+        np.testing.assert_allclose(b, a, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(entropy.leakage_upper_bound(pad_z, pad_y, plain, sigma=0.3)),
+        np_leakage_bits(z, labels, plain.centroids, 0.3, "diagonal"),
+        rtol=1e-5,
+    )
+    with pytest.raises(ValueError, match=r"-1 for a padding row"):
+        entropy.fit_mixture(z, labels - 2, **fit)
+    with pytest.raises(ValueError, match=r"accepted values in \[0, 3\)"):
+        entropy.cem_loss(pad_z, pad_y, plain, sigma=0.3)  # the loss takes no padding
+
+
+SHARDED_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from cem_jax import entropy, kmeans
+assert jax.device_count() == 8
+rng = np.random.default_rng(0)
+d, n = 3, 8 * 150
+centres = rng.normal(size=(4, 2, d)) * 6
+labels = rng.integers(0, 4, n).astype(np.int32)
+z = (centres[labels, rng.integers(0, 2, n)] + rng.normal(size=(n, d))).astype(np.float32)
+labels[-6:] = -1  # padding rows
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+rows = NamedSharding(mesh, P("data"))
+zs, ys = jax.device_put(z, rows), jax.device_put(labels, rows)
+fit = dict(num_classes=4, clusters_per_class=2, key=jax.random.key(3), iterations=15)
+sharded = entropy.fit_mixture(zs, ys, **fit)
+# The same algorithm on one device (method="segments"), and the per-class layout from its centroids.
+seg = kmeans.kmeans_per_class(z, labels, method="segments", **fit)
+out = dict(
+    centroid_diff=float(np.abs(np.asarray(sharded.centroids) - np.asarray(seg.centroids)).max()),
+    counts=np.asarray(sharded.counts).tolist(),
+    expected_counts=np.bincount(labels[labels >= 0], minlength=4).tolist(),
+)
+for name, kw in (("diag", {}), ("full", {"covariance": "full"}), ("cert", {"confidence": 0.95})):
+    out[name] = [
+        float(entropy.leakage_upper_bound(zs, ys, sharded, sigma=0.5, **kw)),
+        float(entropy.leakage_upper_bound(z, labels, sharded, sigma=0.5, **kw)),
+    ]
+hlo = "\\n".join(
+    f.lower(*args).compile().as_text()
+    for f, args in (
+        (entropy._diagonal_bound, (zs, ys, sharded.centroids, jnp.float32(0.5), 0.95, True)),
+        (entropy._full_bound_segments, (zs, *entropy._assign_groups_jit(zs, ys, sharded.centroids,
+                                                                          segments=True),
+                                        jnp.float32(0.5))),
+    )
+)
+from hlo import collectives
+out["largest_collective"] = max(size for _, size in collectives(hlo))
+out["n"] = n
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_mixture_and_bounds_on_8_fake_devices_match_one_device_without_gathering():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    assert out["centroid_diff"] < 1e-5, out
+    assert out["counts"] == out["expected_counts"]
+    for name in ("diag", "full", "cert"):
+        np.testing.assert_allclose(*out[name], rtol=1e-5, err_msg=name)
+    assert out["full"][0] < out["diag"][0] < out["cert"][0]  # 150 samples per cluster > 10·D: full
+    assert out["largest_collective"] < out["n"], out  # nothing of per-sample size crosses devices
