@@ -27,10 +27,10 @@ makes ``N`` a multiple of the device count); it is ignored by both methods and g
 Algorithm (per class, ``x`` its members):
 
 1. Seeding (``init_centroids=None``), k-means++: the first centroid is a uniformly random member; each
-   next one is a member drawn (Gumbel-max) with probability ∝ its **squared** distance to the nearest centroid chosen
-   so far (the reference draws ∝ distance, a bug we fix). When every remaining squared distance is 0
-   (fewer than ``K`` distinct members) a uniformly random member is drawn instead; the duplicate centroid
-   then becomes an empty cluster. A class without members gets zero centroids.
+   next one is a member drawn (Gumbel-max) with probability ∝ its **squared** distance to the nearest
+   centroid chosen so far (the reference draws ∝ distance, a bug we fix). When every remaining squared
+   distance is 0 (fewer than ``K`` distinct members) a uniformly random member is drawn instead; the
+   duplicate centroid then becomes an empty cluster. A class without members gets zero centroids.
    Warm start (``init_centroids`` given): the given centroids, no seeding.
 2. ``iterations`` Lloyd steps: assign each member to its nearest centroid (ties → lowest id), move each
    non-empty cluster's centroid to the mean of its members; an **empty cluster keeps its previous
