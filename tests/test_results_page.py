@@ -106,7 +106,7 @@ def test_write_page_from_table_json(tmp_path):
     # which CEM: the reference variant against noise at 0.35 (0.02): +50 %
     assert "| cem_noise [reference] | cem_noise_s0.1_l1_reference | 3 | 0.350 |" in text
     assert "| 0.0200 (n=3) | +50% |" in text
-    assert "6 epochs of batch 128 on 5000 training images" in text
+    assert "vgg11_bn_sgm cut at layer 4 (the default), 6 epochs of batch 128 on 5000" in text
     assert "min per run (median; train + attack), on 1 x cpu (2-core CPU)" in text
     assert "3 runs, 0.6 h of wall time in all, 11.0 min per run" in text
     assert (tmp_path / "docs" / "results_privacy_utility.png").exists()

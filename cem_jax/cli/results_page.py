@@ -297,8 +297,16 @@ def compute_section(records: list[dict[str, Any]], machine: str | None) -> list[
         f"validations without a {cfg.get('attack_min_improvement')} relative improvement "
         f"({cfg.get('attack_lr_decays')} learning-rate decay(s) first)"
     )
+    cut = cfg.get("cut_layer")
+    if cut is None and cfg.get("arch"):
+        from cem_jax.models import default_cut_layer
+
+        try:
+            cut = f"{default_cut_layer(cfg['arch'])} (the default)"
+        except (KeyError, ValueError):
+            cut = "default"
     return [
-        f"- Scale: {cfg.get('arch')} cut at layer {cfg.get('cut_layer') or 'default'}, "
+        f"- Scale: {cfg.get('arch')} cut at layer {cut}, "
         f"{cfg.get('epochs')} epochs of batch {cfg.get('batch_size')} on "
         f"{ds.get('num_train')} training images, accuracy on {ds.get('num_test')} test images; "
         f"{attack}.",
