@@ -469,16 +469,9 @@ def kmeans_per_class(
         raise ValueError("key=None: accepted a jax.random key when init_centroids is None.")
     if init_centroids is not None:
         key = None
+    args = (features.astype(jnp.float32), labels.astype(jnp.int32), key, init_centroids)
     if method == "segments":
-        return _segments_jit(
-            features.astype(jnp.float32),
-            labels.astype(jnp.int32),
-            key,
-            init_centroids,
-            num_classes=num_classes,
-            k=k,
-            iterations=iterations,
-        )
+        return _segments_jit(*args, num_classes=num_classes, k=k, iterations=iterations)
     if max_class_size is None:
         if not concrete:
             raise ValueError(
@@ -498,10 +491,7 @@ def kmeans_per_class(
                     "or None."
                 )
     return _kmeans_jit(
-        features.astype(jnp.float32),
-        labels.astype(jnp.int32),
-        key,
-        init_centroids,
+        *args,
         num_classes=num_classes,
         k=k,
         iterations=iterations,
