@@ -520,11 +520,7 @@ def _full_bound_segments(z, group, sizes, sigma):
         centred = jnp.where(member, z - mean, 0.0)
         diagonal = jnp.sum(jnp.log1p(jnp.sum(centred**2, axis=0) / (n * sigma**2)))
 
-        def full():
-            gram = jnp.matmul(centred.T, centred, precision=_HIGHEST)
-            chol = jnp.linalg.cholesky(jnp.eye(d, dtype=z.dtype) + gram / (n * sigma**2))
-            return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
-
+        full = lambda: _log_det_eye_plus(centred, n, sigma)  # noqa: E731
         return lax.cond(n > FULL_MIN_SAMPLES_PER_DIM * d, full, lambda: diagonal)
 
     logdets = lax.map(one_cluster, jnp.arange(sizes.shape[0]))

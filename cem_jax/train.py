@@ -687,8 +687,7 @@ class Trainer:
         """``(b, batch)`` over ``images`` in eval-size batches, the last one zero-padded (``mask``
         0 there) to a multiple of the devices; each process reads only its own rows."""
         n = len(images)
-        devices = self.mesh.shape[parallel.DATA_AXIS]
-        bs = int(math.ceil(min(self.cfg.eval_batch_size, max(n, 1)) / devices) * devices)
+        bs = parallel.padded_rows(min(self.cfg.eval_batch_size, max(n, 1)), self.mesh)
         for b in range(int(math.ceil(n / bs))):
             sl = slice(b * bs, min(n, (b + 1) * bs))
 
