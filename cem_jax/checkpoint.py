@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -38,6 +37,8 @@ from typing import Any, TextIO
 
 import jax
 import orbax.checkpoint as ocp
+
+from cem_jax import storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FAULT_ENV = "CEM_FAULT_POINT"
@@ -137,7 +138,7 @@ class Checkpointer:
         writable: bool = True,
         stream: TextIO | None = None,
     ) -> None:
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self.writable = writable
         self._stream = stream
         self.skipped: list[tuple[int, str]] = []  # (step, why) of damaged steps passed over
@@ -149,7 +150,7 @@ class Checkpointer:
             cleanup_tmp_directories=writable,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
+            storage.orbax_path(self.directory), options=options, item_names=("state", "meta")
         )
 
     def latest_step(self) -> int | None:
@@ -159,7 +160,9 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        if os.environ.get(FAULT_ENV) == f"checkpoint_write:{step}":
+        if os.environ.get(FAULT_ENV) == f"checkpoint_write:{step}" and not storage.is_remote(
+            self.directory
+        ):
             _kill_when_appears(self.directory, f"{step}.")  # orbax's temporary step folder
         self._manager.save(
             step,
@@ -243,7 +246,7 @@ class Checkpointer:
             return
         self.skipped.append((step, why))
         print(
-            f"warning: skipping damaged checkpoint {os.path.join(self.directory, str(step))}: {why}",
+            f"warning: skipping damaged checkpoint {storage.join(self.directory, str(step))}: {why}",
             file=self._stream if self._stream is not None else sys.stderr,
             flush=True,
         )
@@ -264,18 +267,17 @@ class Checkpointer:
             raise PermissionError(f"{self.directory} was opened read-only")
         moved = []
         for step, _ in self.skipped:
-            src = os.path.join(self.directory, str(step))
-            if not os.path.exists(src):
+            src = storage.join(self.directory, str(step))
+            if not storage.exists(src):
                 continue
-            dst = os.path.join(
+            dst = storage.join(
                 f"{self.directory}.damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
             )
             n = 1
-            while os.path.exists(dst):
+            while storage.exists(dst):
                 dst = f"{dst.rsplit('~', 1)[0]}~{n}"
                 n += 1
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.move(src, dst)
+            storage.move_tree(src, dst)
             moved.append(dst)
             print(
                 f"note: moved the damaged checkpoint {src} to {dst}",

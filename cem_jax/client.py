@@ -9,13 +9,12 @@ Example (after ``python -m experiments.run --preset=quick``)::
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any, TextIO
 
 import jax
 
-from cem_jax import train
+from cem_jax import storage, train
 from cem_jax.checkpoint import Checkpointer, CheckpointError
 from cem_jax.config import RunConfig, config_from_dict
 
@@ -33,8 +32,8 @@ def read_run(
     skipped with a warning on ``stream`` (default stderr); if what remains is not finished, the
     error says so.
     """
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = storage.join(workdir, "checkpoints")
+    if not storage.isdir(ckpt_dir):
         raise RunNotFoundError(
             f"{workdir}: no checkpoints/ folder; expected the --workdir of a run of experiments.run."
         )

@@ -7,7 +7,7 @@ setting, a row of test originals above one row of reconstructions per attack.
 
 from __future__ import annotations
 
-import os
+import io
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
-from cem_jax import attacks, parallel
+from cem_jax import attacks, parallel, storage
 from cem_jax.config import RunConfig
 from cem_jax.progress import format_duration
 
@@ -236,7 +236,7 @@ def run_attacks(
                     flush=True,
                 )
     if workdir is not None and rows and parallel.is_main_process():  # one writer (DESIGN §5)
-        save_grid(rows, os.path.join(workdir, FIGURE_FILE))
+        save_grid(rows, storage.join(workdir, FIGURE_FILE))
     return results
 
 
@@ -252,6 +252,6 @@ def save_grid(rows: list[np.ndarray], path: str, *, scale: int = 3, gap: int = 2
             )
     pil = Image.fromarray((canvas * 255 + 0.5).astype(np.uint8))
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    tmp = path + ".tmp.png"
-    pil.save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    storage.write_bytes(path, buf.getvalue())  # atomic, local or gs://

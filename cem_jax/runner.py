@@ -23,8 +23,9 @@ import json
 import os
 import socket
 import sys
-import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
@@ -34,14 +35,17 @@ from jax.sharding import Mesh
 
 from cem_jax import config as config_lib
 from cem_jax import data as data_lib
-from cem_jax import parallel, train
+from cem_jax import parallel, storage, train
 from cem_jax.checkpoint import Checkpointer, CheckpointError, fault_point
 from cem_jax.progress import ProgressBar, format_duration
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
-_TMP_SUFFIX = ".tmp"
+#: A lock on a remote (gs://) workdir is a lease: its holder renews it every LEASE_RENEW_S seconds,
+#: and a lock not renewed for LEASE_S seconds is stale (its holder was killed or preempted).
+LEASE_S = 300.0
+LEASE_RENEW_S = 60.0
 
 
 class RunError(RuntimeError):
@@ -70,21 +74,18 @@ def _replace(ds: data_lib.Dataset, **kw: Any) -> data_lib.Dataset:
     return dataclasses.replace(ds, **kw)
 
 
-def check_local_workdir(workdir: str) -> None:
-    """Refuses a remote workdir (``gs://...``) with :class:`RunError` rather than mangling it into a
-    local folder: the workdir lock (``flock``) and the atomic writes (``mkstemp`` + ``os.replace``)
-    need a POSIX file system."""
-    if "://" in os.fspath(workdir):
-        raise RunError(
-            f"--workdir={workdir}: remote workdirs are not supported yet (the workdir lock and the "
-            "atomic writes need a POSIX file system). Use a local or shared folder, or mount the "
-            "bucket (e.g. gcsfuse) and pass the mounted path."
-        )
+def check_workdir(workdir: str) -> None:
+    """Refuses (:class:`RunError`) a workdir URL that :mod:`cem_jax.storage` cannot serve (a scheme
+    other than ``gs://``, or ``gs://`` without ``gcsfs``), saying what is accepted."""
+    try:
+        storage.check(workdir, "--workdir")
+    except storage.StorageError as e:
+        raise RunError(str(e)) from None
 
 
 def _workdir_mesh(workdir: str, num_devices: int | None, device_index: int | None) -> Mesh:
-    """:func:`check_local_workdir`, then the run's mesh; a bad device choice is a :class:`RunError`."""
-    check_local_workdir(workdir)
+    """:func:`check_workdir`, then the run's mesh; a bad device choice is a :class:`RunError`."""
+    check_workdir(workdir)
     try:
         return parallel.make_mesh(num_devices, device_index=device_index)
     except ValueError as e:
@@ -92,27 +93,12 @@ def _workdir_mesh(workdir: str, num_devices: int | None, device_index: int | Non
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Replaces ``path`` with ``text`` atomically, through a fresh temporary file beside it.
-
-    The temporary file is created by :func:`tempfile.mkstemp` (a new, unique name, opened with
-    ``O_EXCL``), so a planted file or symlink is never written through; ``os.replace`` then swaps it
-    in, so readers see the old or the new content, never a partial one.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if name == RESULTS_FILE:
-            fault_point("results_write")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replaces ``path`` (local or ``gs://``) with ``text`` atomically (:func:`cem_jax.storage.write_text`):
+    readers see the old or the new content, never a partial one."""
+    hook = (
+        (lambda: fault_point("results_write")) if storage.basename(path) == RESULTS_FILE else None
+    )
+    storage.write_text(path, text, before_commit=hook)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -126,12 +112,7 @@ def write_metrics(path: str, history: list[dict[str, Any]]) -> None:
 
 def _remove_stale_temp_files(workdir: str) -> None:
     """Temporary files of writers that were killed (only called while holding the lock)."""
-    for name in (RESULTS_FILE, METRICS_FILE):
-        prefix = f".{name}."
-        for entry in os.listdir(workdir):
-            if entry.startswith(prefix) and entry.endswith(_TMP_SUFFIX):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(workdir, entry))
+    storage.remove_stale_temp_files(workdir, (RESULTS_FILE, METRICS_FILE))
 
 
 # ------------------------------------------------------------------------------------------ lock
@@ -143,7 +124,10 @@ def _holder_text(info: dict[str, Any]) -> str:
 
 
 def _writable_problem(workdir: str) -> str | None:
-    """Why ``workdir`` cannot be written (None if it can, or does not exist yet)."""
+    """Why ``workdir`` cannot be written (None if it can, or does not exist yet). A remote workdir
+    is not probed: a write that is refused fails with the store's own error."""
+    if storage.is_remote(workdir):
+        return None
     target = workdir
     while not os.path.exists(target):
         parent = os.path.dirname(os.path.abspath(target))
@@ -165,8 +149,16 @@ def lock_workdir(workdir: str, *, stream: TextIO | None = None) -> Iterator[dict
     process holds the lock (naming its pid, host and start time). The kernel releases a ``flock``
     when its process dies, so the lock of a killed run is stale by construction and is taken over
     (with a note naming the dead holder). Yields the holder record written into the file.
+
+    On a remote (``gs://``) workdir, where nothing is released when a process dies, the lock is a
+    lease (:func:`_lease_lock`): renewed every :data:`LEASE_RENEW_S` seconds by its holder, taken
+    over once it has not been renewed for :data:`LEASE_S` seconds, deleted on exit.
     """
     out = stream if stream is not None else sys.stderr
+    if storage.is_remote(workdir):
+        with _lease_lock(workdir, out) as me:
+            yield me
+        return
     problem = _writable_problem(workdir)
     if problem is not None:
         raise RunError(
@@ -199,14 +191,7 @@ def lock_workdir(workdir: str, *, stream: TextIO | None = None) -> Iterator[dict
                 file=out,
                 flush=True,
             )
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(
-                os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)
-            ),
-        }
+        me = _holder_record()
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         try:
@@ -215,6 +200,121 @@ def lock_workdir(workdir: str, *, stream: TextIO | None = None) -> Iterator[dict
             os.ftruncate(fd, 0)  # an empty lock file: released cleanly
     finally:
         os.close(fd)  # releases the flock
+
+
+def _holder_record(lease: bool = False) -> dict[str, Any]:
+    me: dict[str, Any] = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+    }
+    if lease:
+        me.update(token=uuid.uuid4().hex, lease_s=LEASE_S, renewed=time.time())
+    return me
+
+
+def _read_lease(path: str) -> dict[str, Any] | None:
+    """The record of a remote lock (``None`` if there is none; ``{}`` if it does not parse)."""
+    try:
+        info = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _dead_here(info: dict[str, Any]) -> bool:
+    """Whether the lock's holder ran on this host and its process is gone."""
+    pid = info.get("pid")
+    if info.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
+
+
+def _lease_age(info: dict[str, Any]) -> float:
+    """Seconds since the lease was last renewed (infinite for a record without a renewal time)."""
+    renewed = info.get("renewed")
+    return time.time() - float(renewed) if isinstance(renewed, int | float) else float("inf")
+
+
+@contextlib.contextmanager
+def _lease_lock(workdir: str, out: TextIO) -> Iterator[dict[str, Any]]:
+    """The lock of a remote workdir: ``<workdir>/.lock``, an object naming its holder, created only
+    if absent (:func:`cem_jax.storage.create_exclusive`), renewed by a background thread, deleted
+    on exit. A lock is stale, and a restarted run takes it over with a note, when its holder ran on
+    this host and its process is gone, or when it has not been renewed for its ``lease_s`` (default
+    :data:`LEASE_S`: the holder's host was preempted or lost), so a preempted TPU job resumes
+    without anyone deleting files. The holder's and the reader's clocks are compared, so hosts
+    whose clocks differ by minutes would misjudge a lease.
+    """
+    path = storage.join(workdir, LOCK_FILE)
+    me = _holder_record(lease=True)
+    text = json.dumps(me)
+    if not storage.create_exclusive(path, text):
+        held = _read_lease(path)
+        if held is not None:
+            age, lease = _lease_age(held), float(held.get("lease_s", LEASE_S))
+            dead = _dead_here(held)
+            if age <= lease and not dead:
+                raise RunError(
+                    f"{workdir} is in use by another run: {_holder_text(held)}, lock renewed "
+                    f"{age:.0f} s ago. Wait for it to end (or stop it), or use another --workdir; "
+                    f"the lock ({path}) is deleted when that run ends, and taken over once it has "
+                    f"not been renewed for {lease:.0f} s (its run killed or preempted)."
+                )
+            why = (
+                "whose process on this host is gone (killed or crashed)"
+                if dead
+                else f"not renewed for {age:.0f} s (> {lease:.0f} s: killed or preempted)"
+            )
+            print(
+                f"note: taking over the stale lock of {workdir} from {_holder_text(held)}, {why}.",
+                file=out,
+                flush=True,
+            )
+        storage.write_text(path, text)
+    time.sleep(0.5)  # a racing taker writes within this window; the last write wins ...
+    if (_read_lease(path) or {}).get("token") != me["token"]:  # ... and the others step back
+        raise RunError(
+            f"{workdir} was locked by another run at the same moment "
+            f"({_holder_text(_read_lease(path) or {})}); use another --workdir or retry."
+        )
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LEASE_RENEW_S):
+            try:
+                held = _read_lease(path)
+                if (held or {}).get("token") != me["token"]:
+                    print(
+                        f"warning: the lock of {workdir} was taken over by "
+                        f"{_holder_text(held or {})}; this run no longer holds it.",
+                        file=out,
+                        flush=True,
+                    )
+                    return
+                me["renewed"] = time.time()
+                storage.write_text(path, json.dumps(me))
+            except Exception as e:  # noqa: BLE001 - a transient store error: retry next period
+                print(f"warning: renewing the lock of {workdir} failed ({e})", file=out, flush=True)
+
+    thread = threading.Thread(target=renew, name="cem_jax-lease", daemon=True)
+    thread.start()
+    try:
+        yield me
+    finally:
+        stop.set()
+        thread.join()
+        if (_read_lease(path) or {}).get("token") == me["token"]:
+            storage.remove(path)
 
 
 @contextlib.contextmanager
@@ -257,11 +357,10 @@ def _read_holder(fd: int) -> dict[str, Any]:
 
 
 def _read_results(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
     try:
-        with open(path) as f:
-            out = json.load(f)
+        out = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise RunError(
             f"{path} is unreadable ({e}); it is not overwritten. Move it away to run again in "
@@ -338,16 +437,16 @@ def _run_locked(
     cache_dir: str | None,
     out: TextIO,
 ) -> dict[str, Any]:
-    results_path = os.path.join(workdir, RESULTS_FILE)
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    results_path = storage.join(workdir, RESULTS_FILE)
+    metrics_path = storage.join(workdir, METRICS_FILE)
+    ckpt_dir = storage.join(workdir, "checkpoints")
     main = parallel.is_main_process()  # the one writer of metrics.jsonl and results.json
     if main:
         _remove_stale_temp_files(workdir)
     previous = _read_results(results_path)
     # Refuse a workdir of another configuration before doing anything expensive.
     has_checkpoint = False
-    if os.path.isdir(ckpt_dir):
+    if storage.isdir(ckpt_dir):
         ckpt = Checkpointer(ckpt_dir, writable=False, stream=io.StringIO())  # train reports
         try:
             if ckpt.all_steps():
@@ -468,8 +567,7 @@ def _run_locked(
 
 def _count_lines(path: str) -> int:
     try:
-        with open(path) as f:
-            return sum(1 for line in f if line.strip())
+        return sum(1 for line in storage.read_text(path).splitlines() if line.strip())
     except FileNotFoundError:
         return 0
 
@@ -477,6 +575,9 @@ def _count_lines(path: str) -> int:
 def _inside(filename: Any, workdir: str) -> bool:
     if not filename:
         return False
+    if storage.is_remote(workdir):  # gcsfs names objects without their scheme
+        path, root = os.fsdecode(filename).split("://")[-1], workdir.split("://")[-1].rstrip("/")
+        return path == root or path.startswith(root + "/")
     path, root = os.path.abspath(os.fsdecode(filename)), os.path.abspath(workdir)
     return path == root or path.startswith(root + os.sep)
 
@@ -620,7 +721,7 @@ def attack_workdir(
     """
     out = stream if stream is not None else sys.stdout
     mesh = _workdir_mesh(workdir, num_devices, device_index)
-    problem = _writable_problem(workdir) if os.path.isdir(workdir) else None
+    problem = _writable_problem(workdir) if storage.isdir(workdir) else None
     if problem is not None:
         print(
             f"note: {problem}; the attacks will run and print their results, but cannot save them.",
@@ -663,7 +764,7 @@ def _attack_locked(
     finally:
         ckpt.close()
     print(f"attacking the client of {workdir} ({cfg.defense}, {meta['epoch']} epochs)", file=out)
-    results_path = os.path.join(workdir, RESULTS_FILE)
+    results_path = storage.join(workdir, RESULTS_FILE)
     results = finish(
         cfg,
         trainer,

@@ -13,14 +13,16 @@ point that differ only in their seed are aggregated into one row: the mean, the 
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from cem_jax import storage
 
 RESULTS_FILE = "results.json"  # cem_jax.runner.RESULTS_FILE (not imported: collecting needs no jax)
 TABLE_MD, TABLE_JSON, PLOT_PNG = "table.md", "table.json", "privacy_utility.png"
@@ -82,7 +84,7 @@ def run_name(point: dict[str, Any]) -> str:
 
 
 def workdir_of(root: str, dataset: str, preset: str, point: dict[str, Any]) -> str:
-    return os.path.join(root, f"{dataset}_{preset}", run_name(point))
+    return storage.join(root, f"{dataset}_{preset}", run_name(point))
 
 
 def overrides_of(point: dict[str, Any]) -> dict[str, Any]:
@@ -138,10 +140,9 @@ def load_runs(workdirs: Iterable[tuple[dict[str, Any], str]]) -> list[tuple[dict
     """``(point, results)`` of every finished run (those with a ``results.json``)."""
     runs = []
     for point, workdir in workdirs:
-        path = os.path.join(workdir, RESULTS_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                res = json.load(f)
+        path = storage.join(workdir, RESULTS_FILE)
+        if storage.exists(path):
+            res = json.loads(storage.read_text(path))
             res.setdefault("workdir", workdir)
             runs.append((point, res))
     return runs
@@ -302,11 +303,12 @@ def format_stat(s: dict[str, Any] | None, spec: str, *, n: int | None = None) ->
 
 def write_table(root: str, records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Writes ``table.md`` and ``table.json`` under ``root``; returns the Markdown."""
-    os.makedirs(root, exist_ok=True)
+    storage.makedirs(root)
     text = table_markdown(records)
-    _write_atomic(os.path.join(root, TABLE_MD), text + "\n")
-    _write_atomic(
-        os.path.join(root, TABLE_JSON), json.dumps({**meta, "rows": list(records)}, indent=2) + "\n"
+    storage.write_text(storage.join(root, TABLE_MD), text + "\n")
+    storage.write_text(
+        storage.join(root, TABLE_JSON),
+        json.dumps({**meta, "rows": list(records)}, indent=2) + "\n",
     )
     return text
 
@@ -411,10 +413,10 @@ def plot_privacy_utility(
     if any_flagged:
         note += "; hollow: attack not converged or not better than the mean image"
     fig.suptitle(f"{title + ' — ' if title else ''}{note}", fontsize=10)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    storage.makedirs(storage.parent(path))
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
+    storage.write_bytes(path, buf.getvalue())  # atomic, local or gs://
     return True
 
 
@@ -465,10 +467,3 @@ def _unique_dicts(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             seen.add(key)
             out.append(p)
     return out
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 from typing import Any
 
 from absl import flags
 
+from cem_jax import storage
 from cem_jax.cli import collect, config_flags
 
 FLAGS = flags.FLAGS
@@ -278,10 +278,9 @@ def compute_section(records: list[dict[str, Any]], machine: str | None) -> list[
     workdirs = dict.fromkeys(run.get("workdir") or "" for r in records for run in r.get("runs", []))
     for workdir in workdirs:
         if workdir:
-            path = os.path.join(workdir, "results.json")
+            path = storage.join(workdir, "results.json")
             try:
-                with open(path) as f:
-                    results.append(json.load(f))
+                results.append(json.loads(storage.read_text(path)))
             except (OSError, ValueError):
                 continue
     if not results:
@@ -317,21 +316,22 @@ def compute_section(records: list[dict[str, Any]], machine: str | None) -> list[
 
 
 def write_page(root: str, out: str, command: str | None = None, machine: str | None = None) -> str:
-    path = os.path.join(root, collect.TABLE_JSON)
-    if not os.path.exists(path):
+    storage.check(root, "--root")
+    path = storage.join(root, collect.TABLE_JSON)
+    if not storage.exists(path):
         raise ValueError(
             f"{path} not found: run the sweep, then the same command with --collect_only first."
         )
-    with open(path) as f:
-        table = json.load(f)
+    table = json.loads(storage.read_text(path))
     records = table["rows"]
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     plot_name = os.path.splitext(os.path.basename(out))[0] + "_privacy_utility.png"
-    src = os.path.join(root, collect.PLOT_PNG)
-    have_plot = os.path.exists(src)
+    src = storage.join(root, collect.PLOT_PNG)
+    have_plot = storage.exists(src)
     if have_plot:
-        shutil.copyfile(src, os.path.join(folder, plot_name))
+        with open(os.path.join(folder, plot_name), "wb") as f:
+            f.write(storage.read_bytes(src))
     rows = frontier_comparison(records)
     runs = [run for r in records for run in r.get("runs", [])]
     commits = sorted({run.get("commit") or "unrecorded" for run in runs})

@@ -22,6 +22,7 @@ import sys
 from absl import flags
 
 from cem_jax import config as config_lib
+from cem_jax import storage
 from cem_jax.cli import collect, config_flags
 
 FLAGS = flags.FLAGS
@@ -123,11 +124,7 @@ def check_grid(grid: list[dict]) -> list[config_lib.RunConfig]:
     """Every run's validated config, before any runs: a bad σ / λ / seed fails in seconds, not hours."""
     if not FLAGS.defenses:
         raise ValueError("--defenses is empty: name at least one defense preset.")
-    if "://" in FLAGS.root:
-        raise ValueError(
-            f"--root={FLAGS.root}: remote folders are not supported yet (each run's lock and atomic "
-            "writes need a POSIX file system); use a local or mounted path."
-        )
+    storage.check(FLAGS.root, "--root")  # a local folder or gs://bucket/path
     if FLAGS.num_shards < 1:
         raise ValueError(f"num_shards={FLAGS.num_shards}: accepted values are >= 1.")
     if not 0 <= FLAGS.shard_index < FLAGS.num_shards:
@@ -160,8 +157,8 @@ def collect_all(grid: list[dict]) -> None:
     }
     text = collect.write_table(FLAGS.root, records, meta)
     print(f"\n{len(runs)}/{len(grid)} runs finished ({len(records)} grid points)\n{text}")
-    print(f"\nwrote {os.path.join(FLAGS.root, collect.TABLE_MD)} and {collect.TABLE_JSON}")
-    png = os.path.join(FLAGS.root, collect.PLOT_PNG)
+    print(f"\nwrote {storage.join(FLAGS.root, collect.TABLE_MD)} and {collect.TABLE_JSON}")
+    png = storage.join(FLAGS.root, collect.PLOT_PNG)
     try:
         drawn = collect.plot_privacy_utility(
             records, png, title=f"{FLAGS.dataset}, preset {FLAGS.preset}"
