@@ -16,3 +16,14 @@ def small_full_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy" in proc.stdout  # the final summary
     return full
+
+
+@pytest.fixture(scope="session")
+def gcs_env(tmp_path_factory):
+    """A local GCS emulator (``tests/gcs.py``) for the whole session; yields the environment
+    variables that point ``gs://`` at it (also set in ``os.environ`` meanwhile)."""
+    from tests import gcs
+
+    log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+    with gcs.emulator(str(log)) as env, gcs.environment(env):
+        yield env
