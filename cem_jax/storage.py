@@ -132,10 +132,10 @@ def isdir(path: str | os.PathLike) -> bool:
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
-    """The names in folder ``path`` (``[]`` for a missing remote prefix)."""
+    """The names in folder ``path``, sorted (``[]`` for a missing remote prefix)."""
     path = os.fspath(path)
     if not is_remote(path):
-        return os.listdir(path)
+        return sorted(os.listdir(path))
     fs, p = _fs(path)
     try:
         entries = fs.ls(p, detail=False)

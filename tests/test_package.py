@@ -31,6 +31,9 @@ DISTRIBUTION = {
     "PIL": "pillow",
     "numpy": "numpy",
     "matplotlib": "matplotlib",
+    "etils": "etils",
+    "fsspec": "fsspec",  # gs:// only (cem_jax.storage imports it on first use of a gs:// path)
+    "gcsfs": "gcsfs",
 }
 
 
@@ -66,11 +69,12 @@ def _third_party_imports() -> set[str]:
 
 def test_every_third_party_import_is_declared():
     deps = _requirements(PROJECT["dependencies"])
-    plots = _requirements(PROJECT["optional-dependencies"]["plots"])
+    extras = _requirements(PROJECT["optional-dependencies"]["plots"])
+    extras |= _requirements(PROJECT["optional-dependencies"]["gcs"])
     for name in sorted(_third_party_imports()):
         assert name in DISTRIBUTION, f"cem_jax imports {name}: map it to its distribution here"
         dist = DISTRIBUTION[name]
-        assert dist in deps or dist in plots, f"{dist} (imported as {name}) is not declared"
+        assert dist in deps or dist in extras, f"{dist} (imported as {name}) is not declared"
     assert "tensorflow-datasets" not in deps  # CIFAR downloads without TensorFlow
 
 
@@ -95,7 +99,7 @@ def test_installed_versions_satisfy_the_declared_bounds():
 
 def test_extras_and_console_scripts_are_declared():
     extras = PROJECT["optional-dependencies"]
-    assert {"cuda12", "tpu", "test", "plots"} <= set(extras)
+    assert {"cuda12", "tpu", "test", "plots", "gcs"} <= set(extras)
     assert any(r.startswith("jax[cuda12]") for r in extras["cuda12"])
     assert any(r.startswith("jax[tpu]") for r in extras["tpu"])
     assert "ruff==0.17.6" in extras["test"]
