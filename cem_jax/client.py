@@ -32,6 +32,7 @@ def read_run(
     skipped with a warning on ``stream`` (default stderr); if what remains is not finished, the
     error says so.
     """
+    storage.check(workdir, "workdir")  # a scheme other than gs://, or gs:// without gcsfs
     ckpt_dir = storage.join(workdir, "checkpoints")
     if not storage.isdir(ckpt_dir):
         raise RunNotFoundError(

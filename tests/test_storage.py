@@ -117,6 +117,10 @@ def test_unsupported_urls_are_refused_naming_what_is_accepted(path, message, tmp
     cfg = config_lib.make_config("quick", dataset="synthetic", attacks=())
     with pytest.raises(runner.RunError, match=message):
         runner.run(cfg, workdir=path, stream=io.StringIO())
+    import cem_jax
+
+    with pytest.raises(storage.StorageError, match=message):
+        cem_jax.load_client(path)
     assert os.listdir(tmp_path) == []  # no local "s3:" folder
 
 
