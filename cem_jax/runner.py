@@ -3,9 +3,11 @@
 Everything here takes a :class:`~cem_jax.config.RunConfig` and a workdir; nothing reads flags. The
 workdir receives ``checkpoints/`` (orbax, resumable), ``metrics.jsonl`` (one line per epoch, rebuilt
 from the checkpoint's history on resume), ``results.json`` (written atomically, only complete) and
-``reconstructions.png``. A run holds ``<workdir>/.lock`` while it works: a second run on the same
-workdir is refused, naming the process that holds it. A workdir is never reused for another
-configuration or other data: its ``results.json`` and ``metrics.jsonl`` are never overwritten by them.
+``reconstructions.png``. The workdir is a local folder or ``gs://bucket/path``
+(:mod:`cem_jax.storage`). A run holds ``<workdir>/.lock`` while it works (on ``gs://`` a renewed
+lease): a second run on the same workdir is refused, naming the process that holds it. A workdir is
+never reused for another configuration or other data: its ``results.json`` and ``metrics.jsonl`` are
+never overwritten by them.
 
 On several processes (:func:`cem_jax.parallel.initialize_distributed`) every process runs the same
 code on the same workdir; process 0 holds the lock and alone writes ``metrics.jsonl``,
@@ -152,7 +154,8 @@ def lock_workdir(workdir: str, *, stream: TextIO | None = None) -> Iterator[dict
 
     On a remote (``gs://``) workdir, where nothing is released when a process dies, the lock is a
     lease (:func:`_lease_lock`): renewed every :data:`LEASE_RENEW_S` seconds by its holder, taken
-    over once it has not been renewed for :data:`LEASE_S` seconds, deleted on exit.
+    over once its holder's process on this host is gone or it has not been renewed for
+    :data:`LEASE_S` seconds, deleted on exit.
     """
     out = stream if stream is not None else sys.stderr
     if storage.is_remote(workdir):
