@@ -285,10 +285,11 @@ def _lease_lock(workdir: str, out: TextIO) -> Iterator[dict[str, Any]]:
             )
         storage.write_text(path, text)
     time.sleep(0.5)  # a racing taker writes within this window; the last write wins ...
-    if (_read_lease(path) or {}).get("token") != me["token"]:  # ... and the others step back
+    held = _read_lease(path) or {}
+    if held.get("token") != me["token"]:  # ... and the others step back
         raise RunError(
             f"{workdir} was locked by another run at the same moment "
-            f"({_holder_text(_read_lease(path) or {})}); use another --workdir or retry."
+            f"({_holder_text(held)}); use another --workdir or retry."
         )
     stop = threading.Event()
 
@@ -360,10 +361,10 @@ def _read_holder(fd: int) -> dict[str, Any]:
 
 
 def _read_results(path: str) -> dict[str, Any] | None:
-    if not storage.exists(path):
-        return None
     try:
         out = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as e:
         raise RunError(
             f"{path} is unreadable ({e}); it is not overwritten. Move it away to run again in "

@@ -141,10 +141,12 @@ def load_runs(workdirs: Iterable[tuple[dict[str, Any], str]]) -> list[tuple[dict
     runs = []
     for point, workdir in workdirs:
         path = storage.join(workdir, RESULTS_FILE)
-        if storage.exists(path):
+        try:
             res = json.loads(storage.read_text(path))
-            res.setdefault("workdir", workdir)
-            runs.append((point, res))
+        except FileNotFoundError:
+            continue  # not finished
+        res.setdefault("workdir", workdir)
+        runs.append((point, res))
     return runs
 
 
