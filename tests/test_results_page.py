@@ -134,6 +134,13 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
         "lambda_schedule": "inverse_lr",
     }
     assert collect.family(ref) == "cem_noise [reference_invlr]"
+    # every other family three ways: pure X, cem_X (σ 0.1 + X + CEM), and X with σ 0.1 and no CEM
+    for fam in ("dropout", "topk", "nopeek", "adversarial"):
+        for arm in (fam, f"cem_{fam}", f"{fam}_with_noise"):
+            assert {f"{arm}_seed{s}" for s in (1, 2, 3)} <= names
+        noisy = next(p for p in pts if collect.run_name(p) == f"{fam}_with_noise_seed2")
+        assert collect.overrides_of(noisy) == {"defense": fam, "seed": 2, "sigma": 0.1}
+        assert collect.family(noisy) == f"{fam} [with_noise]"
     bad = tmp_path / "bad.json"
     bad.write_text('{"groups": [{"defenses": ["noise"], "sigma": [1]}]}')
     with pytest.raises(ValueError, match="unknown keys \\['sigma'\\]"):
