@@ -109,7 +109,13 @@ def test_write_page_from_table_json(tmp_path):
     assert "vgg11_bn_sgm cut at layer 4 (the default), 6 epochs of batch 128 on 5000" in text
     assert "min per run (median; train + attack), on 1 x cpu (2-core CPU)" in text
     assert "3 runs, 0.6 h of wall time in all, 11.0 min per run" in text
-    assert (tmp_path / "docs" / "results_privacy_utility.png").exists()
+    # the page draws its own frontier plot (not the 8-byte stand-in the sweep root holds)
+    drawn = (tmp_path / "docs" / "results_privacy_utility.png").read_bytes()
+    assert drawn[:4] == b"\x89PNG" and len(drawn) > 1000
+    # no other family ran: the section says so and no families plot is drawn
+    assert "## Every other defense family, with and without CEM" in text
+    assert "(no run of another defense family finished yet)" in text
+    assert not (tmp_path / "docs" / "results_families.png").exists()
     assert "![privacy-utility](results_privacy_utility.png)" in text
     assert "at 1 and a lower one at 0 of the 1 comparable points" in text and "+50%" in text
     assert "abc123" in text and "| cem_noise_0.3 |" in text
@@ -189,3 +195,54 @@ def test_undefended_check_line():
     text = results_page.undefended_line([none])
     assert "(`none`, n=3)" in text and "MSE 0.0087 (PSNR 21.21 dB)" in text
     assert "+8.5 dB over the mean image" in text  # 10·log10(0.0610 / 0.0087) = 8.46
+
+
+def _arm(defense, acc, mse, acc_std=0.01, mse_std=0.001, n=3, base=0.06):
+    r = _record(defense, acc, mse, std=mse_std, n=n)
+    r["name"] = defense.replace(" [", "_").rstrip("]")
+    r["metrics"]["defended_acc"]["std"] = acc_std if n > 1 else None
+    r["metrics"][KEY]["std"] = mse_std if n > 1 else None
+    r["metrics"]["decoder.train_time.baseline_mse"] = {"mean": base, "std": 0.0, "n": n}
+    return r
+
+
+def test_families_three_arms_contrasts_and_plot(tmp_path):
+    recs = [
+        _record("noise", 0.40, 0.010),
+        _record("noise", 0.20, 0.030),
+        _arm("none", 0.40, 0.006),
+        _arm("dropout", 0.38, 0.010),  # the pure defense
+        _arm("dropout [with_noise]", 0.36, 0.014),  # + σ 0.1
+        _arm("cem_dropout", 0.35, 0.024, acc_std=0.02, mse_std=0.002),  # + CEM
+        _arm("topk", 0.30, 0.020, n=1),
+        _arm("cem_topk", 0.25, 0.021, n=1),
+    ]
+    lines = results_page.families_section(recs, "results_families.png")
+    text = "\n".join(lines)
+    # arms: the noise frontier at acc 0.35 is 0.015 (linear between 0.40 and 0.20)
+    assert "| dropout | cem_dropout | 3 | 0.350 ± 0.020 | 0.0240 ± 0.0020 | +4.0 dB |" in text
+    assert "| 0.0150 (+60%) |" in text
+    assert "| topk | topk [with_noise] | 0 | not run yet |" in text
+    # cem_dropout against dropout: MSE +0.014 ± √(0.001² + 0.002²) = 0.0022 → higher (+140 %);
+    # accuracy −0.03 ± √(0.01² + 0.02²) = 0.0224 → not distinguishable
+    spread = (0.001**2 + 0.002**2) ** 0.5
+    assert f"MSE +0.0140 ± {spread:.4f} (+140%)" in text
+    assert "acc -0.0300 ± 0.0224: higher MSE, accuracy not distinguishable" in text
+    # against the same defense with its noise: MSE +0.010 (+71 %), accuracy −0.01 → what CEM adds
+    assert f"MSE +0.0100 ± {spread:.4f} (+71%)" in text
+    # one seed: reported, not counted
+    assert "MSE +0.0010 (+5%), acc -0.0500: one seed on a side: no spread yet" in text
+    para = lines[-1]
+    assert "higher in 1 (dropout) and lower in 0 of the 1 families" in para
+    assert "what CEM itself adds: the attack MSE is higher in 1 (dropout)" in para
+    # a CEM that only lowers accuracy is counted as such
+    worse = results_page.family_contrast(_arm("nopeek", 0.40, 0.02), _arm("cem_nopeek", 0.30, 0.02))
+    assert worse["acc"]["sign"] == -1 and worse["mse"]["sign"] == 0
+    assert results_page.families_section(recs[:3], None) == [
+        "(no run of another defense family finished yet)"
+    ]
+    png = tmp_path / "fam.png"
+    assert results_page.plot_families(recs, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not results_page.plot_families(recs[:3], str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()

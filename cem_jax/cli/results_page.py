@@ -2,15 +2,17 @@ r"""Writes the results page (``docs/results.md`` and its plot) from a finished s
 
     python -m experiments.results_page --root=runs/frontier --out=docs/results.md
 
-It reads ``<root>/table.json`` (written by ``experiments.sweep --collect_only``), copies
-``privacy_utility.png`` beside the page and writes: the question, the answer computed from the table
-(at equal defended accuracy, the train-time decoder MSE of ``cem_noise`` against the ``noise``
-frontier, interpolated linearly in accuracy, with its spread over seeds), the table, the commands,
-the scale, the compute and which commit produced each point.
+It reads ``<root>/table.json`` (written by ``experiments.sweep --collect_only``), draws two plots beside
+the page (the noise / cem_noise frontier; every other defense family three ways) and writes: the
+question, the answer computed from the table (at equal defended accuracy, the train-time decoder MSE
+of ``cem_noise`` against the ``noise`` frontier, interpolated linearly in accuracy, with its spread
+over seeds), the CEM variants, every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its
+contrasts, the table, the commands, the scale, the compute and which commit produced each point.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -272,6 +274,240 @@ def variants_section(records: list[dict[str, Any]]) -> list[str]:
     return lines if len(lines) > 2 else ["(no finished cem_noise run yet)"]
 
 
+# ------------------------------------------------------------------------------ the other families
+FAMILIES = ("dropout", "topk", "nopeek", "adversarial")
+NOISE_VARIANT = "with_noise"  # the study's variant: the pure defense plus the σ that cem_X adds
+BASELINE_KEY = "decoder.train_time.baseline_mse"
+
+
+def family_arms(records: list[dict[str, Any]], family: str) -> dict[str, dict[str, Any] | None]:
+    """A defense family's three arms, each the first usable record or ``None``:
+
+    ``pure`` (``X``, no noise), ``noise`` (``X [with_noise]``: X plus the σ that ``cem_X`` adds, no
+    CEM) and ``cem`` (``cem_X``: σ noise + X + CEM).
+    """
+
+    def first(label: str) -> dict[str, Any] | None:
+        return next(
+            (
+                r
+                for r in records
+                if r["defense"] == label and "defended_acc" in r["metrics"] and KEY in r["metrics"]
+            ),
+            None,
+        )
+
+    return {
+        "pure": first(family),
+        "noise": first(f"{family} [{NOISE_VARIANT}]"),
+        "cem": first(f"cem_{family}"),
+    }
+
+
+def _difference(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
+    """``b − a`` in one metric with its spread ``√(s_a² + s_b²)`` (each a single seed's std, the same
+    rule as the noise frontier) and whether it counts (beyond twice the spread, ≥ 2 seeds a side)."""
+    ma, mb = a["metrics"][key], b["metrics"][key]
+    diff = mb["mean"] - ma["mean"]
+    seeded = a["n"] >= 2 and b["n"] >= 2
+    spread = math.sqrt((ma.get("std") or 0.0) ** 2 + (mb.get("std") or 0.0) ** 2)
+    sign = 0
+    if seeded and abs(diff) > 2 * spread:
+        sign = 1 if diff > 0 else -1
+    return {
+        "diff": diff,
+        "spread": spread,
+        "seeded": seeded,
+        "sign": sign,
+        "rel": diff / ma["mean"] if ma["mean"] else float("nan"),
+    }
+
+
+def family_contrast(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Arm ``b`` against arm ``a``: the attack MSE's and the defended accuracy's differences.
+
+    >>> rec = lambda acc, mse: {"n": 3, "metrics": {"defended_acc": {"mean": acc, "std": 0.01},
+    ...     KEY: {"mean": mse, "std": 0.001}}}
+    >>> c = family_contrast(rec(0.35, 0.010), rec(0.33, 0.020))
+    >>> round(c["mse"]["rel"], 2), c["mse"]["sign"], c["acc"]["sign"]
+    (1.0, 1, 0)
+    """
+    return {"mse": _difference(a, b, KEY), "acc": _difference(a, b, "defended_acc")}
+
+
+def _contrast_cell(c: dict[str, Any]) -> str:
+    m, a = c["mse"], c["acc"]
+    if not (m["seeded"] and a["seeded"]):
+        word = "one seed on a side: no spread yet"
+    else:
+        word = (
+            {1: "higher", -1: "lower", 0: "not distinguishable"}[m["sign"]]
+            + " MSE, "
+            + {
+                1: "higher accuracy",
+                -1: "lower accuracy",
+                0: "accuracy not distinguishable",
+            }[a["sign"]]
+        )
+    pm = lambda d: f"{d['diff']:+.4f}" + (f" ± {d['spread']:.4f}" if d["seeded"] else "")
+    return f"MSE {pm(m)} ({m['rel']:+.0%}), acc {pm(a)}: {word}"
+
+
+def families_section(records: list[dict[str, Any]], plot_name: str | None) -> list[str]:
+    """Every other defense family three ways, the contrasts, and a one-paragraph answer."""
+    present = [f for f in FAMILIES if any(v is not None for v in family_arms(records, f).values())]
+    if not present:
+        return ["(no run of another defense family finished yet)"]
+    labels = {"pure": "{f}", "noise": "{f} [with_noise]", "cem": "cem_{f}"}
+    lines = [
+        "Each family at its preset (`python -m experiments.run --defense=X`; the table in "
+        "`cem_jax/defenses.py`): the pure defense `X` (no noise), `X [with_noise]` (X plus the "
+        "Gaussian noise σ = 0.1 that CEM needs, no CEM) and `cem_X` (σ = 0.1 + X + CEM, λ = 1). "
+        "`cem_X` against `X` is the paper's comparison; against `X [with_noise]` it is what CEM "
+        "itself adds. A difference counts when it exceeds twice its spread (√ of the two points' "
+        "squared seed standard deviations) with at least two seeds on each side.",
+        "",
+    ]
+    if plot_name:
+        lines += [f"![families]({plot_name})", ""]
+    lines += [
+        "| family | arm | n | defended acc | attack MSE | over the mean image | "
+        "leakage bits (certificate) | noise alone at that acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    contrasts = []
+    for f in present:
+        arms = family_arms(records, f)
+        for arm, r in arms.items():
+            if r is None:
+                lines.append(f"| {f} | {labels[arm].format(f=f)} | 0 | not run yet | | | | |")
+                continue
+            m = r["metrics"]
+            gain = "-"
+            if m.get(BASELINE_KEY, {}).get("mean") and m[KEY]["mean"] > 0:
+                gain = f"{10 * math.log10(m[BASELINE_KEY]['mean'] / m[KEY]['mean']):+.1f} dB"
+            fc = frontier_comparison(records, other=r["defense"])
+            noise_at = "outside the noise frontier"
+            if fc and fc[0]["base_mse"] is not None:
+                noise_at = f"{fc[0]['base_mse']:.4f} ({fc[0]['gain']:+.0%})"
+            lines.append(
+                f"| {f} | {labels[arm].format(f=f)} | {r['n']} | "
+                f"{collect.format_stat(m['defended_acc'], '.3f')} | "
+                f"{collect.format_stat(m[KEY], '.4f')} | {gain} | "
+                f"{collect.format_stat(m.get('leakage_bits'), '.1f')} | {noise_at} |"
+            )
+        row = {"family": f}
+        if arms["cem"] is not None and arms["pure"] is not None:
+            row["vs_pure"] = family_contrast(arms["pure"], arms["cem"])
+        if arms["cem"] is not None and arms["noise"] is not None:
+            row["vs_noise"] = family_contrast(arms["noise"], arms["cem"])
+        contrasts.append(row)
+    lines += [
+        "",
+        "| family | `cem_X` against `X` | `cem_X` against `X [with_noise]` (what CEM adds) |",
+        "|---|---|---|",
+    ]
+    for row in contrasts:
+        cells = [_contrast_cell(row[k]) if k in row else "-" for k in ("vs_pure", "vs_noise")]
+        lines.append(f"| {row['family']} | {cells[0]} | {cells[1]} |")
+    lines += ["", families_paragraph(contrasts)]
+    return lines
+
+
+def families_paragraph(contrasts: list[dict[str, Any]]) -> str:
+    """The families' answer in one paragraph, counted from the contrasts, whichever way it goes."""
+
+    def count(key: str) -> str:
+        cs = [r[key] for r in contrasts if key in r and r[key]["mse"]["seeded"]]
+        if not cs:
+            return "no family has two seeds on both sides yet"
+        up = [r["family"] for r in contrasts if key in r and r[key]["mse"]["sign"] > 0]
+        down = [r["family"] for r in contrasts if key in r and r[key]["mse"]["sign"] < 0]
+        acc = [r["family"] for r in contrasts if key in r and r[key]["acc"]["sign"] < 0]
+        name = lambda fs: " (" + ", ".join(fs) + ")" if fs else ""
+        return (
+            f"the attack MSE is higher in {len(up)}{name(up)} and lower in {len(down)}{name(down)} "
+            f"of the {len(cs)} families with two seeds on both sides, and the accuracy lower in "
+            f"{len(acc)}{name(acc)}"
+        )
+
+    return (
+        f"**Other families.** Against the pure defense, `cem_X` (with the σ = 0.1 noise CEM needs): "
+        f"{count('vs_pure')}. Against the same defense with that noise and no CEM, i.e. what CEM "
+        f"itself adds: {count('vs_noise')}."
+    )
+
+
+def plot_families(records: list[dict[str, Any]], path: str) -> bool:
+    """One panel per defense family: defended accuracy against the train-time decoder MSE for its
+    three arms (error bars over seeds), with the noise frontier (grey) and the undefended run for
+    scale. Returns ``False`` (writes nothing) when no family has a finished arm."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    present = [(f, family_arms(records, f)) for f in FAMILIES]
+    present = [(f, arms) for f, arms in present if any(v is not None for v in arms.values())]
+    if not present:
+        return False
+    fig = Figure(figsize=(3.2 * len(present) + 3.0, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(present), sharey=True, squeeze=False)[0]
+    noise = sorted(
+        (r for r in records if r["defense"] == "noise" and KEY in r["metrics"]),
+        key=lambda r: r["metrics"]["defended_acc"]["mean"],
+    )
+    none = next((r for r in records if r["defense"] == "none" and KEY in r["metrics"]), None)
+    style = {"pure": ("C0", "X (the pure defense)"), "noise": ("C1", "X + noise σ 0.1, no CEM")}
+    style["cem"] = ("C3", "cem_X (noise σ 0.1 + X + CEM)")
+    for ax, (f, arms) in zip(axes, present):
+        if noise:
+            ax.plot(
+                [r["metrics"][KEY]["mean"] for r in noise],
+                [r["metrics"]["defended_acc"]["mean"] for r in noise],
+                "-o",
+                color="0.7",
+                ms=3,
+            )
+        if none is not None:
+            m = none["metrics"]
+            ax.plot(m[KEY]["mean"], m["defended_acc"]["mean"], "k*", ms=8)
+        for arm, r in arms.items():
+            if r is None:
+                continue
+            m, color = r["metrics"], style[arm][0]
+            flagged = bool(m[KEY].get("flagged"))
+            ax.errorbar(
+                m[KEY]["mean"],
+                m["defended_acc"]["mean"],
+                xerr=m[KEY].get("std") or 0.0,
+                yerr=m["defended_acc"].get("std") or 0.0,
+                fmt="o",
+                color=color,
+                markerfacecolor="white" if flagged else color,
+                capsize=3,
+            )
+        ax.set_title(f, fontsize=10)
+        ax.set_xlabel("train-time decoder MSE")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=c, marker="o", label=label) for c, label in style.values()]
+    handles += [
+        Line2D([], [], color="0.7", marker="o", ms=3, label="noise alone (σ 0.05–0.8)"),
+        Line2D([], [], color="k", marker="*", ls="", ms=8, label="none (undefended)"),
+    ]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    axes[0].set_ylabel("defended test accuracy")
+    fig.suptitle(
+        "each family with and without CEM — mean ± std over seeds; hollow: attack not converged or "
+        "not better than the mean image",
+        fontsize=10,
+    )
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    storage.write_bytes(path, buf.getvalue())
+    return True
+
+
 def compute_section(records: list[dict[str, Any]], machine: str | None) -> list[str]:
     """The scale (the preset's sizes and the attack protocol) and the compute (wall time, devices)."""
     results = []
@@ -326,12 +562,23 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
     records = table["rows"]
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
-    plot_name = os.path.splitext(os.path.basename(out))[0] + "_privacy_utility.png"
-    src = storage.join(root, collect.PLOT_PNG)
-    have_plot = storage.exists(src)
-    if have_plot:
-        with open(os.path.join(folder, plot_name), "wb") as f:
-            f.write(storage.read_bytes(src))
+    stem = os.path.splitext(os.path.basename(out))[0]
+    plot_name, families_plot = f"{stem}_privacy_utility.png", f"{stem}_families.png"
+    # the frontier plot: noise, cem_noise and its variants, none (the other families get their own)
+    frontier = [r for r in records if r["defense"].split(" [")[0] in ("none", "noise", "cem_noise")]
+    try:
+        have_plot = collect.plot_privacy_utility(
+            frontier,
+            os.path.join(folder, plot_name),
+            title=f"{table.get('dataset')}, preset {table.get('preset')}",
+        )
+        have_families = plot_families(records, os.path.join(folder, families_plot))
+    except ImportError:  # no matplotlib: the sweep's own plot (every family on one figure)
+        src = storage.join(root, collect.PLOT_PNG)
+        have_plot, have_families = storage.exists(src), False
+        if have_plot:
+            with open(os.path.join(folder, plot_name), "wb") as f:
+                f.write(storage.read_bytes(src))
     rows = frontier_comparison(records)
     runs = [run for r in records for run in r.get("runs", [])]
     commits = sorted({run.get("commit") or "unrecorded" for run in runs})
@@ -366,6 +613,10 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "noise frontier at its own accuracy:",
         "",
         *variants_section(records),
+        "",
+        "## Every other defense family, with and without CEM",
+        "",
+        *families_section(records, families_plot if have_families else None),
         "",
         "## The table",
         "",
