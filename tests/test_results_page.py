@@ -246,3 +246,39 @@ def test_families_three_arms_contrasts_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not results_page.plot_families(recs[:3], str(tmp_path / "none.png"))
     assert not (tmp_path / "none.png").exists()
+
+
+def test_variants_verdict_against_the_default_at_the_same_sigma():
+    def at(defense, name, acc, mse, std, n=3):
+        return {**_record(defense, acc, mse, std=std, n=n), "name": name, "sigma": 0.1}
+
+    recs = [
+        _record("noise", 0.40, 0.010, std=0.001),
+        _record("noise", 0.20, 0.030, std=0.001),
+        # the default at acc 0.30: noise there 0.020, excess +0.005 ± √(0.001² + 0.001²)
+        at("cem_noise", "cem_noise_s0.1", 0.30, 0.025, 0.001),
+        # excess +0.012 at acc 0.35 (noise 0.015): +0.007 over the default's, spread √(2·0.001² +
+        # 2·0.001²) = 0.002 -> beats it
+        at("cem_noise [reference]", "cem_noise_s0.1_l0.3_reference", 0.35, 0.027, 0.001),
+        # excess +0.006 at acc 0.25 (noise 0.025): +0.001, not distinguishable
+        at("cem_noise [gmm_invlr]", "cem_noise_s0.1_l0.32_gmm_invlr", 0.25, 0.031, 0.001),
+        # one seed: shown, not counted
+        at(
+            "cem_noise [reference_invlr]", "cem_noise_s0.1_l0.32_reference_invlr", 0.3, 0.04, 0, n=1
+        ),
+    ]
+    text = results_page.variants_verdict(recs)
+    assert (
+        "`cem_noise_s0.1_l0.3_reference` (n=3) +0.0120 against the default's +0.0050 (n=3): "
+        in text
+    )
+    assert "+0.0070 ± 0.0020, beats the default" in text
+    assert "+0.0010 ± 0.0020, not distinguishable from the default" in text
+    assert "reference_invlr` (n=1) +0.0200 against the default's +0.0050 (n=3)" in text
+    assert "one seed on a side: not evidence yet" in text
+    assert text.endswith("Beats the default: `cem_noise_s0.1_l0.3_reference`.")
+    recs[3] = at("cem_noise [reference]", "cem_noise_s0.1_l0.3_reference", 0.35, 0.015, 0.001)
+    assert results_page.variants_verdict(recs).endswith(
+        "None of the 2 variant(s) with two seeds on each side beats the default."
+    )
+    assert "below the default" in results_page.variants_verdict(recs)

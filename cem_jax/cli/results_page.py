@@ -271,7 +271,62 @@ def variants_section(records: list[dict[str, Any]]) -> list[str]:
                 f"| {fam} | {r['name']} | {r['n']} | {r['acc']:.3f} | {r['mse']:.4f}{spread} | "
                 f"{base} | {change} |"
             )
-    return lines if len(lines) > 2 else ["(no finished cem_noise run yet)"]
+    if len(lines) <= 2:
+        return ["(no finished cem_noise run yet)"]
+    return lines + ["", variants_verdict(records)]
+
+
+def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") -> str:
+    """Each variant against the default at the same σ, both measured as their excess attack MSE over
+    noise alone at their own accuracy (``diff`` of :func:`frontier_comparison`): a variant beats the
+    default when its excess is higher by more than twice the spread ``√(s_v² + s_d²)`` with at least
+    two seeds on each side.
+    """
+    sigma_of = {r["name"]: r.get("sigma") for r in records}
+    defaults = {
+        sigma_of[r["name"]]: r
+        for r in frontier_comparison(records, other=default)
+        if r["base_mse"] is not None
+    }
+    families = sorted({r["defense"] for r in records if r["defense"].startswith(default + " [")})
+    parts: list[str] = []
+    better: list[str] = []
+    seeded = 0
+    for fam in families:
+        for v in frontier_comparison(records, other=fam):
+            d = defaults.get(sigma_of[v["name"]])
+            if v["base_mse"] is None or d is None:
+                continue
+            delta = v["diff"] - d["diff"]
+            spread = math.sqrt(v["diff_std"] ** 2 + d["diff_std"] ** 2)
+            if min(v["n"], v.get("base_n", 0), d["n"], d.get("base_n", 0)) < 2:
+                word = "one seed on a side: not evidence yet"
+            else:
+                seeded += 1
+                if delta > 2 * spread:
+                    word = "beats the default"
+                    better.append(v["name"])
+                elif delta < -2 * spread:
+                    word = "below the default"
+                else:
+                    word = "not distinguishable from the default"
+            parts.append(
+                f"`{v['name']}` (n={v['n']}) {v['diff']:+.4f} against the default's "
+                f"{d['diff']:+.4f} (n={d['n']}): {delta:+.4f} ± {spread:.4f}, {word}"
+            )
+    if not parts:
+        return "(no variant comparable with the default at the same σ yet)"
+    head = (
+        f"Against the default (`{default}`: `gmm`, λ 1) at the same σ, each measured as its excess "
+        "attack MSE over noise alone at its own accuracy; a variant replaces the default only when "
+        "its excess is higher by more than twice the spread with at least two seeds on each side. "
+    )
+    tail = (
+        f" Beats the default: {', '.join(f'`{b}`' for b in better)}."
+        if better
+        else f" None of the {seeded} variant(s) with two seeds on each side beats the default."
+    )
+    return head + "; ".join(parts) + "." + tail
 
 
 # ------------------------------------------------------------------------------ the other families
