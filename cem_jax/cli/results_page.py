@@ -585,7 +585,13 @@ def compute_section(records: list[dict[str, Any]], machine: str | None) -> list[
         f"at most {cfg.get('attack_steps')} steps of batch {cfg.get('attack_batch_size')}, validated "
         f"every {cfg.get('attack_eval_every')} steps, converged after {cfg.get('attack_patience')} "
         f"validations without a {cfg.get('attack_min_improvement')} relative improvement "
-        f"({cfg.get('attack_lr_decays')} learning-rate decay(s) first)"
+        f"({cfg.get('attack_lr_decays')} learning-rate decay(s) first); threat model "
+        f"{cfg.get('threat_model', 'server_view')}"
+        + (
+            " (the attacker's features pass through every obfuscation the server sees)"
+            if cfg.get("threat_model", "server_view") == "server_view"
+            else " (the official attacker: it simulates the Gaussian noise only)"
+        )
     )
     cut = cfg.get("cut_layer")
     if cut is None and cfg.get("arch"):
