@@ -147,6 +147,9 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
         noisy = next(p for p in pts if collect.run_name(p) == f"{fam}_with_noise_seed2")
         assert collect.overrides_of(noisy) == {"defense": fam, "seed": 2, "sigma": 0.1}
         assert collect.family(noisy) == f"{fam} [with_noise]"
+    # the tie-break: three more seeds of the default and of the official loss with its schedule
+    assert {f"cem_noise_s0.1_seed{s}" for s in (4, 5, 6)} <= names
+    assert {f"cem_noise_s0.1_l0.32_reference_invlr_seed{s}" for s in (4, 5, 6)} <= names
     bad = tmp_path / "bad.json"
     bad.write_text('{"groups": [{"defenses": ["noise"], "sigma": [1]}]}')
     with pytest.raises(ValueError, match="unknown keys \\['sigma'\\]"):
@@ -282,3 +285,42 @@ def test_variants_verdict_against_the_default_at_the_same_sigma():
         "None of the 2 variant(s) with two seeds on each side beats the default."
     )
     assert "below the default" in results_page.variants_verdict(recs)
+
+
+def test_variants_line_verdict_matches_numpy_residuals():
+    import numpy as np
+
+    def runs(defense, name, accs, mses):
+        r = _record(defense, float(np.mean(accs)), float(np.mean(mses)), n=len(accs))
+        r["name"], r["sigma"] = name, 0.1
+        r["metrics"]["defended_acc"]["values"] = list(accs)
+        r["metrics"][KEY]["values"] = list(mses)
+        return r
+
+    noise_acc, noise_mse = [0.40, 0.35, 0.30, 0.25, 0.20], [0.010, 0.016, 0.019, 0.026, 0.030]
+    recs = [runs("noise", "noise", noise_acc, noise_mse)]
+    recs.append(runs("cem_noise", "cem_noise_s0.1", [0.31, 0.33, 0.29], [0.024, 0.026, 0.027]))
+    recs.append(
+        runs(
+            "cem_noise [reference]",
+            "cem_noise_s0.1_l1_reference",
+            [0.3, 0.28, 0.35],
+            [0.040, 0.043, 0.036],
+        )  # fmt: skip
+    )
+    slope, intercept = np.polyfit(noise_acc, noise_mse, 1)
+
+    def res(r):
+        m = r["metrics"]
+        e = np.array(m[KEY]["values"]) - (intercept + slope * np.array(m["defended_acc"]["values"]))
+        return e.mean(), e.std(ddof=1)
+
+    (md, sd), (mv, sv) = res(recs[1]), res(recs[2])
+    text = results_page.variants_line_verdict(recs)
+    assert f"`cem_noise_s0.1_l1_reference` {mv:+.4f} ± {sv:.4f} (n=3)" in text
+    assert f"against `cem_noise_s0.1`'s {md:+.4f} ± {sd:.4f} (n=3)" in text
+    delta, spread = mv - md, np.hypot(sv, sd)
+    assert delta > 2 * spread  # the data are built so that the hinge clearly wins
+    assert f"{delta:+.4f} ± {spread:.4f}, beats the default" in text
+    assert text.endswith("Beats the default: `cem_noise_s0.1_l1_reference`.")
+    assert "needs at least 3" in results_page.variants_line_verdict(recs[1:])

@@ -273,7 +273,84 @@ def variants_section(records: list[dict[str, Any]]) -> list[str]:
             )
     if len(lines) <= 2:
         return ["(no finished cem_noise run yet)"]
-    return lines + ["", variants_verdict(records)]
+    return lines + ["", variants_verdict(records), "", variants_line_verdict(records)]
+
+
+def _versus_default(delta: float, spread: float) -> str:
+    """A variant's difference from the default, counted beyond twice its spread."""
+    if delta > 2 * spread:
+        return "beats the default"
+    if delta < -2 * spread:
+        return "below the default"
+    ratio = f" ({abs(delta) / spread:.1f}× the spread)" if spread > 0 else ""
+    return "not distinguishable from the default" + ratio
+
+
+def line_residuals(record: dict[str, Any], fit: dict[str, Any]) -> list[float]:
+    """Each seed's attack MSE minus the noise line's at that seed's own accuracy.
+
+    >>> rec = {"metrics": {"defended_acc": {"values": [0.3, 0.2]}, KEY: {"values": [0.03, 0.03]}}}
+    >>> [round(v, 4) for v in line_residuals(rec, {"intercept": 0.05, "slope": -0.1})]
+    [0.01, 0.0]
+    """
+    m = record["metrics"]
+    accs, mses = m["defended_acc"].get("values") or [], m[KEY].get("values") or []
+    if len(accs) != len(mses):
+        return []
+    return [y - (fit["intercept"] + fit["slope"] * x) for x, y in zip(accs, mses, strict=True)]
+
+
+def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noise") -> str:
+    """The same question read against the straight line through every noise run: each seed's
+    residual at its own accuracy, so a seed's accuracy noise moves its baseline with it. Mean ± std
+    of the residuals per point; a variant beats the default when its mean is higher by more than
+    twice ``√(s_v² + s_d²)`` with at least two seeds on each side."""
+    fit = line_comparison(records)
+    if fit is None:
+        return "(the straight-line reading needs at least 3 finished noise runs)"
+
+    def summary(r: dict[str, Any]) -> tuple[float, float, int]:
+        res = line_residuals(r, fit)
+        mean = sum(res) / len(res)
+        sd = math.sqrt(sum((e - mean) ** 2 for e in res) / (len(res) - 1)) if len(res) > 1 else 0.0
+        return mean, sd, len(res)
+
+    usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
+    defaults = {r.get("sigma"): r for r in usable if r["defense"] == default}
+    parts, better, seeded = [], [], 0
+    for v in sorted(
+        (r for r in usable if r["defense"].startswith(default + " [")), key=lambda r: r["name"]
+    ):
+        d = defaults.get(v.get("sigma"))
+        if d is None or not line_residuals(v, fit) or not line_residuals(d, fit):
+            continue
+        (mv, sv, nv), (md, sd, nd) = summary(v), summary(d)
+        delta, spread = mv - md, math.sqrt(sv**2 + sd**2)
+        if min(nv, nd) < 2:
+            word = "one seed on a side: not evidence yet"
+        else:
+            seeded += 1
+            word = _versus_default(delta, spread)
+            if delta > 2 * spread:
+                better.append(v["name"])
+        parts.append(
+            f"`{v['name']}` {mv:+.4f} ± {sv:.4f} (n={nv}) against `{d['name']}`'s {md:+.4f} ± "
+            f"{sd:.4f} (n={nd}): {delta:+.4f} ± {spread:.4f}, {word}"
+        )
+    if not parts:
+        return "(no variant comparable with the default at the same σ yet)"
+    tail = (
+        f" Beats the default: {', '.join(f'`{b}`' for b in better)}."
+        if better
+        else f" None of the {seeded} variant(s) with two seeds on each side beats the default."
+    )
+    return (
+        "Read against the straight line through every noise run instead (each seed's attack MSE "
+        "minus the line's at that seed's own accuracy, mean ± std over seeds): "
+        + "; ".join(parts)
+        + "."
+        + tail
+    )
 
 
 def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") -> str:
@@ -303,13 +380,9 @@ def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") 
                 word = "one seed on a side: not evidence yet"
             else:
                 seeded += 1
+                word = _versus_default(delta, spread)
                 if delta > 2 * spread:
-                    word = "beats the default"
                     better.append(v["name"])
-                elif delta < -2 * spread:
-                    word = "below the default"
-                else:
-                    word = "not distinguishable from the default"
             parts.append(
                 f"`{v['name']}` (n={v['n']}) {v['diff']:+.4f} against the default's "
                 f"{d['diff']:+.4f} (n={d['n']}): {delta:+.4f} ± {spread:.4f}, {word}"
