@@ -578,7 +578,7 @@ def plot_families(records: list[dict[str, Any]], path: str) -> bool:
     present = [(f, arms) for f, arms in present if any(v is not None for v in arms.values())]
     if not present:
         return False
-    fig = Figure(figsize=(3.2 * len(present) + 3.0, 3.8), layout="constrained")
+    fig = Figure(figsize=(max(3.4 * len(present), 8.0), 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(present), sharey=True, squeeze=False)[0]
     noise = sorted(
@@ -623,11 +623,11 @@ def plot_families(records: list[dict[str, Any]], path: str) -> bool:
         Line2D([], [], color="0.7", marker="o", ms=3, label="noise alone (σ 0.05–0.8)"),
         Line2D([], [], color="k", marker="*", ls="", ms=8, label="none (undefended)"),
     ]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
     axes[0].set_ylabel("defended test accuracy")
     fig.suptitle(
-        "each family with and without CEM — mean ± std over seeds; hollow: attack not converged or "
-        "not better than the mean image",
+        "each family with and without CEM — mean ± std over seeds\nhollow: attack not converged "
+        "or not better than the mean image",
         fontsize=10,
     )
     buf = io.BytesIO()
