@@ -286,6 +286,29 @@ def _versus_default(delta: float, spread: float) -> str:
     return "not distinguishable from the default" + ratio
 
 
+def _against_default(rows: list[tuple[str, str, float, float, bool]]) -> str:
+    """The variants' parts and the closing count, from ``(name, text, delta, spread, seeded)`` rows:
+    ``seeded`` rows are judged by :func:`_versus_default`, the others reported, not counted."""
+    parts: list[str] = []
+    better: list[str] = []
+    seeded = 0
+    for name, text, delta, spread, ok in rows:
+        if not ok:
+            word = "one seed on a side: not evidence yet"
+        else:
+            seeded += 1
+            word = _versus_default(delta, spread)
+            if delta > 2 * spread:
+                better.append(name)
+        parts.append(f"{text}: {delta:+.4f} ± {spread:.4f}, {word}")
+    tail = (
+        f" Beats the default: {', '.join(f'`{b}`' for b in better)}."
+        if better
+        else f" None of the {seeded} variant(s) with two seeds on each side beats the default."
+    )
+    return "; ".join(parts) + "." + tail
+
+
 def line_residuals(record: dict[str, Any], fit: dict[str, Any]) -> list[float]:
     """Each seed's attack MSE minus the noise line's at that seed's own accuracy.
 
@@ -317,7 +340,7 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
 
     usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
     defaults = {r.get("sigma"): r for r in usable if r["defense"] == default}
-    parts, better, seeded = [], [], 0
+    rows = []
     for v in sorted(
         (r for r in usable if r["defense"].startswith(default + " [")), key=lambda r: r["name"]
     ):
@@ -325,31 +348,17 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
         if d is None or not line_residuals(v, fit) or not line_residuals(d, fit):
             continue
         (mv, sv, nv), (md, sd, nd) = summary(v), summary(d)
-        delta, spread = mv - md, math.sqrt(sv**2 + sd**2)
-        if min(nv, nd) < 2:
-            word = "one seed on a side: not evidence yet"
-        else:
-            seeded += 1
-            word = _versus_default(delta, spread)
-            if delta > 2 * spread:
-                better.append(v["name"])
-        parts.append(
+        text = (
             f"`{v['name']}` {mv:+.4f} ± {sv:.4f} (n={nv}) against `{d['name']}`'s {md:+.4f} ± "
-            f"{sd:.4f} (n={nd}): {delta:+.4f} ± {spread:.4f}, {word}"
+            f"{sd:.4f} (n={nd})"
         )
-    if not parts:
+        rows.append((v["name"], text, mv - md, math.sqrt(sv**2 + sd**2), min(nv, nd) >= 2))
+    if not rows:
         return "(no variant comparable with the default at the same σ yet)"
-    tail = (
-        f" Beats the default: {', '.join(f'`{b}`' for b in better)}."
-        if better
-        else f" None of the {seeded} variant(s) with two seeds on each side beats the default."
-    )
     return (
         "Read against the straight line through every noise run instead (each seed's attack MSE "
         "minus the line's at that seed's own accuracy, mean ± std over seeds): "
-        + "; ".join(parts)
-        + "."
-        + tail
+        + _against_default(rows)
     )
 
 
@@ -366,40 +375,27 @@ def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") 
         if r["base_mse"] is not None
     }
     families = sorted({r["defense"] for r in records if r["defense"].startswith(default + " [")})
-    parts: list[str] = []
-    better: list[str] = []
-    seeded = 0
+    rows = []
     for fam in families:
         for v in frontier_comparison(records, other=fam):
             d = defaults.get(sigma_of[v["name"]])
             if v["base_mse"] is None or d is None:
                 continue
-            delta = v["diff"] - d["diff"]
-            spread = math.sqrt(v["diff_std"] ** 2 + d["diff_std"] ** 2)
-            if min(v["n"], v.get("base_n", 0), d["n"], d.get("base_n", 0)) < 2:
-                word = "one seed on a side: not evidence yet"
-            else:
-                seeded += 1
-                word = _versus_default(delta, spread)
-                if delta > 2 * spread:
-                    better.append(v["name"])
-            parts.append(
+            text = (
                 f"`{v['name']}` (n={v['n']}) {v['diff']:+.4f} against the default's "
-                f"{d['diff']:+.4f} (n={d['n']}): {delta:+.4f} ± {spread:.4f}, {word}"
+                f"{d['diff']:+.4f} (n={d['n']})"
             )
-    if not parts:
+            seeded = min(v["n"], v.get("base_n", 0), d["n"], d.get("base_n", 0)) >= 2
+            spread = math.sqrt(v["diff_std"] ** 2 + d["diff_std"] ** 2)
+            rows.append((v["name"], text, v["diff"] - d["diff"], spread, seeded))
+    if not rows:
         return "(no variant comparable with the default at the same σ yet)"
-    head = (
+    return (
         f"Against the default (`{default}`: `gmm`, λ 1) at the same σ, each measured as its excess "
         "attack MSE over noise alone at its own accuracy; a variant replaces the default only when "
         "its excess is higher by more than twice the spread with at least two seeds on each side. "
+        + _against_default(rows)
     )
-    tail = (
-        f" Beats the default: {', '.join(f'`{b}`' for b in better)}."
-        if better
-        else f" None of the {seeded} variant(s) with two seeds on each side beats the default."
-    )
-    return head + "; ".join(parts) + "." + tail
 
 
 # ------------------------------------------------------------------------------ the other families
@@ -430,6 +426,12 @@ def family_arms(records: list[dict[str, Any]], family: str) -> dict[str, dict[st
         "noise": first(f"{family} [{NOISE_VARIANT}]"),
         "cem": first(f"cem_{family}"),
     }
+
+
+def _present_families(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """``(family, arms)`` of every family with at least one finished arm, in :data:`FAMILIES` order."""
+    arms = [(f, family_arms(records, f)) for f in FAMILIES]
+    return [(f, a) for f, a in arms if any(v is not None for v in a.values())]
 
 
 def _difference(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
@@ -483,7 +485,7 @@ def _contrast_cell(c: dict[str, Any]) -> str:
 
 def families_section(records: list[dict[str, Any]], plot_name: str | None) -> list[str]:
     """Every other defense family three ways, the contrasts, and a one-paragraph answer."""
-    present = [f for f in FAMILIES if any(v is not None for v in family_arms(records, f).values())]
+    present = _present_families(records)
     if not present:
         return ["(no run of another defense family finished yet)"]
     labels = {"pure": "{f}", "noise": "{f} [with_noise]", "cem": "cem_{f}"}
@@ -504,8 +506,7 @@ def families_section(records: list[dict[str, Any]], plot_name: str | None) -> li
         "|---|---|---|---|---|---|---|---|",
     ]
     contrasts = []
-    for f in present:
-        arms = family_arms(records, f)
+    for f, arms in present:
         for arm, r in arms.items():
             if r is None:
                 lines.append(f"| {f} | {labels[arm].format(f=f)} | 0 | not run yet | | | | |")
@@ -574,8 +575,7 @@ def plot_families(records: list[dict[str, Any]], path: str) -> bool:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    present = [(f, family_arms(records, f)) for f in FAMILIES]
-    present = [(f, arms) for f, arms in present if any(v is not None for v in arms.values())]
+    present = _present_families(records)
     if not present:
         return False
     fig = Figure(figsize=(max(3.4 * len(present), 8.0), 4.6), layout="constrained")
