@@ -289,6 +289,7 @@ def test_variants_verdict_against_the_default_at_the_same_sigma():
 
 def test_variants_line_verdict_matches_numpy_residuals():
     import numpy as np
+    from scipy import stats
 
     def runs(defense, name, accs, mses):
         r = _record(defense, float(np.mean(accs)), float(np.mean(mses)), n=len(accs))
@@ -310,13 +311,23 @@ def test_variants_line_verdict_matches_numpy_residuals():
     )
     slope, intercept = np.polyfit(noise_acc, noise_mse, 1)
 
-    def res(r):
+    def errors(r):
         m = r["metrics"]
-        e = np.array(m[KEY]["values"]) - (intercept + slope * np.array(m["defended_acc"]["values"]))
+        return np.array(m[KEY]["values"]) - (
+            intercept + slope * np.array(m["defended_acc"]["values"])
+        )
+
+    def res(r):
+        e = errors(r)
         return e.mean(), e.std(ddof=1)
 
     (md, sd), (mv, sv) = res(recs[1]), res(recs[2])
     text = results_page.variants_line_verdict(recs)
+    welch = stats.ttest_ind(errors(recs[2]), errors(recs[1]), equal_var=False)
+    assert (
+        f"Welch t on the means {welch.statistic:+.1f} (" in text
+        and f"p {welch.pvalue:.2g})" in text
+    )
     assert f"`cem_noise_s0.1_l1_reference` {mv:+.4f} ± {sv:.4f} (n=3)" in text
     assert f"against `cem_noise_s0.1`'s {md:+.4f} ± {sd:.4f} (n=3)" in text
     delta, spread = mv - md, np.hypot(sv, sd)
@@ -324,3 +335,16 @@ def test_variants_line_verdict_matches_numpy_residuals():
     assert f"{delta:+.4f} ± {spread:.4f}, beats the default" in text
     assert text.endswith("Beats the default: `cem_noise_s0.1_l1_reference`.")
     assert "needs at least 3" in results_page.variants_line_verdict(recs[1:])
+
+
+def test_welch_matches_scipy():
+    import numpy as np
+    from scipy import stats
+
+    a, b = [0.012, 0.021, 0.018, 0.015], [0.004, 0.011, 0.016]
+    t, df, p = results_page.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert abs(t - ref.statistic) < 1e-9 and abs(p - ref.pvalue) < 1e-9
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    assert abs(df - (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)) < 1e-9
+    assert results_page.welch(b, a)[0] == -t  # the sign follows a − b

@@ -286,13 +286,14 @@ def _versus_default(delta: float, spread: float) -> str:
     return "not distinguishable from the default" + ratio
 
 
-def _against_default(rows: list[tuple[str, str, float, float, bool]]) -> str:
-    """The variants' parts and the closing count, from ``(name, text, delta, spread, seeded)`` rows:
-    ``seeded`` rows are judged by :func:`_versus_default`, the others reported, not counted."""
+def _against_default(rows: list[tuple[str, str, float, float, bool, str]]) -> str:
+    """The variants' parts and the closing count, from ``(name, text, delta, spread, seeded, note)``
+    rows: ``seeded`` rows are judged by :func:`_versus_default`, the others reported, not counted;
+    ``note`` (may be empty) follows the judgement and does not change it."""
     parts: list[str] = []
     better: list[str] = []
     seeded = 0
-    for name, text, delta, spread, ok in rows:
+    for name, text, delta, spread, ok, note in rows:
         if not ok:
             word = "one seed on a side: not evidence yet"
         else:
@@ -300,7 +301,7 @@ def _against_default(rows: list[tuple[str, str, float, float, bool]]) -> str:
             word = _versus_default(delta, spread)
             if delta > 2 * spread:
                 better.append(name)
-        parts.append(f"{text}: {delta:+.4f} ± {spread:.4f}, {word}")
+        parts.append(f"{text}: {delta:+.4f} ± {spread:.4f}, {word}{note}")
     tail = (
         f" Beats the default: {', '.join(f'`{b}`' for b in better)}."
         if better
@@ -323,11 +324,39 @@ def line_residuals(record: dict[str, Any], fit: dict[str, Any]) -> list[float]:
     return [y - (fit["intercept"] + fit["slope"] * x) for x, y in zip(accs, mses, strict=True)]
 
 
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Welch's t-test of ``mean(a) − mean(b)``: ``(t, degrees of freedom, two-sided p)``.
+
+    ``t = (ā − b̄) / √(s_a²/n_a + s_b²/n_b)``, the Welch–Satterthwaite degrees of freedom, and
+    ``p = 2·P(T_df > |t|)`` (``scipy.stats.t``). Needs two values on each side.
+
+    >>> t, df, p = welch([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    >>> round(t, 4), round(df, 1), round(p, 3)
+    (1.2247, 4.0, 0.288)
+    """
+    from scipy import stats
+
+    na, nb = len(a), len(b)
+    ma, mb = sum(a) / na, sum(b) / nb
+    va = sum((x - ma) ** 2 for x in a) / (na - 1) / na
+    vb = sum((x - mb) ** 2 for x in b) / (nb - 1) / nb
+    if va + vb == 0:
+        return math.inf if ma != mb else 0.0, float(na + nb - 2), 0.0 if ma != mb else 1.0
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+    return t, df, float(2 * stats.t.sf(abs(t), df))
+
+
 def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noise") -> str:
     """The same question read against the straight line through every noise run: each seed's
     residual at its own accuracy, so a seed's accuracy noise moves its baseline with it. Mean ± std
     of the residuals per point; a variant beats the default when its mean is higher by more than
-    twice ``√(s_v² + s_d²)`` with at least two seeds on each side."""
+    twice ``√(s_v² + s_d²)`` with at least two seeds on each side.
+
+    That rule compares the seeds' spread, which more seeds do not shrink. Beside it, for
+    information only, Welch's t-test on the two means (:func:`welch`), whose standard error does
+    shrink with the number of seeds: a small p with no verdict says the mean lead is unlikely to be
+    chance while single seeds of the two still overlap."""
     fit = line_comparison(records)
     if fit is None:
         return "(the straight-line reading needs at least 3 finished noise runs)"
@@ -352,12 +381,19 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
             f"`{v['name']}` {mv:+.4f} ± {sv:.4f} (n={nv}) against `{d['name']}`'s {md:+.4f} ± "
             f"{sd:.4f} (n={nd})"
         )
-        rows.append((v["name"], text, mv - md, math.sqrt(sv**2 + sd**2), min(nv, nd) >= 2))
+        seeded = min(nv, nd) >= 2
+        note = ""
+        if seeded:
+            t, df, p = welch(line_residuals(v, fit), line_residuals(d, fit))
+            note = f", Welch t on the means {t:+.1f} ({df:.1f} df, p {p:.2g})"
+        rows.append((v["name"], text, mv - md, math.sqrt(sv**2 + sd**2), seeded, note))
     if not rows:
         return "(no variant comparable with the default at the same σ yet)"
     return (
         "Read against the straight line through every noise run instead (each seed's attack MSE "
-        "minus the line's at that seed's own accuracy, mean ± std over seeds): "
+        "minus the line's at that seed's own accuracy, mean ± std over seeds; the rule compares "
+        "the seeds' spread, which more seeds do not shrink, so each comparison also gives Welch's "
+        "t-test on the two means, for information: it does not change the verdict): "
         + _against_default(rows)
     )
 
@@ -387,7 +423,7 @@ def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") 
             )
             seeded = min(v["n"], v.get("base_n", 0), d["n"], d.get("base_n", 0)) >= 2
             spread = math.sqrt(v["diff_std"] ** 2 + d["diff_std"] ** 2)
-            rows.append((v["name"], text, v["diff"] - d["diff"], spread, seeded))
+            rows.append((v["name"], text, v["diff"] - d["diff"], spread, seeded, ""))
     if not rows:
         return "(no variant comparable with the default at the same σ yet)"
     return (
