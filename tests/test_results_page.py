@@ -150,6 +150,11 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
     # the tie-break: three more seeds of the default and of the official loss with its schedule
     assert {f"cem_noise_s0.1_seed{s}" for s in (4, 5, 6)} <= names
     assert {f"cem_noise_s0.1_l0.32_reference_invlr_seed{s}" for s in (4, 5, 6)} <= names
+    # the default loss at the hinge's λ 3: is the official loss's lead the hinge's or λ's?
+    gmm3 = next(p for p in pts if collect.run_name(p) == "cem_noise_s0.1_l3_gmm_seed2")
+    assert collect.overrides_of(gmm3)["cem_mode"] == "gmm" and gmm3["lambd"] == 3
+    assert collect.family(gmm3) == "cem_noise [gmm]"
+    assert collect.run_name(pts[-1]) == "cem_noise_s0.1_l3_gmm_seed3"  # it runs last
     bad = tmp_path / "bad.json"
     bad.write_text('{"groups": [{"defenses": ["noise"], "sigma": [1]}]}')
     with pytest.raises(ValueError, match="unknown keys \\['sigma'\\]"):
