@@ -362,8 +362,7 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
     if fit is None:
         return "(the straight-line reading needs at least 3 finished noise runs)"
 
-    def summary(r: dict[str, Any]) -> tuple[float, float, int]:
-        res = line_residuals(r, fit)
+    def summary(res: list[float]) -> tuple[float, float, int]:
         mean = sum(res) / len(res)
         sd = math.sqrt(sum((e - mean) ** 2 for e in res) / (len(res) - 1)) if len(res) > 1 else 0.0
         return mean, sd, len(res)
@@ -375,9 +374,10 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
         (r for r in usable if r["defense"].startswith(default + " [")), key=lambda r: r["name"]
     ):
         d = defaults.get(v.get("sigma"))
-        if d is None or not line_residuals(v, fit) or not line_residuals(d, fit):
+        res_v, res_d = line_residuals(v, fit), line_residuals(d, fit) if d else []
+        if not res_v or not res_d:
             continue
-        (mv, sv, nv), (md, sd, nd) = summary(v), summary(d)
+        (mv, sv, nv), (md, sd, nd) = summary(res_v), summary(res_d)
         text = (
             f"`{v['name']}` {mv:+.4f} ± {sv:.4f} (n={nv}) against `{d['name']}`'s {md:+.4f} ± "
             f"{sd:.4f} (n={nd})"
@@ -385,7 +385,7 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
         seeded = min(nv, nd) >= 2
         note = ""
         if seeded:
-            t, df, p = welch(line_residuals(v, fit), line_residuals(d, fit))
+            t, df, p = welch(res_v, res_d)
             note = f", Welch t on the means {t:+.1f} ({df:.1f} df, p {p:.2g})"
         rows.append((v["name"], text, mv - md, math.sqrt(sv**2 + sd**2), seeded, note))
     if not rows:
