@@ -363,9 +363,8 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
         return "(the straight-line reading needs at least 3 finished noise runs)"
 
     def summary(res: list[float]) -> tuple[float, float, int]:
-        mean = sum(res) / len(res)
-        sd = math.sqrt(sum((e - mean) ** 2 for e in res) / (len(res) - 1)) if len(res) > 1 else 0.0
-        return mean, sd, len(res)
+        s = collect.stats(res)
+        return s["mean"], s["std"] or 0.0, s["n"]
 
     usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
     defaults = {r.get("sigma"): r for r in usable if r["defense"] == default}
@@ -374,7 +373,8 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
         (r for r in usable if r["defense"].startswith(default + " [")), key=lambda r: r["name"]
     ):
         d = defaults.get(v.get("sigma"))
-        res_v, res_d = line_residuals(v, fit), line_residuals(d, fit) if d else []
+        res_v = line_residuals(v, fit)
+        res_d = line_residuals(d, fit) if d is not None else []
         if not res_v or not res_d:
             continue
         (mv, sv, nv), (md, sd, nd) = summary(res_v), summary(res_d)
