@@ -484,7 +484,7 @@ def _run_locked(
     _check_attacks(cfg, ds, mesh.shape[parallel.DATA_AXIS])  # before any training
     if previous is not None:
         train.check_same_dataset(previous.get("dataset"), identity, results_path)
-        if previous.get("attack_config") == _attack_config(cfg):
+        if previous.get("attack_config") == attack_config(cfg):
             print(f"{workdir} already holds a finished run; its summary:", file=out)
             print(summary(previous), file=out)
             return previous
@@ -666,7 +666,7 @@ def finish(
         "format_version": train.FORMAT_VERSION,
         "config": cfg.to_dict(),
         "fingerprint": cfg.training_fingerprint(),
-        "attack_config": _attack_config(cfg),
+        "attack_config": attack_config(cfg),
         "commit": source_commit(),
         "dataset": {
             "name": ds.name,
@@ -841,7 +841,8 @@ def source_commit() -> str | None:
         return None
 
 
-def _attack_config(cfg: config_lib.RunConfig) -> dict[str, Any]:
+def attack_config(cfg: config_lib.RunConfig) -> dict[str, Any]:
+    """The config fields the attacks depend on (``results.json``'s ``attack_config``)."""
     d = cfg.to_dict()
     keys = [k for k in d if k.startswith(config_lib.ATTACK_PREFIXES) or k == "threat_model"]
     return json.loads(json.dumps({k: d[k] for k in keys}))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from cem_jax.cli import collect, results_page
 
 KEY = results_page.KEY
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _record(defense, acc, mse, std=0.001, n=3):
@@ -78,27 +80,17 @@ def test_write_page_from_table_json(tmp_path):
         _record("cem_noise", 0.3, 0.03),
         {**_record("cem_noise [reference]", 0.35, 0.03), "name": "cem_noise_s0.1_l1_reference"},
     ]
-    # the compute section reads each run's results.json
-    for s in range(3):
-        wd = tmp_path / f"w{s}"
-        wd.mkdir()
-        (wd / "results.json").write_text(
-            json.dumps(
-                {
-                    "wall_time_s": 600.0 + 60 * s,
-                    "devices": "1 x cpu",
-                    "config": {"arch": "vgg11_bn_sgm", "epochs": 6, "batch_size": 128},
-                    "dataset": {"num_train": 5000, "num_test": 2000},
-                }
-            )
-        )
+    # the compute section reads each run's wall time and devices, and the table's scale
     for r in recs:
         for run in r["runs"]:
-            run["workdir"] = str(tmp_path / run["workdir"])
+            run.update(wall_time_s=600.0 + 60 * run["seed"], devices="1 x cpu")
+    scale = {
+        "config": {"arch": "vgg11_bn_sgm", "epochs": 6, "batch_size": 128},
+        "dataset": {"num_train": 5000, "num_test": 2000},
+    }
     root = tmp_path / "root"
-    collect.write_table(
-        str(root), recs, {"dataset": "cifar10", "preset": "quick", "finished": 9, "runs": 9}
-    )
+    meta = {"dataset": "cifar10", "preset": "quick", "finished": 9, "runs": 9, "scale": scale}
+    collect.write_table(str(root), recs, meta)
     (root / collect.PLOT_PNG).write_bytes(b"\x89PNG\r\n\x1a\n")
     out = tmp_path / "docs" / "results.md"
     text = results_page.write_page(str(root), str(out), machine="2-core CPU")
@@ -108,7 +100,8 @@ def test_write_page_from_table_json(tmp_path):
     assert "| 0.0200 (n=3) | +50% |" in text
     assert "vgg11_bn_sgm cut at layer 4 (the default), 6 epochs of batch 128 on 5000" in text
     assert "min per run (median; train + attack), on 1 x cpu (2-core CPU)" in text
-    assert "3 runs, 0.6 h of wall time in all, 11.0 min per run" in text
+    assert "12 runs, 2.2 h of wall time in all, 11.0 min per run" in text
+    assert "recorded in" not in text  # no records file: no such line
     # the page draws its own frontier plot (not the 8-byte stand-in the sweep root holds)
     drawn = (tmp_path / "docs" / "results_privacy_utility.png").read_bytes()
     assert drawn[:4] == b"\x89PNG" and len(drawn) > 1000
@@ -125,7 +118,7 @@ def test_write_page_from_table_json(tmp_path):
 
 
 def test_study_spec_expands_groups_with_variants(tmp_path):
-    spec = collect.load_study("experiments/studies/frontier_cifar10.json")
+    spec = collect.load_study(os.path.join(ROOT, "experiments/studies/frontier_cifar10.json"))
     pts = spec["points"]
     names = {collect.run_name(p) for p in pts}
     assert len(names) == len(pts)  # every run has its own workdir
@@ -155,6 +148,25 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
     assert collect.overrides_of(gmm3)["cem_mode"] == "gmm" and gmm3["lambd"] == 3
     assert collect.family(gmm3) == "cem_noise [gmm]"
     assert collect.run_name(pts[-1]) == "cem_noise_s0.1_l3_gmm_seed3"  # it runs last
+    # the committed records file is the study's own: every recorded run is one of its runs, with
+    # the configuration the spec gives it (else a fresh clone's sweep would refuse to go on)
+    assert spec["records"] == "docs/results_runs.jsonl"
+    from cem_jax import config as config_lib
+    from cem_jax import runner
+
+    by_name = {collect.run_name(p): p for p in pts}
+    recorded = collect.read_records(os.path.join(ROOT, spec["records"]))
+    for name, rec in recorded.items():
+        assert name in by_name, f"{name} is recorded but not a run of the study"
+        cfg = config_lib.make_config(
+            spec["preset"],
+            dataset=spec["dataset"],
+            **{k: tuple(v) for k, v in spec["common"].items()},
+            **collect.overrides_of(by_name[name]),
+        )
+        assert not collect.record_mismatch(
+            rec, cfg.training_fingerprint(), runner.attack_config(cfg)
+        ), name
     bad = tmp_path / "bad.json"
     bad.write_text('{"groups": [{"defenses": ["noise"], "sigma": [1]}]}')
     with pytest.raises(ValueError, match="unknown keys \\['sigma'\\]"):

@@ -427,7 +427,7 @@ def test_resume_finished_run_and_attack_on_other_data_are_refused(tmp_path):
     wd2.mkdir()
     previous = {
         "fingerprint": cfg_a.training_fingerprint(),
-        "attack_config": runner._attack_config(cfg_a),
+        "attack_config": runner.attack_config(cfg_a),
         "dataset": ident_a,
     }
     (wd2 / "results.json").write_text(json.dumps(previous))

@@ -255,3 +255,162 @@ def test_collect_tolerates_results_without_attacks_or_new_keys(tmp_path):
     assert records[0]["metrics"]["leakage_bits_full"]["n"] == 2
     assert "full-cov. estimate" in collect.table_markdown(records)
     assert collect.plot_privacy_utility(records, str(tmp_path / "old.png"))
+
+
+# runner.run replaced by a fake that writes a results.json (no training) and says which run it ran
+RECORDING_DRIVER = """
+import json, os, sys
+from cem_jax import runner
+
+def fake_run(cfg, workdir, cache_dir=None, num_devices=None, device_index=None):
+    os.makedirs(workdir, exist_ok=True)
+    res = {
+        "status": "finished", "commit": "c0ffee", "config": cfg.to_dict(),
+        "fingerprint": cfg.training_fingerprint(), "attack_config": runner.attack_config(cfg),
+        "dataset": {"name": "synthetic", "num_train": 64, "num_test": 32, "class_names": ["a"]},
+        "devices": "1 x cpu", "wall_time_s": 60.0 + cfg.seed, "history": [{"epoch": 1}],
+        "final": {"clean_acc": 0.5, "defended_acc": 0.3 + 0.01 * cfg.seed,
+                  "leakage_bits": 100.0 * cfg.seed + (cfg.sigma or 0)},
+        "attacks": {"decoder": {"train_time": {
+            "mse": 0.02 + 0.001 * cfg.seed, "psnr": 17.0, "ssim": 0.4, "converged": True,
+            "informative": True, "baseline": {"mse": 0.06}}}},
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(res, f)
+    print("RAN", os.path.basename(workdir))
+    return res
+
+runner.run = fake_run
+from experiments import sweep
+sys.argv = ["sweep", *sys.argv[1:]]
+sweep.main()
+"""
+
+
+def _recording_sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", RECORDING_DRIVER, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_records_carry_a_sweep_to_a_fresh_machine(tmp_path):
+    """A sweep records every finished run; on a fresh root (another machine: no workdirs) the same
+    sweep skips the recorded runs, --collect_only rebuilds the same table from the records, and the
+    results page regenerates from it."""
+    from cem_jax.cli import results_page
+
+    records = tmp_path / "repo" / "runs.jsonl"
+    args = [
+        "--defenses=noise,cem_noise",
+        "--sigmas=0.1,0.2",
+        "--seeds=1,2",
+        "--preset=quick",
+        "--dataset=synthetic",
+        "--epochs=2",
+        f"--records={records}",
+    ]
+    first = _recording_sweep(*args, f"--root={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("RAN ") == 8
+    lines = records.read_text().splitlines()
+    names = [json.loads(line)["run"] for line in lines]
+    assert names == sorted(names) and len(names) == 8 and "cem_noise_s0.2_seed2" in names
+    rec = json.loads(lines[names.index("noise_s0.1_seed2")])
+    assert rec["final"]["defended_acc"] == pytest.approx(0.32) and rec["commit"] == "c0ffee"
+    assert "history" not in rec and "class_names" not in rec["dataset"]  # kept small
+    assert rec["attacks"]["decoder"]["train_time"]["mse"] == pytest.approx(0.022)
+
+    fresh = _recording_sweep(*args, f"--root={tmp_path / 'b'}")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "RAN " not in fresh.stdout  # every run is recorded: nothing trains again
+    assert fresh.stdout.count(f"recorded in {records}; skipped") == 8
+    assert not (tmp_path / "b" / "synthetic_quick").exists()
+
+    tables = {}
+    for root in ("a", "b"):
+        proc = _recording_sweep(*args, f"--root={tmp_path / root}", "--collect_only")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "8/8 runs finished (4 grid points)" in proc.stdout
+        assert f"{records}: 8 runs recorded (0 added or updated now)" in proc.stdout
+        tables[root] = json.loads((tmp_path / root / "table.json").read_text())
+    for ra, rb in zip(tables["a"]["rows"], tables["b"]["rows"], strict=True):
+        assert ra["name"] == rb["name"] and ra["metrics"] == rb["metrics"]
+        assert [r["commit"] for r in rb["runs"]] == ["c0ffee", "c0ffee"]
+    meta = tables["b"]
+    assert meta["records"] == str(records) and meta["scale"]["dataset"]["num_train"] == 64
+    assert meta["scale"]["config"]["epochs"] == 2
+    (row,) = [r for r in meta["rows"] if r["name"] == "noise_s0.2"]
+    assert row["metrics"]["leakage_bits"]["values"] == pytest.approx([100.2, 200.2])
+
+    page = results_page.write_page(str(tmp_path / "b"), str(tmp_path / "docs" / "results.md"))
+    assert f"Every finished run is recorded in `{records}`" in page
+    assert "- Compute: 8 runs, 0.1 h of wall time in all, 1.0 min per run" in page
+
+    # a recorded run of another configuration is refused, not silently reused or replaced
+    other = [a for a in args if a != "--epochs=2"] + ["--epochs=3"]
+    proc = _recording_sweep(*other, f"--root={tmp_path / 'c'}")
+    assert proc.returncode != 0 and "RAN " not in proc.stdout
+    assert "records it with another configuration (training epochs: 2 recorded vs 3 now)" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+
+    # a damaged records file is a clear error naming its line
+    records.write_text(records.read_text() + "{not json\n")
+    proc = _recording_sweep(*args, f"--root={tmp_path / 'd'}")
+    assert proc.returncode != 0 and "RAN " not in proc.stdout
+    assert f"--records: {records}:9: not a JSON line" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_shards_leave_records_to_collect_only(tmp_path):
+    """One records file, many shard processes: the shards write none; --collect_only adds them."""
+    records = tmp_path / "runs.jsonl"
+    args = ["--defenses=noise", "--sigmas=0.1", "--seeds=1,2,3", "--preset=quick"]
+    args += ["--dataset=synthetic", f"--records={records}", f"--root={tmp_path / 'root'}"]
+    for index in (0, 1):
+        proc = _recording_sweep(*args, "--num_shards=2", f"--shard_index={index}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not records.exists()
+    proc = _recording_sweep(*args, "--collect_only")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{records}: 3 runs recorded (3 added or updated now)" in proc.stdout
+    assert len(collect.read_records(str(records))) == 3
+    # recording the same results again changes nothing (the file is not rewritten)
+    stamp = records.stat().st_mtime_ns
+    finished = collect.load_runs(
+        (p, collect.workdir_of(str(tmp_path / "root"), "synthetic", "quick", p))
+        for p in collect.grid(["noise"], [0.1], seeds=[1, 2, 3])
+    )
+    assert collect.add_records(str(records), {collect.run_name(p): r for p, r in finished}) == 0
+    assert records.stat().st_mtime_ns == stamp
+
+
+def test_a_study_names_its_records_and_records_empty_turns_them_off(tmp_path):
+    records = tmp_path / "study_runs.jsonl"
+    spec = tmp_path / "study.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "preset": "quick",
+                "dataset": "synthetic",
+                "records": str(records),
+                "groups": [{"defenses": ["noise"], "sigmas": [0.1], "seeds": [1, 2]}],
+            }
+        )
+    )
+    proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'a'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("RAN ") == 2 and len(collect.read_records(str(records))) == 2
+    # the study's records make a fresh root skip both runs; --records= runs them again, unrecorded
+    proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'b'}")
+    assert proc.returncode == 0 and "RAN " not in proc.stdout, proc.stderr[-2000:]
+    before = records.read_text()
+    proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'c'}", "--records=")
+    assert proc.returncode == 0 and proc.stdout.count("RAN ") == 2, proc.stderr[-2000:]
+    assert records.read_text() == before

@@ -98,8 +98,10 @@ AXES = ("defense", "sigma", "lambd", "seed")
 
 # ---------------------------------------------------------------------------------------- studies
 def load_study(path: str) -> dict[str, Any]:
-    """A study spec (JSON): ``{"description", "preset", "dataset", "common": {field: value},
+    """A study spec (JSON): ``{"description", "preset", "dataset", "records", "common": {field: value},
     "groups": [{"defenses", "sigmas", "lambdas", "seeds", "variant", "overrides"}]}``.
+
+    ``records``: the study's records file (:func:`add_records`), relative to where the sweep runs.
 
     Returns it with ``"points"``: every run of every group (a group's ``overrides`` go into each
     point's ``extra`` and its ``variant`` names the points apart). Raises ``ValueError`` naming what
@@ -135,16 +137,123 @@ def load_study(path: str) -> dict[str, Any]:
     return spec
 
 
+# ------------------------------------------------------------------------------------------ records
+# A study's finished runs, one JSON line each, small enough to commit beside its results page. Workdirs
+# hold checkpoints and live on one machine; the records travel with the repository, so a sweep on a
+# fresh machine skips the runs they hold and the table is collected from them.
+_RECORD_KEYS = (
+    "status",
+    "format_version",
+    "commit",
+    "config",
+    "fingerprint",
+    "attack_config",
+    "dataset",
+    "devices",
+    "final",
+    "attacks",
+    "train_wall_time_s",
+    "wall_time_s",
+)
+_RECORD_DROP = {"dataset": ("class_names",)}  # repeated in every run; the rest is kept
+
+
+def run_record(run: str, results: dict[str, Any]) -> dict[str, Any]:
+    """What a study keeps of one run's ``results.json``: ``{"run": name, ...}``.
+
+    Everything :func:`run_metrics`, the table and the results page read (config, commit, dataset
+    identity, final accuracy and certificate, every attack entry, wall time); not the per-epoch
+    ``history`` (that stays in the workdir's ``metrics.jsonl``) nor the workdir, a path on one
+    machine.
+
+    >>> run_record("noise_s0.1_seed1", {"final": {"defended_acc": 0.3}, "history": [{}]})
+    {'run': 'noise_s0.1_seed1', 'final': {'defended_acc': 0.3}}
+    """
+    out: dict[str, Any] = {"run": run}
+    for key in _RECORD_KEYS:
+        if key in results:
+            value = results[key]
+            if key in _RECORD_DROP and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k not in _RECORD_DROP[key]}
+            out[key] = value
+    return out
+
+
+def read_records(path: str) -> dict[str, dict[str, Any]]:
+    """``{run name: record}`` of a records file (JSON lines); ``{}`` when it does not exist.
+
+    Raises ``ValueError`` naming the file and line of anything that is not a record.
+    """
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        return {}
+    records: dict[str, dict[str, Any]] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON line ({e}).") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("run"), str):
+            raise ValueError(f'{path}:{i}: accepted one object per line with a "run" name.')
+        records[rec["run"]] = rec
+    return records
+
+
+def add_records(path: str, new: dict[str, dict[str, Any]]) -> int:
+    """Adds (or replaces) ``{run name: results}`` in the records file; returns how many changed.
+
+    The file is re-read first and rewritten atomically, sorted by run name, one line per run (a diff
+    of two versions shows the runs that were added). Nothing is written when nothing changed.
+    """
+    records = read_records(path)
+    changed = 0
+    for run, results in new.items():
+        rec = run_record(run, results)
+        if records.get(run) != json.loads(json.dumps(rec)):
+            records[run] = rec
+            changed += 1
+    if changed:
+        parent = storage.parent(path)
+        if parent:
+            storage.makedirs(parent)
+        lines = [json.dumps(records[k], sort_keys=True) for k in sorted(records)]
+        storage.write_text(path, "\n".join(lines) + "\n")
+    return changed
+
+
+def record_mismatch(record: dict[str, Any], fingerprint: dict, attack_config: dict) -> str:
+    """How a record's configuration differs from the wanted one (``""``: it is the same run)."""
+    diffs = []
+    for what, stored, wanted in (
+        ("training", record.get("fingerprint") or {}, fingerprint),
+        ("attack", record.get("attack_config") or {}, attack_config),
+    ):
+        keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        diffs += [f"{what} {k}: {stored.get(k)!r} recorded vs {wanted.get(k)!r} now" for k in keys]
+    return "; ".join(diffs)
+
+
 # ------------------------------------------------------------------------------------------ collect
-def load_runs(workdirs: Iterable[tuple[dict[str, Any], str]]) -> list[tuple[dict, dict]]:
-    """``(point, results)`` of every finished run (those with a ``results.json``)."""
+def load_runs(
+    workdirs: Iterable[tuple[dict[str, Any], str]],
+    records: dict[str, dict[str, Any]] | None = None,
+) -> list[tuple[dict, dict]]:
+    """``(point, results)`` of every finished run: its workdir's ``results.json``, else its record.
+
+    ``records`` (:func:`read_records`) stand in for workdirs that are gone (another machine's).
+    """
     runs = []
     for point, workdir in workdirs:
         path = storage.join(workdir, RESULTS_FILE)
         try:
             res = json.loads(storage.read_text(path))
         except FileNotFoundError:
-            continue  # not finished
+            res = (records or {}).get(run_name(point))
+            if res is None:
+                continue  # not finished
         res.setdefault("workdir", workdir)
         runs.append((point, res))
     return runs
@@ -186,7 +295,8 @@ def run_metrics(results: dict[str, Any]) -> dict[str, tuple[float, bool]]:
 def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
     """One record per grid point (seeds aggregated), in the order of ``runs``.
 
-    ``{"name", "defense", "sigma", "lambd", "n", "runs": [{"seed", "workdir", ...}],
+    ``{"name", "defense", "sigma", "lambd", "n", "runs": [{"seed", "workdir", "commit",
+    "wall_time_s", "devices"}],
     "metrics": {name: {"mean", "std", "n", "values", "flagged"}}}``; σ and λ are the values the runs
     used (the defense preset's when the sweep did not set them; λ ``None`` without CEM).
     """
@@ -213,7 +323,7 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
                     {
                         "seed": (res.get("config") or {}).get("seed", p.get("seed")),
                         "workdir": res.get("workdir"),
-                        **({"commit": res["commit"]} if "commit" in res else {}),
+                        **{k: res[k] for k in ("commit", "wall_time_s", "devices") if k in res},
                     }
                     for p, res in members
                 ],
@@ -221,6 +331,15 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
             }
         )
     return records
+
+
+def scale(results: dict[str, Any]) -> dict[str, Any]:
+    """The sizes and attack protocol of a run (``{"config", "dataset"}``), for the page's scale line."""
+    ds = results.get("dataset") or {}
+    return {
+        "config": results.get("config") or {},
+        "dataset": {k: ds.get(k) for k in ("name", "num_train", "num_test")},
+    }
 
 
 def stats(values: Sequence[float]) -> dict[str, Any]:

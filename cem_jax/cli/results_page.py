@@ -673,23 +673,17 @@ def plot_families(records: list[dict[str, Any]], path: str) -> bool:
     return True
 
 
-def compute_section(records: list[dict[str, Any]], machine: str | None) -> list[str]:
-    """The scale (the preset's sizes and the attack protocol) and the compute (wall time, devices)."""
-    results = []
-    workdirs = dict.fromkeys(run.get("workdir") or "" for r in records for run in r.get("runs", []))
-    for workdir in workdirs:
-        if workdir:
-            path = storage.join(workdir, "results.json")
-            try:
-                results.append(json.loads(storage.read_text(path)))
-            except (OSError, ValueError):
-                continue
-    if not results:
-        return ["(no results.json readable)"]
-    cfg = results[0].get("config") or {}
-    ds = results[0].get("dataset") or {}
-    walls = sorted(float(x.get("wall_time_s") or 0.0) for x in results)
-    devices = sorted({str(x.get("devices")) for x in results})
+def compute_section(
+    records: list[dict[str, Any]], machine: str | None, scale: dict[str, Any] | None
+) -> list[str]:
+    """The scale (the preset's sizes and the attack protocol, from ``table.json``'s ``scale``) and
+    the compute (every run's wall time and devices)."""
+    runs = [run for r in records for run in r.get("runs", [])]
+    if not runs or not scale:
+        return ["(no scale in table.json: run the sweep with --collect_only again)"]
+    cfg, ds = scale.get("config") or {}, scale.get("dataset") or {}
+    walls = sorted(float(x.get("wall_time_s") or 0.0) for x in runs)
+    devices = sorted({str(x.get("devices")) for x in runs})
     attack = (
         f"attacks {', '.join(cfg.get('attacks') or [])} ({', '.join(cfg.get('attack_settings') or [])}), "
         f"at most {cfg.get('attack_steps')} steps of batch {cfg.get('attack_batch_size')}, validated "
@@ -716,7 +710,7 @@ def compute_section(records: list[dict[str, Any]], machine: str | None) -> list[
         f"{cfg.get('epochs')} epochs of batch {cfg.get('batch_size')} on "
         f"{ds.get('num_train')} training images, accuracy on {ds.get('num_test')} test images; "
         f"{attack}.",
-        f"- Compute: {len(results)} runs, {sum(walls) / 3600:.1f} h of wall time in all, "
+        f"- Compute: {len(runs)} runs, {sum(walls) / 3600:.1f} h of wall time in all, "
         f"{walls[len(walls) // 2] / 60:.1f} min per run (median; train + attack), on "
         f"{', '.join(devices)}" + (f" ({machine})" if machine else "") + ".",
     ]
@@ -795,7 +789,7 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "",
         "## How it was made",
         "",
-        *compute_section(records, machine),
+        *compute_section(records, machine, table.get("scale")),
         "",
         "```bash",
         command,
@@ -804,8 +798,19 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "```",
         "",
         f"Commits that produced the points: {', '.join(commits)}.",
+        *(
+            [
+                "",
+                f"Every finished run is recorded in `{table['records']}` (one JSON line per run: "
+                "config, commit, accuracy, certificate, attacks, wall time), committed with this "
+                "page: on a fresh machine the sweep skips the recorded runs and `--collect_only` "
+                "rebuilds the table from them, so the page regenerates without the workdirs.",
+            ]
+            if table.get("records")
+            else []
+        ),
         "",
-        "| point | seeds | workdirs | commit |",
+        "| point | seeds | runs | commit |",
         "|---|---|---|---|",
     ]
     for r in records:

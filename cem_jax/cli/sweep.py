@@ -71,6 +71,15 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
         "unless given as flags.",
         **kw,
     )
+    flags.DEFINE_string(
+        "records",
+        None,
+        "A records file (JSON lines, one per finished run; default: the study's 'records'; "
+        "--records= for none): runs it holds are skipped and collected from it when their "
+        "workdir is gone (another machine's); every finished run is added to it. Commit it to "
+        "carry a study across machines.",
+        **kw,
+    )
     flags.DEFINE_integer("num_shards", 1, "Split the grid over this many processes.", **kw)
     flags.DEFINE_integer("shard_index", 0, "This process's shard (0-based).", **kw)
     flags.DEFINE_bool(
@@ -83,7 +92,16 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
         "cache_dir", os.path.expanduser("~/.cache/cem_jax"), "Decoded-dataset cache ('' off).", **kw
     )
     own = ["defenses", "sigmas", "lambdas", "seeds", *names]
-    own += ["preset", "root", "study", "num_shards", "shard_index", "collect_only", "cache_dir"]
+    own += [
+        "preset",
+        "root",
+        "study",
+        "records",
+        "num_shards",
+        "shard_index",
+        "collect_only",
+        "cache_dir",
+    ]
     own += config_flags.define_device_flags(fv)
     own += config_flags.define_distributed_flags(fv)
     if fv is FLAGS:
@@ -144,16 +162,36 @@ def check_grid(grid: list[dict]) -> list[config_lib.RunConfig]:
     return configs
 
 
+def records_path() -> str | None:
+    """``--records`` when given (``--records=``: none), else the study's ``records``."""
+    if FLAGS["records"].present:
+        return FLAGS.records or None
+    return _STUDY.get("records") or None
+
+
 def collect_all(grid: list[dict]) -> None:
-    """Writes table.md, table.json and privacy_utility.png under ``--root``."""
-    runs = collect.load_runs((p, workdir_of(p)) for p in grid)
+    """Writes table.md, table.json and privacy_utility.png under ``--root``.
+
+    With a records file, finished workdirs are added to it first (the runs of every shard), and runs
+    whose workdir is gone are collected from it.
+    """
+    path = records_path()
+    recorded: dict[str, dict] = {}
+    if path:
+        finished = collect.load_runs((p, workdir_of(p)) for p in grid)
+        added = collect.add_records(path, {collect.run_name(p): r for p, r in finished})
+        recorded = collect.read_records(path)
+        print(f"{path}: {len(recorded)} runs recorded ({added} added or updated now)")
+    runs = collect.load_runs(((p, workdir_of(p)) for p in grid), recorded)
     records = collect.summarize(runs)
     meta = {
         "dataset": FLAGS.dataset,
         "preset": FLAGS.preset,
         "study": FLAGS.study,
+        "records": path,
         "finished": len(runs),
         "runs": len(grid),
+        "scale": collect.scale(runs[0][1]) if runs else None,
     }
     text = collect.write_table(FLAGS.root, records, meta)
     print(f"\n{len(runs)}/{len(grid)} runs finished ({len(records)} grid points)\n{text}")
@@ -190,19 +228,45 @@ def _main(argv: list[str]) -> None:
             collect_all(grid)
         return
 
+    path = records_path()
+    try:
+        recorded = collect.read_records(path) if path else {}
+    except ValueError as e:
+        sys.exit(f"error: --records: {e}")
+    # shards write no records (one file, many writers): --collect_only adds theirs afterwards
+    record_here = path and FLAGS.num_shards == 1 and parallel.is_main_process()
     mine = list(zip(grid, configs))[FLAGS.shard_index :: FLAGS.num_shards]
     for i, (point, cfg) in enumerate(mine):
-        print(f"\n### sweep run {i + 1}/{len(mine)}: {collect.run_name(point)}", flush=True)
+        name, workdir = collect.run_name(point), workdir_of(point)
+        rec = recorded.get(name)
+        if rec is not None and not storage.exists(storage.join(workdir, collect.RESULTS_FILE)):
+            problem = collect.record_mismatch(
+                rec, cfg.training_fingerprint(), runner.attack_config(cfg)
+            )
+            if problem:
+                sys.exit(
+                    f"error at {name}: {path} records it with another configuration ({problem}). "
+                    "Repeat the recorded settings, or remove its line to run it again."
+                )
+            print(
+                f"\n### sweep run {i + 1}/{len(mine)}: {name}: finished (commit "
+                f"{str(rec.get('commit'))[:12]}), recorded in {path}; skipped",
+                flush=True,
+            )
+            continue
+        print(f"\n### sweep run {i + 1}/{len(mine)}: {name}", flush=True)
         try:
-            runner.run(
+            results = runner.run(
                 cfg,
-                workdir=workdir_of(point),
+                workdir=workdir,
                 cache_dir=FLAGS.cache_dir or None,
                 num_devices=FLAGS.num_devices,
                 device_index=FLAGS.device_index,
             )
         except (ValueError, FileNotFoundError, runner.RunError) as e:
-            sys.exit(f"error at {collect.run_name(point)}: {e}")
+            sys.exit(f"error at {name}: {e}")
+        if record_here and collect.add_records(path, {name: results}):
+            print(f"recorded {name} in {path}", flush=True)
     if not parallel.is_main_process():
         return
     print(
