@@ -25,15 +25,20 @@ GRID_ARGS = [
 ]
 
 
-def run_sweep(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _python(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python <argv>`` in the repository root, on the CPU, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "experiments.sweep", *args],
+        [sys.executable, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
+
+
+def run_sweep(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return _python("-m", "experiments.sweep", *args, timeout=timeout)
 
 
 def test_grid_has_one_run_per_point_and_seed():
@@ -288,14 +293,7 @@ sweep.main()
 
 
 def _recording_sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", RECORDING_DRIVER, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    return _python("-c", RECORDING_DRIVER, *args)
 
 
 def test_records_carry_a_sweep_to_a_fresh_machine(tmp_path):
