@@ -147,7 +147,10 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
     gmm3 = next(p for p in pts if collect.run_name(p) == "cem_noise_s0.1_l3_gmm_seed2")
     assert collect.overrides_of(gmm3)["cem_mode"] == "gmm" and gmm3["lambd"] == 3
     assert collect.family(gmm3) == "cem_noise [gmm]"
-    assert collect.run_name(pts[-1]) == "cem_noise_s0.1_l3_gmm_seed3"  # it runs last
+    # it runs right after the noise line at seed 1 (no earlier run measured it)
+    order = [collect.run_name(p) for p in pts]
+    assert order[5:8] == [f"cem_noise_s0.1_l3_gmm_seed{s}" for s in (1, 2, 3)]
+    assert order[4] == "noise_s0.8_seed1" and order[8] == "cem_noise_s0.05_seed1"
     # the committed records file is the study's own: every recorded run is one of its runs, with
     # the configuration the spec gives it (else a fresh clone's sweep would refuse to go on)
     assert spec["records"] == "docs/results_runs.jsonl"
