@@ -717,7 +717,10 @@ def test_mixture_and_bounds_on_8_fake_devices_match_one_device_without_gathering
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
     env["PYTHONPATH"] = os.pathsep.join(
         [root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")]
     )
