@@ -13,6 +13,7 @@ from jax import test_util as jtu
 
 from cem_jax import entropy, kmeans
 from cem_jax.entropy import MixtureState
+from tests.devices import fake_devices_env
 
 # --------------------------------------------------------------------------------------------------
 # Independent NumPy implementations (explicit Python loops, float64)
@@ -717,10 +718,7 @@ def test_mixture_and_bounds_on_8_fake_devices_match_one_device_without_gathering
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    env = fake_devices_env(8)
     env["PYTHONPATH"] = os.pathsep.join(
         [root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")]
     )

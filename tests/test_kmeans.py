@@ -15,6 +15,7 @@ from scipy import stats
 
 from cem_jax import kmeans
 from cem_jax.kmeans import group_by_class, kmeans_per_class, max_class_size
+from tests.devices import fake_devices_env
 
 METHODS = ("classes", "segments")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -471,10 +472,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_segments_on_8_fake_devices_match_one_device_without_gathering_the_features():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    env = fake_devices_env(8)
     paths = [ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     proc = subprocess.run(

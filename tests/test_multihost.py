@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from tests.devices import fake_devices_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [
@@ -40,9 +42,9 @@ TIMEOUT_S = 420
 
 
 def _env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
-    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--_x")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env = {
+        k: v for k, v in fake_devices_env(devices).items() if not k.startswith("JAX_COORDINATOR")
+    }
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -14,6 +14,7 @@ import jax
 import pytest
 
 from cem_jax import parallel
+from tests.devices import fake_devices_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,10 +81,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_train_step_on_8_fake_devices_matches_1_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    env = fake_devices_env(8)
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, "-c", EIGHT_DEVICE_SCRIPT],
