@@ -33,10 +33,13 @@ curve (:meth:`AttackResult.summary`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +49,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from cem_jax import metrics as metrics_lib
-from cem_jax import parallel
+from cem_jax import parallel, storage
+from cem_jax.checkpoint import Checkpointer, CheckpointError, fault_point
 from cem_jax.models.decoder import decoder_from_name
 from cem_jax.models.layers import Conv, torch_bias_init, torch_kernel_init
 
@@ -57,6 +61,7 @@ __all__ = [
     "AttackResult",
     "DecoderAttackConfig",
     "GanAttackConfig",
+    "Resume",
     "WGANCritic",
     "WhiteboxAttackConfig",
     "decoder_attack",
@@ -545,9 +550,11 @@ def _finish(
         placement=placement,
         num_examples=config.num_examples,
     )
+    if fit.resumed_at is not None:
+        extra = {**extra, "resumed_at_step": fit.resumed_at}
     return AttackResult(
         metrics=metrics,
-        wall_time_s=time.perf_counter() - t0,
+        wall_time_s=fit.earlier_s + time.perf_counter() - t0,
         decoder=decoder,
         examples=examples,
         history=fit.history,
@@ -629,12 +636,17 @@ def split_validation(
     return images[np.sort(perm[n_val:])], images[np.sort(perm[:n_val])]
 
 
-def _batches(key: jax.Array, n: int, batch_size: int):
-    """Endless shuffled batches of indices (reshuffled every pass, short last batch dropped)."""
-    epoch = 0
+def _batches(key: jax.Array, n: int, batch_size: int, start: int = 0):
+    """Endless shuffled batches of indices (reshuffled every pass, short last batch dropped).
+
+    ``start`` skips that many batches: the batches a resumed attack sees are the ones the
+    uninterrupted attack would have seen from that step on.
+    """
+    per_epoch = n // batch_size
+    epoch, offset = divmod(start, per_epoch)
     while True:
-        yield from _epoch_batches(key, epoch, n, batch_size)
-        epoch += 1
+        yield from _epoch_batches(key, epoch, n, batch_size)[offset:]
+        epoch, offset = epoch + 1, 0
 
 
 @dataclasses.dataclass
@@ -644,6 +656,135 @@ class _Fit:
     steps: int
     converged: bool
     best_step: int
+    earlier_s: float = 0.0  # wall time of the attack before it was resumed
+    resumed_at: int | None = None  # the step it was resumed from
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where a trained attack keeps its progress, so that a killed run resumes it.
+
+    The fit loop saves everything it holds (weights and optimizer state, the best weights so far,
+    the plateau counters, the validation curve) as one orbax checkpoint in ``directory`` (the newest
+    one kept) after a validation: after the first one, after the last one, and in between once at
+    least ``every_s`` seconds have passed since the last save (default: 20 times as long as that
+    save took, so saving costs at most ~5 % of the attack's time; on a CPU every validation). A later attack with the same ``identity`` (the caller's JSON description of what it
+    attacks, e.g. the run's config) and the same attack (its config, key, data and feature shape)
+    restores it and goes on from that step: the result is the same as the uninterrupted attack's,
+    and a finished attack is not trained again. A checkpoint of anything else is discarded, with a
+    note on ``stream`` (default stderr).
+
+    Args:
+      directory: a local folder or ``gs://`` path of this attack's own (it is deleted and rewritten
+        when it holds another attack's checkpoint).
+      identity: JSON-able; must match for a checkpoint to be resumed.
+      every_s: the least wall time between two saves (0: after every validation; ``None``: the
+        5 % rule above).
+      stream: where the notes go.
+    """
+
+    directory: str
+    identity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    every_s: float | None = None
+    stream: TextIO | None = None
+
+
+def _as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def tree_digest(tree: Any) -> str:
+    """A short digest of every array of ``tree`` (its values, shapes and dtypes)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.asarray(parallel.to_host(leaf) if isinstance(leaf, jax.Array) else leaf)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _attack_identity(
+    resume: Resume, name: str, config: Any, key: jax.Array, images: np.ndarray, **extra: Any
+) -> dict[str, Any]:
+    """What a checkpoint of attack ``name`` must match to be resumed (JSON)."""
+    return _as_json(
+        {
+            "attack": name,
+            "caller": resume.identity,
+            "config": dataclasses.asdict(config),
+            "key": np.asarray(
+                jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+            ).tolist(),
+            "images": [list(images.shape), str(images.dtype), _digest(images)],
+            **extra,
+        }
+    )
+
+
+class _FitStore:
+    """The checkpoint of one attack's fit loop (see :class:`Resume`)."""
+
+    def __init__(self, resume: Resume, identity: dict[str, Any]):
+        self.resume = resume
+        self.identity = identity
+        self.out = resume.stream if resume.stream is not None else sys.stderr
+        self.ckpt = Checkpointer(resume.directory, max_to_keep=1, stream=self.out)
+        self.last_save: float | None = None  # when the last save ended (None: none yet)
+        self.save_s = 0.0  # how long it took
+
+    def _note(self, text: str) -> None:
+        print(f"note: {text}", file=self.out, flush=True)
+
+    def _discard(self, why: str) -> None:
+        self._note(f"{self.resume.directory}: {why}; the attack starts afresh")
+        self.ckpt.close()
+        if parallel.is_main_process():
+            storage.remove_tree(self.ckpt.directory)
+        parallel.barrier("cem_jax:attack_checkpoint_discarded")
+        self.ckpt = Checkpointer(self.resume.directory, max_to_keep=1, stream=self.out)
+
+    def load(self, state: Any) -> tuple[Any, Any, dict[str, Any]] | None:
+        """``(state, best_state, meta)`` of the newest checkpoint of this attack, or ``None``."""
+        if not self.ckpt.all_steps():
+            return None
+        try:
+            meta = self.ckpt.read_meta()
+        except (CheckpointError, FileNotFoundError) as e:
+            self._discard(f"its checkpoint does not read ({e})")
+            return None
+        if meta.get("identity") != self.identity:
+            self._discard("the checkpoint there is of another attack or another client")
+            return None
+        try:
+            tree, meta = self.ckpt.restore({"state": state, "best": state})
+        except (CheckpointError, FileNotFoundError) as e:
+            self._discard(f"its checkpoint does not restore ({e})")
+            return None
+        return tree["state"], tree["best"], meta
+
+    def due(self) -> bool:
+        every = self.resume.every_s if self.resume.every_s is not None else 20.0 * self.save_s
+        due = self.last_save is None or time.perf_counter() - self.last_save >= every
+        if jax.process_count() > 1:  # every process saves, or none: process 0's clock decides
+            due = bool(parallel.broadcast_from_main(int(due)))
+        return due
+
+    def save(self, step: int, state: Any, best_state: Any, meta: dict[str, Any]) -> None:
+        t = time.perf_counter()
+        self.ckpt.save(
+            step, {"state": state, "best": best_state}, {**meta, "identity": self.identity}
+        )
+        self.last_save = time.perf_counter()
+        self.save_s = self.last_save - t
+        fault_point("attack_checkpoint", step)
+
+    def close(self) -> None:
+        self.ckpt.close()
 
 
 def _copy_tree(tree: Any) -> Any:
@@ -661,19 +802,40 @@ def _fit(
     key: jax.Array,
     placement: _Placement,
     progress: Progress | None,
+    store: _FitStore | None = None,
 ) -> _Fit:
     """Runs ``step_fn`` for at most ``config.max_steps`` steps under the plateau rule.
 
     ``step_fn(state, batch, step, lr_scale) -> (state, loss)``; the learning rates are the config's
     times ``lr_scale`` (1, then ``lr_decay`` per plateau). Losses stay on the device and are fetched
     once per evaluation. Returns the best-validation state (a copy) and the validation curve.
+    With a ``store`` (:class:`Resume`), it starts from the store's checkpoint of this attack if
+    there is one, and saves one after validations.
     """
+    t_start = time.perf_counter()
     best, best_state, best_step, reference = math.inf, None, 0, math.inf
     bad, decays, scale, converged = 0, 0, 1.0, False
     history: list[dict] = []
+    step, earlier_s, resumed_at = 0, 0.0, None
+    restored = store.load(state) if store is not None else None
+    if restored is not None:
+        state, best_state, meta = restored
+        step = resumed_at = int(meta["step"])
+        best, best_step, reference = float(meta["best"]), int(meta["best_step"]), meta["reference"]
+        reference = math.inf if reference is None else float(reference)
+        bad, decays, scale = int(meta["bad"]), int(meta["decays"]), float(meta["scale"])
+        converged, history = bool(meta["converged"]), list(meta["history"])
+        earlier_s = float(meta["elapsed_s"])
+        done = converged or step >= config.max_steps
+        store._note(
+            f"{name} attack resumed from its checkpoint at step {step}/{config.max_steps}"
+            + (" (finished there)" if done else "")
+        )
+        if done:
+            return _Fit(best_state, history, step, converged, best_step, earlier_s, resumed_at)
     losses: list[jax.Array] = []
-    batches = _batches(key, len(train_images), config.batch_size)
-    t_last, step = time.perf_counter(), 0
+    batches = _batches(key, len(train_images), config.batch_size, start=step)
+    t_last = time.perf_counter()
     while step < config.max_steps:
         idx = next(batches)
         state, loss = step_fn(state, placement.batch(train_images[idx]), step, scale)
@@ -712,11 +874,25 @@ def _fit(
                     converged = True
         rec["converged"] = converged
         history.append(rec)
+        if store is not None and (converged or step >= config.max_steps or store.due()):
+            meta = {
+                "step": step,
+                "best": best,
+                "best_step": best_step,
+                "reference": reference if math.isfinite(reference) else None,
+                "bad": bad,
+                "decays": decays,
+                "scale": scale,
+                "converged": converged,
+                "history": history,
+                "elapsed_s": earlier_s + time.perf_counter() - t_start,
+            }
+            store.save(step, state, best_state, meta)
         if progress is not None:
             progress(dict(rec))
         if converged:
             break
-    return _Fit(best_state, history, step, converged, best_step)
+    return _Fit(best_state, history, step, converged, best_step, earlier_s, resumed_at)
 
 
 def _val_mse_fn(
@@ -871,6 +1047,7 @@ def decoder_attack(
     mesh: Mesh | None = None,
     decoder: nnx.Module | None = None,
     progress: Progress | None = None,
+    resume: Resume | None = None,
 ) -> AttackResult:
     """Trains an inversion decoder on ``(encode(x), x)`` pairs to convergence and evaluates it.
 
@@ -895,6 +1072,8 @@ def decoder_attack(
         ``config.decoder`` for ``feature_shape`` and the image size.
       progress: called after every validation with ``{"attack", "step", "max_steps", "loss",
         "val_mse", "lr_scale", "steps_per_s", "converged"}``.
+      resume: where to checkpoint the training so that a killed attack resumes (:class:`Resume`);
+        ``None``: nothing is saved.
     Returns:
       :class:`AttackResult` (``history`` is the validation curve).
     """
@@ -908,6 +1087,7 @@ def decoder_attack(
         train_images, config.val_fraction, batch_size=config.batch_size, key=k_split
     )
     target_shape = train_images.shape[1:]
+    decoder_given = decoder
     if decoder is None:
         _require(
             train_images.ndim == 4 and target_shape[0] == target_shape[1] and target_shape[2] == 3,
@@ -945,17 +1125,29 @@ def decoder_attack(
     val_mse = _val_mse_fn(
         encode, _eval_apply(graphdef, 0), val_x, key=k_val, config=config, placement=placement
     )
-    fit = _fit(
-        "decoder",
-        config,
-        step_fn,
-        state,
-        fit_x,
-        val_mse,
-        key=k_shuffle,
-        placement=placement,
-        progress=progress,
-    )
+    store = None
+    if resume is not None:
+        custom = None if decoder_given is None else type(decoder_given).__name__
+        identity = _attack_identity(
+            resume, "decoder", config, key, train_images, features=feature_shape, decoder=custom
+        )
+        store = _FitStore(resume, identity)
+    try:
+        fit = _fit(
+            "decoder",
+            config,
+            step_fn,
+            state,
+            fit_x,
+            val_mse,
+            key=k_shuffle,
+            placement=placement,
+            progress=progress,
+            store=store,
+        )
+    finally:
+        if store is not None:
+            store.close()
     decoder, _ = nnx.merge(graphdef, fit.state)
     return _finish(
         encode,
@@ -1034,6 +1226,7 @@ def gan_attack(
     init_decoder: nnx.Module,
     mesh: Mesh | None = None,
     progress: Progress | None = None,
+    resume: Resume | None = None,
 ) -> AttackResult:
     """WGAN-GP refinement of a trained inversion decoder (reference §7), to convergence.
 
@@ -1055,6 +1248,8 @@ def gan_attack(
       mesh: optional device mesh.
       progress: called after every validation (as :func:`decoder_attack`), with
         ``"generator_steps"``.
+      resume: where to checkpoint the training so that a killed attack resumes (:class:`Resume`;
+        the checkpoint also names the weights of ``init_decoder``).
     Returns:
       :class:`AttackResult` with the best generator as ``decoder``; ``extra["generator_steps"]``.
     """
@@ -1125,14 +1320,12 @@ def gan_attack(
 
     critic_step = placement.jit(critic_step, donate_argnums=0)
     generator_step = placement.jit(generator_step, donate_argnums=0)
-    generator_steps = [0]
 
     def step_fn(state, batch, step, scale):
         s, sc = jnp.int32(step), jnp.float32(scale)
         state, loss = critic_step(state, batch, s, sc)
         if (step + 1) % config.n_critic == 0:
             state, _ = generator_step(state, batch, s, sc)
-            generator_steps[0] += 1
         return state, loss
 
     val_mse = _val_mse_fn(
@@ -1141,19 +1334,31 @@ def gan_attack(
 
     # eval_every >= n_critic and max_steps >= n_critic: every validation follows a generator step.
     cfg_for_fit = dataclasses.replace(config, eval_every=max(config.eval_every, config.n_critic))
-    fit = _fit(
-        "gan",
-        cfg_for_fit,
-        step_fn,
-        state,
-        fit_x,
-        val_mse,
-        key=k_shuffle,
-        placement=placement,
-        progress=progress,
-    )
+    store = None
+    if resume is not None:
+        identity = _attack_identity(
+            resume, "gan", config, key, train_images, init_decoder=tree_digest(g_state)
+        )
+        store = _FitStore(resume, identity)
+    try:
+        fit = _fit(
+            "gan",
+            cfg_for_fit,
+            step_fn,
+            state,
+            fit_x,
+            val_mse,
+            key=k_shuffle,
+            placement=placement,
+            progress=progress,
+            store=store,
+        )
+    finally:
+        if store is not None:
+            store.close()
+    generator_steps = fit.steps // config.n_critic  # one after every n_critic-th critic step
     _require(
-        fit.state is not None and generator_steps[0] > 0,
+        fit.state is not None and generator_steps > 0,
         f"GAN attack: no generator step in {fit.steps} critic steps (n_critic={config.n_critic});"
         " accepted max_steps >= n_critic.",
     )
@@ -1168,7 +1373,7 @@ def gan_attack(
         t0=t0,
         fit=fit,
         extra={
-            "generator_steps": generator_steps[0],
+            "generator_steps": generator_steps,
             "num_train": len(fit_x),
             "num_val": len(val_x),
         },

@@ -22,6 +22,7 @@ from cem_jax.config import RunConfig
 from cem_jax.progress import format_duration
 
 FIGURE_FILE = "reconstructions.png"
+ATTACK_CHECKPOINT_SUBDIR = "attack_checkpoints"
 _TAG_ATTACK = 7
 
 
@@ -135,6 +136,7 @@ def run_attacks(
     workdir: str | None = None,
     stream: TextIO | None = None,
     num_examples: int = 8,
+    client_identity: Any = None,
 ) -> dict[str, Any]:
     """``{attack: {setting: result}}`` for ``cfg.attacks``, each beside the mean-image baseline.
 
@@ -145,6 +147,12 @@ def run_attacks(
     A result holds the metrics (``mse``, ``psnr``, ``ssim``, ``ref_*``), ``steps``, ``converged``,
     ``curve`` (validation curve), ``baseline`` (the mean training image's metrics on the same
     images), ``gain_db`` and ``informative`` (MSE ≤ 0.9 × baseline MSE), and ``wall_time_s``.
+
+    With a ``workdir``, the trained attacks (decoder, GAN) checkpoint their progress under
+    ``<workdir>/attack_checkpoints/<setting>/<attack>`` (:class:`cem_jax.attacks.Resume`), so that
+    a killed run resumes them where they were; ``client_identity`` (JSON, e.g. a digest of the
+    client's weights) is part of what a checkpoint must match. The caller removes the folder once
+    the results are saved (:func:`clear_attack_checkpoints`).
     """
     out = stream if stream is not None else sys.stdout
     devices = mesh.shape["data"]
@@ -177,6 +185,20 @@ def run_attacks(
         rows.append(eval_x[:num_examples].astype(np.float32) / 255.0)
         baseline = attacks.mean_image_baseline(train_x, eval_x, mesh=mesh)
         dec = None
+
+        def resume(attack: str, setting: str = setting) -> attacks.Resume | None:
+            if workdir is None:
+                return None
+            return attacks.Resume(
+                storage.join(workdir, ATTACK_CHECKPOINT_SUBDIR, setting, attack),
+                identity={
+                    "client": client_identity,
+                    "threat_model": cfg.threat_model,
+                    "setting": setting,
+                },
+                stream=out,
+            )
+
         if "decoder" in cfg.attacks or "gan" in cfg.attacks:
             dec = attacks.decoder_attack(
                 encode,
@@ -187,6 +209,7 @@ def run_attacks(
                 feature_shape=feature_shape,
                 mesh=mesh,
                 progress=progress,
+                resume=resume("decoder"),
             )
             if "decoder" in results:
                 results["decoder"][setting] = _judge(dec.summary(), baseline)
@@ -202,6 +225,7 @@ def run_attacks(
                 init_decoder=dec.decoder,
                 mesh=mesh,
                 progress=progress,
+                resume=resume("gan"),
             )
             rec = _judge(gan.summary(), baseline)
             rec["wall_time_s"] += dec.wall_time_s  # the GAN starts from the decoder
@@ -238,6 +262,11 @@ def run_attacks(
     if workdir is not None and rows and parallel.is_main_process():  # one writer (DESIGN §5)
         save_grid(rows, storage.join(workdir, FIGURE_FILE))
     return results
+
+
+def clear_attack_checkpoints(workdir: str) -> None:
+    """Removes ``<workdir>/attack_checkpoints`` (once the attacks' results are saved)."""
+    storage.remove_tree(storage.join(workdir, ATTACK_CHECKPOINT_SUBDIR))
 
 
 def save_grid(rows: list[np.ndarray], path: str, *, scale: int = 3, gap: int = 2) -> None:

@@ -1,7 +1,8 @@
 """One whole run, as ``experiments/run.py`` drives it: data → train → attacks → report.
 
 Everything here takes a :class:`~cem_jax.config.RunConfig` and a workdir; nothing reads flags. The
-workdir receives ``checkpoints/`` (orbax, resumable), ``metrics.jsonl`` (one line per epoch, rebuilt
+workdir receives ``checkpoints/`` (orbax, resumable), ``attack_checkpoints/`` (the attacks' progress,
+removed once the results are saved), ``metrics.jsonl`` (one line per epoch, rebuilt
 from the checkpoint's history on resume), ``results.json`` (written atomically, only complete) and
 ``reconstructions.png``. The workdir is a local folder or ``gs://bucket/path``
 (:mod:`cem_jax.storage`). A run holds ``<workdir>/.lock`` while it works (on ``gs://`` a renewed
@@ -564,9 +565,16 @@ def _run_locked(
     results["wall_time_s"] = time.perf_counter() - t_start
     if main:
         write_json_atomic(results_path, results)
+        _clear_attack_checkpoints(workdir)  # needed only to resume the attacks
     parallel.barrier("cem_jax:results_written")  # no process ends before results.json is there
     print(summary(results), file=out, flush=True)
     return results
+
+
+def _clear_attack_checkpoints(workdir: str) -> None:
+    from cem_jax import report
+
+    report.clear_attack_checkpoints(workdir)
 
 
 def _count_lines(path: str) -> int:
@@ -690,6 +698,7 @@ def finish(
         "attacks": {},
     }
     if cfg.attacks:
+        from cem_jax import attacks as attacks_lib
         from cem_jax import report
 
         results["attacks"] = report.run_attacks(
@@ -701,6 +710,8 @@ def finish(
             mesh=trainer.mesh,
             workdir=workdir,
             stream=stream,
+            # a checkpointed attack resumes only against these very weights
+            client_identity=attacks_lib.tree_digest((state.params, state.batch_stats)),
         )
     return results
 
@@ -719,9 +730,10 @@ def attack_workdir(
     ``num_devices`` / ``device_index`` choose the mesh as in :func:`run`.
 
     The file is replaced atomically once every attack is done, so an interrupted attack never
-    leaves partial numbers behind; re-running it restarts the attacks cleanly. The data must be
-    the data the run was trained on. On a workdir that cannot be written, the attacks still run and
-    their summary is printed, then :class:`RunError` says that (and where) nothing was saved.
+    leaves partial numbers behind; re-running it resumes the trained attacks from their
+    checkpoints (:func:`cem_jax.report.run_attacks`). The data must be the data the run was trained
+    on. On a workdir that cannot be written, the attacks still run and their summary is printed,
+    then :class:`RunError` says that (and where) nothing was saved.
     """
     out = stream if stream is not None else sys.stdout
     mesh = _workdir_mesh(workdir, num_devices, device_index)
@@ -793,6 +805,7 @@ def _attack_locked(
     try:
         if parallel.is_main_process():
             write_json_atomic(results_path, results)
+            _clear_attack_checkpoints(workdir)  # needed only to resume the attacks
     except OSError as e:
         raise RunError(
             f"the results above were NOT saved: writing {results_path} failed ({e.strerror or e}); "

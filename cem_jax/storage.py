@@ -261,6 +261,20 @@ def remove(path: str | os.PathLike) -> None:
         fs.rm_file(p)
 
 
+def remove_tree(path: str | os.PathLike) -> None:
+    """Deletes folder ``path`` and everything in it, if it exists."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        return
+    from etils import epath
+
+    p = epath.Path(path)
+    if p.exists():
+        p.rmtree()  # through epath, like move_tree, so orbax's cached listings see it at once
+
+
 def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Moves folder ``src`` to ``dst`` (creating ``dst``'s parents); on GCS a copy, then a delete."""
     src, dst = os.fspath(src), os.fspath(dst)

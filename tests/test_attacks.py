@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -453,3 +455,161 @@ def test_whitebox_inverts_a_known_client_without_data(drop):
 
 def _to01(x):
     return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming a killed attack (attacks.Resume): the result is the uninterrupted attack's
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(step: int, calls: list):
+    def progress(d: dict) -> None:
+        calls.append(d["step"])
+        if d["step"] == step:
+            raise _Killed  # after the checkpoint of this validation was written
+
+    return progress
+
+
+def _untimed_curve(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "steps_per_s"} for h in history]
+
+
+def _assert_same_attack(a: attacks.AttackResult, b: attacks.AttackResult) -> None:
+    assert _untimed_curve(a.history) == _untimed_curve(b.history)
+    assert (a.steps, a.best_step, a.converged) == (b.steps, b.best_step, b.converged)
+    assert a.metrics == b.metrics
+    np.testing.assert_array_equal(a.examples, b.examples)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.tree.map(np.asarray, nnx.state(a.decoder)),
+        jax.tree.map(np.asarray, nnx.state(b.decoder)),
+    )
+
+
+def test_batches_from_a_start_step_continue_the_uninterrupted_sequence():
+    import itertools
+
+    key = jax.random.key(3)
+    n, bs = 50, 8  # 6 batches per pass, 2 images left out of each
+    whole = list(itertools.islice(attacks._batches(key, n, bs), 20))
+    for start in (0, 1, 6, 7, 13):
+        part = list(itertools.islice(attacks._batches(key, n, bs, start=start), 20 - start))
+        np.testing.assert_array_equal(np.stack(part), np.stack(whole[start:]))
+
+
+def test_killed_decoder_attack_resumes_to_the_uninterrupted_result(image_attack, tmp_path):
+    import io
+
+    encode, train, test, whole = image_attack  # uninterrupted, no checkpoints
+    out = io.StringIO()
+    resume = attacks.Resume(str(tmp_path / "dec"), identity={"run": 1}, every_s=0, stream=out)
+    kwargs = dict(config=IMG_CONFIG, key=jax.random.key(0), feature_shape=(FEAT, FEAT, CH))
+    first: list[int] = []
+    with pytest.raises(_Killed):
+        attacks.decoder_attack(
+            encode, train, test, **kwargs, resume=resume, progress=_kill_at(8, first)
+        )
+    assert first == [4, 8]
+    second: list[int] = []
+    resumed = attacks.decoder_attack(
+        encode, train, test, **kwargs, resume=resume, progress=_kill_at(-1, second)
+    )
+    assert second == [12, 16]  # steps 1-8 were not trained again
+    assert "decoder attack resumed from its checkpoint at step 8/16" in out.getvalue()
+    assert resumed.extra["resumed_at_step"] == 8
+    _assert_same_attack(resumed, whole)
+    assert resumed.wall_time_s > 0
+
+    # finished: restored as it ended, nothing trained
+    third: list[int] = []
+    again = attacks.decoder_attack(
+        encode, train, test, **kwargs, resume=resume, progress=_kill_at(-1, third)
+    )
+    assert third == [] and "at step 16/16 (finished there)" in out.getvalue()
+    _assert_same_attack(again, whole)
+
+
+def test_attack_checkpoint_of_another_attack_or_a_damaged_one_is_discarded(image_attack, tmp_path):
+    import io
+
+    encode, train, test, whole = image_attack
+    kwargs = dict(config=IMG_CONFIG, key=jax.random.key(0), feature_shape=(FEAT, FEAT, CH))
+    out = io.StringIO()
+    other = attacks.Resume(str(tmp_path / "dec"), identity={"run": 2}, every_s=0, stream=out)
+    with pytest.raises(_Killed):
+        attacks.decoder_attack(
+            encode, train, test, **kwargs, resume=other, progress=_kill_at(12, [])
+        )
+    # the same folder, another client: the checkpoint at step 12 must not be used
+    resume = attacks.Resume(str(tmp_path / "dec"), identity={"run": 1}, every_s=0, stream=out)
+    calls: list[int] = []
+    with pytest.raises(_Killed):
+        attacks.decoder_attack(
+            encode, train, test, **kwargs, resume=resume, progress=_kill_at(8, calls)
+        )
+    assert calls == [4, 8]
+    assert "of another attack or another client; the attack starts afresh" in out.getvalue()
+    # damage the step-8 checkpoint's arrays: it is discarded too, and the attack starts afresh
+    data_files = [f for f in (tmp_path / "dec" / "8" / "state").rglob("*") if f.parent.name == "d"]
+    assert data_files
+    for f in data_files:
+        os.truncate(f, 10)
+    calls.clear()
+    result = attacks.decoder_attack(
+        encode, train, test, **kwargs, resume=resume, progress=_kill_at(-1, calls)
+    )
+    assert calls == [4, 8, 12, 16]
+    assert "does not restore" in out.getvalue() or "does not read" in out.getvalue()
+    _assert_same_attack(result, whole)
+
+
+@pytest.mark.slow
+def test_killed_gan_attack_resumes_to_the_uninterrupted_result(image_attack, tmp_path):
+    import io
+
+    encode, train, test, result = image_attack
+    cfg = attacks.GanAttackConfig(
+        max_steps=6,
+        batch_size=32,
+        n_critic=2,
+        critic_width=8,
+        eval_batch_size=32,
+        num_examples=2,
+        eval_every=2,
+    )
+    kwargs = dict(config=cfg, key=jax.random.key(1), init_decoder=result.decoder)
+    whole = attacks.gan_attack(encode, train, test, **kwargs)
+    out = io.StringIO()
+    resume = attacks.Resume(str(tmp_path / "gan"), identity={}, every_s=0, stream=out)
+    with pytest.raises(_Killed):
+        attacks.gan_attack(encode, train, test, **kwargs, resume=resume, progress=_kill_at(4, []))
+    calls: list[int] = []
+    resumed = attacks.gan_attack(
+        encode, train, test, **kwargs, resume=resume, progress=_kill_at(-1, calls)
+    )
+    assert calls == [6] and "gan attack resumed from its checkpoint at step 4/6" in out.getvalue()
+    assert resumed.extra["generator_steps"] == whole.extra["generator_steps"] == 3
+    _assert_same_attack(resumed, whole)
+    # another starting decoder: the GAN checkpoint is not used
+    other = attacks.decoder_attack(
+        encode,
+        train,
+        test,
+        config=dataclasses.replace(IMG_CONFIG, max_steps=4),
+        key=jax.random.key(0),
+        feature_shape=(FEAT, FEAT, CH),
+    )
+    calls.clear()
+    attacks.gan_attack(
+        encode,
+        train,
+        test,
+        **{**kwargs, "init_decoder": other.decoder},
+        resume=resume,
+        progress=_kill_at(-1, calls),
+    )
+    assert calls == [2, 4, 6] and "starts afresh" in out.getvalue()

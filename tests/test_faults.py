@@ -62,13 +62,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _run(
-    workdir: Path, env: dict[str, str], fault: str | None = None
+    workdir: Path, env: dict[str, str], fault: str | None = None, extra: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
     e = dict(env)
     if fault is not None:
         e["CEM_FAULT_POINT"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *ARGS, f"--workdir={workdir}"],
+        [sys.executable, "-m", "experiments.run", *ARGS, *extra, f"--workdir={workdir}"],
         cwd=ROOT,
         env=e,
         capture_output=True,
@@ -146,6 +146,43 @@ def test_killed_anywhere_then_rerun_gives_the_uninterrupted_outputs(
         assert not [n for n in os.listdir(wd) if n.endswith(".tmp")], fault
         assert (wd / ".lock").read_text() == ""
     print(f"\n{len(CASES)} kill points, killed + re-run in {time.perf_counter() - t0:.1f}s")
+
+
+# the decoder attack: 6 steps, a validation (and possibly a checkpoint) every 2
+ATTACK_ARGS = (
+    "--attacks=decoder",
+    "--attack_settings=train_time",
+    "--attack_steps=6",
+    "--attack_eval_every=2",
+    "--attack_batch_size=16",
+)
+
+
+@pytest.mark.slow
+def test_run_killed_during_its_attack_resumes_the_attack(env: dict[str, str], tmp_path: Path):
+    ref = tmp_path / "uninterrupted"
+    proc = _run(ref, env, extra=ATTACK_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_results, _ = _outputs(ref)
+
+    wd = tmp_path / "killed"
+    # the first validation's checkpoint is always written; killed right after it
+    proc = _run(wd, env, "attack_checkpoint:2", extra=ATTACK_ARGS)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    assert not (wd / "results.json").exists()
+    assert (wd / "attack_checkpoints" / "train_time" / "decoder" / "2").is_dir()
+
+    proc = _run(wd, env, extra=ATTACK_ARGS)  # the same command again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "decoder attack resumed from its checkpoint at step 2/6" in proc.stdout
+    assert "decoder [train_time] step 2/6" not in proc.stdout  # not trained again
+    results, _ = _outputs(wd)
+    got = results["attacks"]["decoder"]["train_time"]
+    assert got.pop("resumed_at_step") == 2
+    for key in ("final", "history", "attacks"):
+        assert _untimed(results[key]) == _untimed(ref_results[key]), key
+    # the attack checkpoints go once results.json holds the results
+    assert not (wd / "attack_checkpoints").exists() and not (ref / "attack_checkpoints").exists()
 
 
 @pytest.mark.slow
