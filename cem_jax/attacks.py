@@ -32,6 +32,7 @@ curve (:meth:`AttackResult.summary`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -810,29 +811,30 @@ def _fit(
     times ``lr_scale`` (1, then ``lr_decay`` per plateau). Losses stay on the device and are fetched
     once per evaluation. Returns the best-validation state (a copy) and the validation curve.
     With a ``store`` (:class:`Resume`), it starts from the store's checkpoint of this attack if
-    there is one, and saves one after validations.
+    there is one, and saves one after validations; the store is closed on return.
     """
-    t_start = time.perf_counter()
-    best, best_state, best_step, reference = math.inf, None, 0, math.inf
-    bad, decays, scale, converged = 0, 0, 1.0, False
-    history: list[dict] = []
-    step, earlier_s, resumed_at = 0, 0.0, None
-    restored = store.load(state) if store is not None else None
-    if restored is not None:
-        state, best_state, meta = restored
-        step = resumed_at = int(meta["step"])
-        best, best_step, reference = float(meta["best"]), int(meta["best_step"]), meta["reference"]
-        reference = math.inf if reference is None else float(reference)
-        bad, decays, scale = int(meta["bad"]), int(meta["decays"]), float(meta["scale"])
-        converged, history = bool(meta["converged"]), list(meta["history"])
-        earlier_s = float(meta["elapsed_s"])
-        done = converged or step >= config.max_steps
-        store._note(
-            f"{name} attack resumed from its checkpoint at step {step}/{config.max_steps}"
-            + (" (finished there)" if done else "")
-        )
-        if done:
-            return _Fit(best_state, history, step, converged, best_step, earlier_s, resumed_at)
+    with contextlib.closing(store) if store is not None else contextlib.nullcontext():
+        t_start = time.perf_counter()
+        best, best_state, best_step, reference = math.inf, None, 0, math.inf
+        bad, decays, scale, converged = 0, 0, 1.0, False
+        history: list[dict] = []
+        step, earlier_s, resumed_at = 0, 0.0, None
+        restored = store.load(state) if store is not None else None
+        if restored is not None:
+            state, best_state, meta = restored
+            step = resumed_at = int(meta["step"])
+            best, best_step = float(meta["best"]), int(meta["best_step"])
+            reference = math.inf if meta["reference"] is None else float(meta["reference"])
+            bad, decays, scale = int(meta["bad"]), int(meta["decays"]), float(meta["scale"])
+            converged, history = bool(meta["converged"]), list(meta["history"])
+            earlier_s = float(meta["elapsed_s"])
+            done = converged or step >= config.max_steps
+            store._note(
+                f"{name} attack resumed from its checkpoint at step {step}/{config.max_steps}"
+                + (" (finished there)" if done else "")
+            )
+            if done:
+                return _Fit(best_state, history, step, converged, best_step, earlier_s, resumed_at)
     losses: list[jax.Array] = []
     batches = _batches(key, len(train_images), config.batch_size, start=step)
     t_last = time.perf_counter()
@@ -1128,26 +1130,24 @@ def decoder_attack(
     store = None
     if resume is not None:
         custom = None if decoder_given is None else type(decoder_given).__name__
-        identity = _attack_identity(
-            resume, "decoder", config, key, train_images, features=feature_shape, decoder=custom
+        store = _FitStore(
+            resume,
+            _attack_identity(
+                resume, "decoder", config, key, train_images, features=feature_shape, decoder=custom
+            ),
         )
-        store = _FitStore(resume, identity)
-    try:
-        fit = _fit(
-            "decoder",
-            config,
-            step_fn,
-            state,
-            fit_x,
-            val_mse,
-            key=k_shuffle,
-            placement=placement,
-            progress=progress,
-            store=store,
-        )
-    finally:
-        if store is not None:
-            store.close()
+    fit = _fit(
+        "decoder",
+        config,
+        step_fn,
+        state,
+        fit_x,
+        val_mse,
+        key=k_shuffle,
+        placement=placement,
+        progress=progress,
+        store=store,
+    )
     decoder, _ = nnx.merge(graphdef, fit.state)
     return _finish(
         encode,
@@ -1336,26 +1336,24 @@ def gan_attack(
     cfg_for_fit = dataclasses.replace(config, eval_every=max(config.eval_every, config.n_critic))
     store = None
     if resume is not None:
-        identity = _attack_identity(
-            resume, "gan", config, key, train_images, init_decoder=tree_digest(g_state)
+        store = _FitStore(
+            resume,
+            _attack_identity(
+                resume, "gan", config, key, train_images, init_decoder=tree_digest(g_state)
+            ),
         )
-        store = _FitStore(resume, identity)
-    try:
-        fit = _fit(
-            "gan",
-            cfg_for_fit,
-            step_fn,
-            state,
-            fit_x,
-            val_mse,
-            key=k_shuffle,
-            placement=placement,
-            progress=progress,
-            store=store,
-        )
-    finally:
-        if store is not None:
-            store.close()
+    fit = _fit(
+        "gan",
+        cfg_for_fit,
+        step_fn,
+        state,
+        fit_x,
+        val_mse,
+        key=k_shuffle,
+        placement=placement,
+        progress=progress,
+        store=store,
+    )
     generator_steps = fit.steps // config.n_critic  # one after every n_critic-th critic step
     _require(
         fit.state is not None and generator_steps > 0,

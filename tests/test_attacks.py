@@ -264,19 +264,22 @@ def test_evaluate_decoder_matches_a_direct_computation(image_attack):
     np.testing.assert_allclose(out["examples"], first, rtol=1e-4, atol=1e-5)
 
 
+GAN_CONFIG = attacks.GanAttackConfig(
+    max_steps=4,
+    batch_size=32,
+    n_critic=2,
+    critic_width=8,
+    eval_batch_size=32,
+    num_examples=2,
+    eval_every=2,
+)
+
+
 @pytest.mark.slow
 def test_gan_attack_runs_from_the_decoder(image_attack):
     encode, train, test, result = image_attack
     before = jax.tree.map(np.array, nnx.state(result.decoder))
-    cfg = attacks.GanAttackConfig(
-        max_steps=4,
-        batch_size=32,
-        n_critic=2,
-        critic_width=8,
-        eval_batch_size=32,
-        num_examples=2,
-        eval_every=2,
-    )
+    cfg = GAN_CONFIG
     calls = []
     gan = attacks.gan_attack(
         encode,
@@ -572,15 +575,7 @@ def test_killed_gan_attack_resumes_to_the_uninterrupted_result(image_attack, tmp
     import io
 
     encode, train, test, result = image_attack
-    cfg = attacks.GanAttackConfig(
-        max_steps=6,
-        batch_size=32,
-        n_critic=2,
-        critic_width=8,
-        eval_batch_size=32,
-        num_examples=2,
-        eval_every=2,
-    )
+    cfg = dataclasses.replace(GAN_CONFIG, max_steps=6)
     kwargs = dict(config=cfg, key=jax.random.key(1), init_decoder=result.decoder)
     whole = attacks.gan_attack(encode, train, test, **kwargs)
     out = io.StringIO()
