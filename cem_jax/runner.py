@@ -486,6 +486,8 @@ def _run_locked(
     if previous is not None:
         train.check_same_dataset(previous.get("dataset"), identity, results_path)
         if previous.get("attack_config") == attack_config(cfg):
+            if main:  # left behind only by a kill between results.json and their removal
+                _clear_attack_checkpoints(workdir)
             print(f"{workdir} already holds a finished run; its summary:", file=out)
             print(summary(previous), file=out)
             return previous

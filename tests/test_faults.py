@@ -183,6 +183,11 @@ def test_run_killed_during_its_attack_resumes_the_attack(env: dict[str, str], tm
         assert _untimed(results[key]) == _untimed(ref_results[key]), key
     # the attack checkpoints go once results.json holds the results
     assert not (wd / "attack_checkpoints").exists() and not (ref / "attack_checkpoints").exists()
+    # ... also those a kill between the two left behind, when the finished run is run again
+    (wd / "attack_checkpoints" / "train_time" / "decoder" / "4").mkdir(parents=True)
+    proc = _run(wd, env, extra=ATTACK_ARGS)
+    assert proc.returncode == 0 and "already holds a finished run" in proc.stdout, proc.stderr
+    assert not (wd / "attack_checkpoints").exists()
 
 
 @pytest.mark.slow
