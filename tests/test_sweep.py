@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -296,6 +297,16 @@ def _recording_sweep(*args: str) -> subprocess.CompletedProcess:
     return _python("-c", RECORDING_DRIVER, *args)
 
 
+def test_progress_line_counts_and_estimates_the_runs_left():
+    from cem_jax.cli.sweep import progress_line
+
+    assert progress_line(23, 90, []) == "sweep: 23 of 90 runs finished, 67 to run"
+    assert progress_line(25, 90, [1000.0, 1160.0]) == (
+        "sweep: 25 of 90 runs finished, 65 to run, ETA 19:30:00 (18:00 per run, mean of 2 here)"
+    )
+    assert progress_line(90, 90, [60.0]) == "sweep: 90 of 90 runs finished"
+
+
 def test_records_carry_a_sweep_to_a_fresh_machine(tmp_path):
     """A sweep records every finished run; on a fresh root (another machine: no workdirs) the same
     sweep skips the recorded runs, --collect_only rebuilds the same table from the records, and the
@@ -315,6 +326,13 @@ def test_records_carry_a_sweep_to_a_fresh_machine(tmp_path):
     first = _recording_sweep(*args, f"--root={tmp_path / 'a'}")
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.count("RAN ") == 8
+    # study-level progress: the start, then one line per run with an ETA from this process's runs
+    assert "sweep: 0 of 8 runs finished, 8 to run\n" in first.stdout
+    assert re.search(
+        r"sweep: 1 of 8 runs finished, 7 to run, ETA \S+ \(\S+ per run, mean of 1 ", first.stdout
+    )
+    assert "sweep: 7 of 8 runs finished, 1 to run, ETA" in first.stdout
+    assert first.stdout.rstrip().count("sweep: 8 of 8 runs finished") == 1
     lines = records.read_text().splitlines()
     names = [json.loads(line)["run"] for line in lines]
     assert names == sorted(names) and len(names) == 8 and "cem_noise_s0.2_seed2" in names
@@ -327,6 +345,7 @@ def test_records_carry_a_sweep_to_a_fresh_machine(tmp_path):
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "RAN " not in fresh.stdout  # every run is recorded: nothing trains again
     assert fresh.stdout.count(f"recorded in {records}; skipped") == 8
+    assert "sweep: 8 of 8 runs finished" in fresh.stdout and "to run" not in fresh.stdout
     assert not (tmp_path / "b" / "synthetic_quick").exists()
 
     tables = {}

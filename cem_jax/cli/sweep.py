@@ -17,13 +17,16 @@ applied to every run.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 
 from absl import flags
 
 from cem_jax import config as config_lib
 from cem_jax import storage
 from cem_jax.cli import collect, config_flags
+from cem_jax.progress import format_duration
 
 FLAGS = flags.FLAGS
 
@@ -207,6 +210,24 @@ def collect_all(grid: list[dict]) -> None:
         print(f"wrote {png}" if drawn else f"{collect.PLOT_PNG} not drawn: no finished run yet")
 
 
+def progress_line(done: int, total: int, run_seconds: list[float]) -> str:
+    """``sweep: 25 of 90 runs finished, 65 to run, ETA 19:30:00 (18:00 per run, mean of 2 here)``.
+
+    ``run_seconds``: wall times of the runs trained in this process (a resumed run counts what it
+    took now); the ETA assumes the runs left take their mean.
+    """
+    if done >= total:
+        return f"sweep: {done} of {total} runs finished"
+    line = f"sweep: {done} of {total} runs finished, {total - done} to run"
+    if run_seconds:
+        per = statistics.mean(run_seconds)
+        line += (
+            f", ETA {format_duration(per * (total - done))} ({format_duration(per)} per run, "
+            f"mean of {len(run_seconds)} here)"
+        )
+    return line
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         from absl import app
@@ -236,6 +257,14 @@ def _main(argv: list[str]) -> None:
     # shards write no records (one file, many writers): --collect_only adds theirs afterwards
     record_here = path and FLAGS.num_shards == 1 and parallel.is_main_process()
     mine = list(zip(grid, configs))[FLAGS.shard_index :: FLAGS.num_shards]
+    finished = {
+        collect.run_name(p)
+        for p, _ in mine
+        if collect.run_name(p) in recorded
+        or storage.exists(storage.join(workdir_of(p), collect.RESULTS_FILE))
+    }
+    print(progress_line(len(finished), len(mine), []), flush=True)
+    run_seconds: list[float] = []  # wall time of the runs this process trained, for the ETA
     for i, (point, cfg) in enumerate(mine):
         name, workdir = collect.run_name(point), workdir_of(point)
         rec = recorded.get(name)
@@ -255,6 +284,7 @@ def _main(argv: list[str]) -> None:
             )
             continue
         print(f"\n### sweep run {i + 1}/{len(mine)}: {name}", flush=True)
+        start, was_finished = time.perf_counter(), name in finished
         try:
             results = runner.run(
                 cfg,
@@ -267,6 +297,10 @@ def _main(argv: list[str]) -> None:
             sys.exit(f"error at {name}: {e}")
         if record_here and collect.add_records(path, {name: results}):
             print(f"recorded {name} in {path}", flush=True)
+        if not was_finished:
+            run_seconds.append(time.perf_counter() - start)
+            finished.add(name)
+            print(progress_line(len(finished), len(mine), run_seconds), flush=True)
     if not parallel.is_main_process():
         return
     print(
