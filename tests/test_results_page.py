@@ -40,7 +40,11 @@ def test_frontier_comparison_interpolates_noise_at_equal_accuracy():
     assert [r["name"] for r in rows] == ["cem_noise_0.35", "cem_noise_0.1"]
     assert rows[0]["base_mse"] == pytest.approx(0.015)
     assert rows[0]["gain"] == pytest.approx(1.0)
-    assert rows[0]["diff_std"] == pytest.approx((0.001**2 + 0.001**2) ** 0.5)
+    # MSE stds 0.001 on both sides; accuracy stds 0.01 (point, both neighbours) through the segment's
+    # slope -0.1 at t = 0.5: 0.1 * 0.01 * sqrt(1 + 0.5**2 + 0.5**2)
+    acc_term = 0.1 * 0.01 * (1 + 0.25 + 0.25) ** 0.5
+    assert rows[0]["acc_term"] == pytest.approx(acc_term)
+    assert rows[0]["diff_std"] == pytest.approx((0.001**2 + 0.001**2 + acc_term**2) ** 0.5)
     assert rows[1]["base_mse"] is None
     text = results_page.answer(rows)
     assert "higher train-time decoder MSE than `noise` at 1 and a lower one at 0 of the 1" in text
@@ -280,8 +284,9 @@ def test_variants_verdict_against_the_default_at_the_same_sigma():
         _record("noise", 0.20, 0.030, std=0.001),
         # the default at acc 0.30: noise there 0.020, excess +0.005 ± √(0.001² + 0.001²)
         at("cem_noise", "cem_noise_s0.1", 0.30, 0.025, 0.001),
-        # excess +0.012 at acc 0.35 (noise 0.015): +0.007 over the default's, spread √(2·0.001² +
-        # 2·0.001²) = 0.002 -> beats it
+        # excess +0.012 at acc 0.35 (noise 0.015): +0.007 over the default's; spread: MSE stds
+        # √(4·0.001²), accuracy stds 0.01 through the slope -0.1 (t = 0.5 for the default, 0.75
+        # here): 0.1·0.01·√(1.5 + 1.625), so √(4e-6 + 3.125e-6) = 0.0027 -> beats it
         at("cem_noise [reference]", "cem_noise_s0.1_l0.3_reference", 0.35, 0.027, 0.001),
         # excess +0.006 at acc 0.25 (noise 0.025): +0.001, not distinguishable
         at("cem_noise [gmm_invlr]", "cem_noise_s0.1_l0.32_gmm_invlr", 0.25, 0.031, 0.001),
@@ -295,12 +300,13 @@ def test_variants_verdict_against_the_default_at_the_same_sigma():
         "`cem_noise_s0.1_l0.3_reference` (n=3) +0.0120 against the default's +0.0050 (n=3): "
         in text
     )
-    assert "+0.0070 ± 0.0020, beats the default" in text
-    assert "+0.0010 ± 0.0020, not distinguishable from the default" in text
+    assert "+0.0070 ± 0.0027, beats the default" in text
+    assert "+0.0010 ± 0.0027, not distinguishable from the default" in text
     assert "reference_invlr` (n=1) +0.0200 against the default's +0.0050 (n=3)" in text
     assert "one seed on a side: not evidence yet" in text
     assert text.endswith("Beats the default: `cem_noise_s0.1_l0.3_reference`.")
-    recs[3] = at("cem_noise [reference]", "cem_noise_s0.1_l0.3_reference", 0.35, 0.015, 0.001)
+    # excess -0.002: -0.007 under the default's, beyond twice the spread 0.0027
+    recs[3] = at("cem_noise [reference]", "cem_noise_s0.1_l0.3_reference", 0.35, 0.013, 0.001)
     assert results_page.variants_verdict(recs).endswith(
         "None of the 2 variant(s) with two seeds on each side beats the default."
     )
@@ -369,3 +375,99 @@ def test_welch_matches_scipy():
     va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
     assert abs(df - (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)) < 1e-9
     assert results_page.welch(b, a)[0] == -t  # the sign follows a − b
+
+
+def _runs(defense, name, accs, mses, sigma=0.1):
+    import numpy as np
+
+    r = _record(defense, float(np.mean(accs)), float(np.mean(mses)), n=len(accs))
+    r["name"], r["sigma"] = name, sigma
+    r["metrics"]["defended_acc"]["values"] = [float(a) for a in accs]
+    r["metrics"][KEY]["values"] = [float(m) for m in mses]
+    if len(accs) > 1:
+        r["metrics"]["defended_acc"]["std"] = float(np.std(accs, ddof=1))
+        r["metrics"][KEY]["std"] = float(np.std(mses, ddof=1))
+    return r
+
+
+def test_steep_frontier_segment_is_not_evidence():
+    # Two noise points of nearly equal mean accuracy (seed spread 0.05) but different MSE: the
+    # interpolated frontier between them is steep and not pinned down by the seeds. A cem point
+    # 0.006 above it (MSE spread 0.001 on both sides) used to count as "higher"; through the
+    # accuracies' spread it does not.
+    recs = [
+        _runs("noise", "noise_s0.4", [0.26, 0.36], [0.024, 0.024]),
+        _runs("noise", "noise_s0.2", [0.262, 0.362], [0.017, 0.017]),
+        _runs("noise", "noise_s0.05", [0.40, 0.42], [0.010, 0.010]),
+        _runs("cem_noise", "cem_noise_s0.2", [0.26, 0.3605], [0.026, 0.028]),
+    ]
+    (row,) = results_page.frontier_comparison(recs)
+    slope = (0.017 - 0.024) / (0.312 - 0.31)
+    t = (0.31025 - 0.31) / 0.002
+    sd, sd_cem = 0.1 / 2**0.5, 0.1005 / 2**0.5  # the accuracies' seed stds
+    assert row["base_mse"] == pytest.approx(0.024 + t * (0.017 - 0.024))
+    acc_term = abs(slope) * (sd_cem**2 + ((1 - t) * sd) ** 2 + (t * sd) ** 2) ** 0.5
+    assert row["acc_term"] == pytest.approx(acc_term)
+    assert row["diff"] > 2 * (row["std"] ** 2 + row["base_std"] ** 2) ** 0.5  # MSE spread alone
+    assert "not distinguishable from noise alone" in results_page.answer([row])
+
+
+def test_pooled_and_per_point_line_readings_match_numpy_and_scipy():
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    noise, cem = [], []
+    for i, sigma in enumerate((0.05, 0.1, 0.2, 0.4)):
+        accs = 0.36 - 0.03 * i + 0.03 * rng.standard_normal(3)
+        noise.append(
+            _runs("noise", f"noise_s{sigma}", accs, 0.06 - 0.14 * accs + 0.004 * rng.standard_normal(3), sigma)
+        )  # fmt: skip
+        accs = 0.34 - 0.02 * i + 0.03 * rng.standard_normal(3)
+        mses = 0.06 - 0.14 * accs + 0.006 + 0.004 * rng.standard_normal(3)  # CEM: +0.006
+        cem.append(_runs("cem_noise", f"cem_noise_s{sigma}", accs, mses, sigma))
+    fit = results_page.line_comparison([*noise, *cem])
+    xs = np.concatenate([r["metrics"]["defended_acc"]["values"] for r in noise])
+    ys = np.concatenate([r["metrics"][KEY]["values"] for r in noise])
+    slope, intercept = np.polyfit(xs, ys, 1)
+    noise_res = ys - (intercept + slope * xs)
+    cx = np.concatenate([r["metrics"]["defended_acc"]["values"] for r in cem])
+    cy = np.concatenate([r["metrics"][KEY]["values"] for r in cem])
+    cem_res = cy - (intercept + slope * cx)
+    # per point: mean ± std of its seeds' residuals, counted against twice √(s² + scatter²)
+    resid_std = np.sqrt(np.sum(noise_res**2) / (len(xs) - 2))
+    for k, row in enumerate(fit["rows"]):
+        e = cem_res[3 * k : 3 * k + 3]
+        assert row["res_mean"] == pytest.approx(e.mean())
+        assert row["res_std"] == pytest.approx(e.std(ddof=1))
+        assert row["run_gains"] == pytest.approx(
+            list(cy[3 * k : 3 * k + 3] / (cy - cem_res)[3 * k : 3 * k + 3] - 1)
+        )
+    higher = sum(
+        r["res_mean"] > 2 * np.hypot(r["res_std"], resid_std) for r in fit["rows"]
+    )  # fmt: skip
+    text = results_page.line_paragraph(fit)
+    assert f"higher at {higher} and lower at 0 of the 4 points with two seeds" in text
+    # pooled: every cem run against the noise runs' residuals, Welch
+    pool = results_page.pooled_line(fit)
+    ref = stats.ttest_ind(cem_res, noise_res, equal_var=False)
+    assert pool["n"] == 12 and pool["points"] == 4
+    assert pool["mean"] == pytest.approx(cem_res.mean())
+    assert pool["std"] == pytest.approx(cem_res.std(ddof=1))
+    assert pool["gain"] == pytest.approx(np.mean(cy / (cy - cem_res) - 1))
+    assert pool["t"] == pytest.approx(ref.statistic)
+    assert pool["p"] == pytest.approx(ref.pvalue, abs=1e-6)
+    assert ref.statistic > 2  # built with a +0.006 excess over 12 runs
+    para = results_page.pooled_paragraph(fit)
+    assert para.startswith("**In short: `cem_noise` gives a higher attack MSE than noise alone")
+    assert f"lie {cem_res.mean():+.4f} ± {cem_res.std(ddof=1):.4f}" in para
+    # no excess: not distinguishable
+    for r in cem:
+        m = r["metrics"]
+        m[KEY]["values"] = [
+            v - 0.006 - float(np.mean(cem_res) - 0.006) for v in m[KEY]["values"]
+        ]  # fmt: skip
+    fit0 = results_page.line_comparison([*noise, *cem])
+    assert abs(results_page.pooled_line(fit0)["t"]) < 2
+    assert "is not distinguishable from noise alone" in results_page.pooled_paragraph(fit0)
+    assert "not answered yet" in results_page.pooled_paragraph(None)

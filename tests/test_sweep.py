@@ -252,6 +252,11 @@ def test_collect_tolerates_results_without_attacks_or_new_keys(tmp_path):
     assert "(n=1)" in md and "†" in md
     assert "GAN train-time MSE" not in md and "decoder train-time MSE" in md  # no empty columns
     assert collect.plot_privacy_utility(records, str(tmp_path / "p.png"))
+    # the results page's straight line through the noise runs, drawn on the MSE panel
+    assert collect.plot_privacy_utility(
+        records, str(tmp_path / "l.png"), line=(0.06, -0.1, 0.2, 0.4)
+    )
+    assert (tmp_path / "l.png").read_bytes() != (tmp_path / "p.png").read_bytes()
     assert not collect.plot_privacy_utility([], str(tmp_path / "q.png"))
     assert not (tmp_path / "q.png").exists()
     # results.json of an older version: the full-covariance estimate, no certificate

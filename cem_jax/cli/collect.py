@@ -444,12 +444,18 @@ _LEAKAGE_FALLBACK = ("leakage_bits_full", "leakage bound (full-covariance estima
 
 
 def plot_privacy_utility(
-    records: Sequence[dict[str, Any]], path: str, *, title: str | None = None
+    records: Sequence[dict[str, Any]],
+    path: str,
+    *,
+    title: str | None = None,
+    line: tuple[float, float, float, float] | None = None,
 ) -> bool:
     """Draws defended accuracy against the attack MSE and against the leakage bound: one curve per
     defense family (its points in σ, then λ, order), error bars where seeds repeat, hollow markers where
     an attack is flagged (not converged / not better than the baseline), the mean-image baseline's MSE
-    as a dashed line. Writes a PNG at ``path``.
+    as a dashed line. ``line = (intercept, slope, acc_lo, acc_hi)``, if given, is a straight line
+    ``MSE = intercept + slope·accuracy`` (the results page's fit through every noise run), drawn
+    dotted on the MSE panel over that accuracy range. Writes a PNG at ``path``.
 
     Returns ``False`` (and writes nothing) when no record has the defended accuracy. Needs matplotlib
     (the ``plots`` extra); imported here, with the Agg canvas, so the rest of the package does not.
@@ -506,6 +512,17 @@ def plot_privacy_utility(
                     color=c,
                 )
             drawn = True
+        if key == "decoder.train_time.mse" and line is not None:
+            a, b, lo, hi = line
+            ax.plot([a + b * lo, a + b * hi], [lo, hi], ":", color="0.3", lw=1.5)
+            ax.annotate(
+                "noise: line through every run",
+                (a + b * hi, hi),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=7,
+                color="0.3",
+            )
         if key == "decoder.train_time.mse":
             base = [
                 r["metrics"]["decoder.train_time.baseline_mse"]["mean"]

@@ -5,8 +5,10 @@ r"""Writes the results page (``docs/results.md`` and its plot) from a finished s
 It reads ``<root>/table.json`` (written by ``experiments.sweep --collect_only``), draws two plots beside
 the page (the noise / cem_noise frontier; every other defense family three ways) and writes: the
 question, the answer computed from the table (at equal defended accuracy, the train-time decoder MSE
-of ``cem_noise`` against the ``noise`` frontier, interpolated linearly in accuracy, with its spread
-over seeds), the CEM variants, every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its
+of ``cem_noise`` against ``noise`` three ways: every run against a straight line through the noise
+runs at its own accuracy, pooled over σ with Welch's t; per σ against that line; per σ against the
+noise frontier interpolated linearly in accuracy, its spread counting the accuracies' seed spread
+too), the CEM variants, every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its
 contrasts, the table, the commands, the scale, the compute and which commit produced each point.
 """
 
@@ -46,15 +48,20 @@ def frontier_comparison(
     """For each ``other`` point: the ``base`` frontier's attack MSE at the same defended accuracy.
 
     The base frontier is the piecewise-linear curve through its points' mean (accuracy, MSE), sorted
-    by accuracy; points outside its accuracy range get ``None``. The spread combines the point's
-    seed std with the interpolated std of the two base points around it.
+    by accuracy; points outside its accuracy range get ``None``. The spread ``diff_std`` combines
+    the point's seed std of MSE, the interpolated seed std of MSE of the two base points around it,
+    and what their accuracies' seed stds move the comparison by along the segment (first order):
+    with ``base = m0 + (acc − a0)·s``, ``s = (m1 − m0)/(a1 − a0)`` and ``t = (acc − a0)/(a1 − a0)``,
+    ``acc_term = |s|·√(σ_acc² + (1 − t)²·σ_a0² + t²·σ_a1²)``. A steep segment (two base points
+    of nearly equal accuracy but different MSE) thus gives a wide spread: the frontier there is not
+    pinned down by the seeds, and a difference against it is not evidence.
 
     >>> rec = lambda d, acc, mse, s=0.0: {"defense": d, "name": f"{d}{acc}", "n": 3, "metrics": {
     ...     "defended_acc": {"mean": acc, "std": s}, KEY: {"mean": mse, "std": s}}}
     >>> out = frontier_comparison([rec("noise", 0.3, 0.02), rec("noise", 0.2, 0.04),
     ...                            rec("cem_noise", 0.25, 0.045)])
-    >>> round(out[0]["base_mse"], 4), round(out[0]["gain"], 3)
-    (0.03, 0.5)
+    >>> round(out[0]["base_mse"], 4), round(out[0]["gain"], 3), out[0]["acc_term"]
+    (0.03, 0.5, 0.0)
     """
 
     def usable(r: dict[str, Any]) -> bool:
@@ -69,6 +76,7 @@ def frontier_comparison(
         if r["defense"] != other or not usable(r):
             continue
         acc = r["metrics"]["defended_acc"]["mean"]
+        acc_std = r["metrics"]["defended_acc"].get("std") or 0.0
         mse, std = r["metrics"][KEY]["mean"], r["metrics"][KEY].get("std") or 0.0
         row: dict[str, Any] = {
             "family": other,
@@ -90,7 +98,13 @@ def frontier_comparison(
                 row["base_n"] = min(lo["n"], hi["n"])
                 row["gain"] = mse / row["base_mse"] - 1.0
                 row["diff"] = mse - row["base_mse"]
-                row["diff_std"] = math.sqrt(std**2 + row["base_std"] ** 2)
+                sa0 = lo["metrics"]["defended_acc"].get("std") or 0.0
+                sa1 = hi["metrics"]["defended_acc"].get("std") or 0.0
+                slope = (m1 - m0) / (a1 - a0)
+                row["acc_term"] = abs(slope) * math.sqrt(
+                    acc_std**2 + ((1 - t) * sa0) ** 2 + (t * sa1) ** 2
+                )
+                row["diff_std"] = math.sqrt(std**2 + row["base_std"] ** 2 + row["acc_term"] ** 2)
                 break
         out.append(row)
     return out
@@ -133,10 +147,12 @@ def answer(rows: list[dict[str, Any]], other: str = "cem_noise") -> str:
     better = sum(r["diff"] > 2 * r["diff_std"] for r in seeded)
     worse = sum(r["diff"] < -2 * r["diff_std"] for r in seeded)
     head = (
-        f"At equal defended accuracy, `{other}` gives a higher train-time decoder MSE than `noise` "
+        f"Point by point, against the noise frontier interpolated between its σ points' means: at "
+        f"equal defended accuracy, `{other}` gives a higher train-time decoder MSE than `noise` "
         f"at {better} and a lower one at {worse} of the {len(seeded)} comparable points with at "
         "least two seeds on both sides (a difference counts when it exceeds twice its spread over "
-        f"seeds); {len(inside) - len(seeded)} more comparable point(s) have one seed."
+        "seeds: the MSE's on both sides and, through the frontier segment's slope, the "
+        f"accuracies'); {len(inside) - len(seeded)} more comparable point(s) have one seed."
     )
     mean_gain = sum(r["gain"] for r in inside) / len(inside)
     head += f" Mean relative change over all {len(inside)}: {mean_gain:+.0%}."
@@ -182,6 +198,7 @@ def line_comparison(
     intercept = my - slope * mx
     resid = [y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)]
     resid_std = math.sqrt(sum(e * e for e in resid) / (n - 2)) if n > 2 else 0.0
+    coef = {"intercept": intercept, "slope": slope}
     rows = []
     for r in records:
         m = r["metrics"]
@@ -189,6 +206,13 @@ def line_comparison(
             continue
         acc, mse = m["defended_acc"]["mean"], m[KEY]["mean"]
         line = intercept + slope * acc
+        res = line_residuals(r, coef)
+        accs = [float(v) for v in m["defended_acc"].get("values") or []]
+        gains = [
+            y / (intercept + slope * x) - 1.0
+            for x, y in zip(accs, m[KEY].get("values") or [], strict=False)
+            if intercept + slope * x > 0
+        ]
         rows.append(
             {
                 "name": r["name"],
@@ -198,16 +222,102 @@ def line_comparison(
                 "line_mse": line,
                 "gain": mse / line - 1.0 if line > 0 else float("nan"),
                 "inside": min(xs) <= acc <= max(xs),
+                "res": res,
+                "run_gains": gains if len(gains) == len(res) else [],
+                "res_mean": sum(res) / len(res) if res else float("nan"),
+                "res_std": collect.stats(res)["std"] if len(res) > 1 else None,
+                "outside_runs": sum(not (min(xs) <= a <= max(xs)) for a in accs),
             }
         )
     return {
         "slope": slope,
         "intercept": intercept,
         "resid_std": resid_std,
+        "resid": resid,
         "n": n,
         "acc_range": (min(xs), max(xs)),
         "rows": rows,
     }
+
+
+def _line_verdict(r: dict[str, Any], resid_std: float) -> tuple[str, float | None]:
+    """A point's verdict against the line: its mean residual over seeds against twice
+    ``√(s² + s_noise²)`` (its seeds' std, one noise run's scatter about the line)."""
+    if r["res_std"] is None:
+        return "one seed, so no spread: not evidence either way yet", None
+    spread = math.sqrt(r["res_std"] ** 2 + resid_std**2)
+    if r["res_mean"] > 2 * spread:
+        return "higher than noise alone", spread
+    if r["res_mean"] < -2 * spread:
+        return "lower than noise alone", spread
+    return "not distinguishable from noise alone", spread
+
+
+def pooled_line(fit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Every ``other`` run (all σ, all seeds) against the noise line at its own accuracy.
+
+    The residuals' mean is CEM's excess attack MSE over noise alone at equal accuracy, averaged over
+    the grid (this assumes the excess is alike across σ; the per-point readings test that). Its
+    standard error and Welch's t (:func:`welch`) take the noise runs' residuals as the other
+    sample, so the line's own scatter counts. ``None`` without two runs.
+
+    >>> fit = {"resid": [0.001, -0.001, 0.0], "rows": [
+    ...     {"res": [0.004, 0.006], "run_gains": [0.4, 0.6]}, {"res": [0.005], "run_gains": [0.5]}]}
+    >>> out = pooled_line(fit)
+    >>> out["n"], round(out["mean"], 4), round(out["gain"], 2), round(out["t"], 1)
+    (3, 0.005, 0.5, 6.1)
+    """
+    if fit is None:
+        return None
+    res = [v for r in fit["rows"] for v in r["res"]]
+    if len(res) < 2 or len(fit["resid"]) < 2:
+        return None
+    gains = [g for r in fit["rows"] for g in r.get("run_gains", [])]
+    st = collect.stats(res)
+    t, df, p = welch(res, list(fit["resid"]))
+    return {
+        "n": len(res),
+        "points": sum(bool(r["res"]) for r in fit["rows"]),
+        "mean": st["mean"],
+        "std": st["std"],
+        "gain": sum(gains) / len(gains) if len(gains) == len(res) else float("nan"),
+        "t": t,
+        "df": df,
+        "p": p,
+        "outside": sum(r.get("outside_runs", 0) for r in fit["rows"]),
+    }
+
+
+def pooled_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
+    """The short answer: :func:`pooled_line` in words, with its verdict (``|t| > 2``)."""
+    pool = pooled_line(fit)
+    if pool is None:
+        return (
+            "**In short: not answered yet.** The pooled reading needs at least 3 finished noise "
+            f"runs and two finished `{other}` runs."
+        )
+    if pool["t"] > 2:
+        verdict = f"`{other}` gives a higher attack MSE than noise alone at equal accuracy"
+    elif pool["t"] < -2:
+        verdict = f"`{other}` gives a lower attack MSE than noise alone at equal accuracy"
+    else:
+        verdict = f"`{other}` is not distinguishable from noise alone at equal accuracy"
+    outside = (
+        f" ({pool['outside']} of them outside the noise runs' accuracy range: extrapolated)"
+        if pool["outside"]
+        else ""
+    )
+    return (
+        f"**In short: {verdict}** (pooled over the grid). Against the straight line through all "
+        f"{len(fit['resid'])} noise runs (below), the {pool['n']} `{other}` runs of "
+        f"{pool['points']} σ{outside} lie {pool['mean']:+.4f} ± {pool['std']:.4f} (mean ± std over "
+        f"runs) above noise alone at their own accuracy, {pool['gain']:+.0%} on average; the mean "
+        f"against its standard error (Welch, the noise runs' scatter about the line as the other "
+        f"sample): t {pool['t']:+.1f} ({pool['df']:.1f} df, p {pool['p']:.2g}); a verdict needs "
+        "|t| > 2. This assumes CEM's excess is alike across σ and the noise frontier straight over "
+        "the accuracies seen: the per-σ readings below do not assume the first, and the "
+        "interpolated one does not assume the second."
+    )
 
 
 def line_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
@@ -215,18 +325,32 @@ def line_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
         return "(The straight-line reading needs at least 3 finished noise runs and one cem_noise run.)"
     lo, hi = fit["acc_range"]
     parts = []
+    counts = {"higher than noise alone": 0, "lower than noise alone": 0}
+    seeded = 0
     for r in fit["rows"]:
         where = "" if r["inside"] else ", outside the noise runs' accuracy range: extrapolated"
         z = (r["mse"] - r["line_mse"]) / fit["resid_std"] if fit["resid_std"] > 0 else float("nan")
+        verdict, spread = _line_verdict(r, fit["resid_std"])
+        if spread is not None:
+            seeded += 1
+            counts[verdict] = counts.get(verdict, 0) + 1
+        res = f"residual {r['res_mean']:+.4f}" + (
+            f" ± {r['res_std']:.4f}, spread {spread:.4f}" if spread is not None else ""
+        )
         parts.append(
             f"`{r['name']}` (n={r['n']}, accuracy {r['acc']:.3f}{where}): {r['mse']:.4f} against "
-            f"{r['line_mse']:.4f}, {r['gain']:+.0%} ({z:+.1f} noise-run residual std)"
+            f"{r['line_mse']:.4f}, {r['gain']:+.0%} ({z:+.1f} noise-run residual std; {res}: "
+            f"{verdict})"
         )
     return (
         f"A second reading, less sensitive to one seed's accuracy: a straight line through all "
         f"{fit['n']} noise runs (attack MSE = {fit['intercept']:.4f} {fit['slope']:+.4f} × "
         f"accuracy, accuracy {lo:.3f}–{hi:.3f}, a single run's scatter about it "
-        f"{fit['resid_std']:.4f}). Against it, `{other}`: " + "; ".join(parts) + "."
+        f"{fit['resid_std']:.4f}). Each `{other}` seed is read against it at its own accuracy (its "
+        "residual), and a point counts when its mean residual exceeds twice the spread √(its "
+        "seeds' std² + a noise run's scatter²): higher at "
+        f"{counts['higher than noise alone']} and lower at {counts['lower than noise alone']} of "
+        f"the {seeded} points with two seeds. " + "; ".join(parts) + "."
     )
 
 
@@ -731,11 +855,13 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
     plot_name, families_plot = f"{stem}_privacy_utility.png", f"{stem}_families.png"
     # the frontier plot: noise, cem_noise and its variants, none (the other families get their own)
     frontier = [r for r in records if r["defense"].split(" [")[0] in ("none", "noise", "cem_noise")]
+    fit = line_comparison(records)
     try:
         have_plot = collect.plot_privacy_utility(
             frontier,
             os.path.join(folder, plot_name),
             title=f"{table.get('dataset')}, preset {table.get('preset')}",
+            line=(fit["intercept"], fit["slope"], *fit["acc_range"]) if fit else None,
         )
         have_families = plot_families(records, os.path.join(folder, families_plot))
     except ImportError:  # no matplotlib: the sweep's own plot (every family on one figure)
@@ -761,9 +887,11 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "",
         "## The answer",
         "",
+        pooled_paragraph(fit),
+        "",
         answer(rows),
         "",
-        line_paragraph(line_comparison(records)),
+        line_paragraph(fit),
         "",
         undefended_line(records),
         "",
