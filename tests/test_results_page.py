@@ -471,3 +471,41 @@ def test_pooled_and_per_point_line_readings_match_numpy_and_scipy():
     assert abs(results_page.pooled_line(fit0)["t"]) < 2
     assert "is not distinguishable from noise alone" in results_page.pooled_paragraph(fit0)
     assert "not answered yet" in results_page.pooled_paragraph(None)
+
+
+def test_curvature_check_matches_lstsq_and_scipy():
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(2)
+    noise, cem = [], []
+    for i, sigma in enumerate((0.05, 0.1, 0.2, 0.4, 0.8)):
+        accs = 0.38 - 0.035 * i + 0.02 * rng.standard_normal(3)
+        mses = 2.0 * (accs - 0.45) ** 2 + 0.004 + 0.001 * rng.standard_normal(3)  # curved
+        noise.append(_runs("noise", f"noise_s{sigma}", accs, mses, sigma))
+    for sigma in (0.1, 0.2):
+        accs = 0.31 + 0.02 * rng.standard_normal(3)
+        mses = 2.0 * (accs - 0.45) ** 2 + 0.004 + 0.003 + 0.001 * rng.standard_normal(3)
+        cem.append(_runs("cem_noise", f"cem_noise_s{sigma}", accs, mses, sigma))
+    out = results_page.curvature_check([*noise, *cem])
+    x = np.concatenate([r["metrics"]["defended_acc"]["values"] for r in noise])
+    y = np.concatenate([r["metrics"][KEY]["values"] for r in noise])
+    design = np.stack([np.ones_like(x), x, x * x], axis=1)
+    coef2, rss2, *_ = np.linalg.lstsq(design, y, rcond=None)
+    coef1, rss1, *_ = np.linalg.lstsq(design[:, :2], y, rcond=None)
+    f = (rss1[0] - rss2[0]) / (rss2[0] / (len(x) - 3))
+    assert out["n_base"] == 15 and out["n"] == 6
+    assert out["f"] == pytest.approx(f)
+    assert out["p_curvature"] == pytest.approx(stats.f.sf(f, 1, len(x) - 3), abs=1e-6)
+    assert out["p_curvature"] < 0.01  # the noise runs were built curved
+    cx = np.concatenate([r["metrics"]["defended_acc"]["values"] for r in cem])
+    cy = np.concatenate([r["metrics"][KEY]["values"] for r in cem])
+    res = cy - np.stack([np.ones_like(cx), cx, cx * cx], axis=1) @ coef2
+    ref = stats.ttest_ind(res, y - design @ coef2, equal_var=False)
+    assert out["mean"] == pytest.approx(res.mean()) and out["std"] == pytest.approx(res.std(ddof=1))
+    assert out["t"] == pytest.approx(ref.statistic) and out["p"] == pytest.approx(
+        ref.pvalue, abs=1e-6
+    )
+    text = results_page.pooled_paragraph(results_page.line_comparison([*noise, *cem]), curved=out)
+    assert f"F {f:.2f}, p {out['p_curvature']:.2g}" in text and f"t {ref.statistic:+.1f}" in text
+    assert results_page.curvature_check([*noise[:1], *cem]) is None  # 3 noise runs: no quadratic

@@ -159,6 +159,75 @@ def answer(rows: list[dict[str, Any]], other: str = "cem_noise") -> str:
     return head + " " + "; ".join(parts) + "."
 
 
+def _runs_xy(records: list[dict[str, Any]], defense: str) -> tuple[list[float], list[float]]:
+    """Every run of ``defense`` (each seed its own point): (defended accuracies, attack MSEs)."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for r in records:
+        m = r["metrics"]
+        if r["defense"] != defense or "defended_acc" not in m or KEY not in m:
+            continue
+        accs, mses = m["defended_acc"].get("values"), m[KEY].get("values")
+        if accs and mses and len(accs) == len(mses):
+            xs += [float(v) for v in accs]
+            ys += [float(v) for v in mses]
+    return xs, ys
+
+
+def curvature_check(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> dict[str, Any] | None:
+    """The pooled reading's straight-line assumption, checked: a quadratic least-squares fit through
+    every ``base`` run instead, the F-test of its curvature term against the line
+    (``F = (RSS₁ − RSS₂) / (RSS₂/(n − 3))``, 1 and n − 3 df, ``p = I_{(n−3)/(n−3+F)}((n−3)/2, 1/2)``),
+    and the ``other`` runs' residuals against the quadratic, pooled (mean, std, Welch as in
+    :func:`pooled_line`). ``None`` with fewer than 5 base runs (4 distinct accuracies) or 2 other
+    runs.
+
+    >>> rec = lambda d, accs, mses: {"defense": d, "metrics": {"defended_acc": {"values": accs},
+    ...     KEY: {"values": mses}}}
+    >>> xs = [0.2, 0.25, 0.3, 0.35, 0.4]
+    >>> out = curvature_check([rec("noise", xs, [x * x for x in xs]),
+    ...                        rec("cem_noise", [0.3, 0.3], [0.1, 0.12])])
+    >>> round(out["mean"], 4), out["n"], out["p_curvature"] < 1e-6  # exactly quadratic
+    (0.02, 2, True)
+    """
+    import numpy as np
+
+    xs, ys = _runs_xy(records, base)
+    cx, cy = _runs_xy(records, other)
+    n = len(xs)
+    if n < 5 or len(cx) < 2 or len(set(xs)) < 4:  # a quadratic and a residual to test it by
+        return None
+    x, y = np.asarray(xs), np.asarray(ys)
+    rss1 = float(np.sum((y - np.polyval(np.polyfit(x, y, 1), x)) ** 2))
+    quad = np.polyfit(x, y, 2)
+    noise_res = y - np.polyval(quad, x)
+    rss2 = float(np.sum(noise_res**2))
+    dof = n - 3
+    f = (rss1 - rss2) / (rss2 / dof) if rss2 > 0 else math.inf
+    if math.isinf(f):
+        p_f = 0.0
+    else:
+        from jax.scipy.special import betainc
+
+        p_f = float(betainc(dof / 2, 0.5, dof / (dof + f)))
+    res = [float(v) for v in np.asarray(cy) - np.polyval(quad, np.asarray(cx))]
+    st = collect.stats(res)
+    t, df, p = welch(res, [float(v) for v in noise_res])
+    return {
+        "n": len(res),
+        "n_base": n,
+        "f": f,
+        "p_curvature": p_f,
+        "mean": st["mean"],
+        "std": st["std"],
+        "t": t,
+        "df": df,
+        "p": p,
+    }
+
+
 def line_comparison(
     records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
 ) -> dict[str, Any] | None:
@@ -177,16 +246,7 @@ def line_comparison(
     >>> round(out["slope"], 3), round(out["rows"][0]["line_mse"], 4), round(out["rows"][0]["gain"], 2)
     (-0.1, 0.015, 1.0)
     """
-    xs: list[float] = []
-    ys: list[float] = []
-    for r in records:
-        m = r["metrics"]
-        if r["defense"] != base or "defended_acc" not in m or KEY not in m:
-            continue
-        accs, mses = m["defended_acc"].get("values"), m[KEY].get("values")
-        if accs and mses and len(accs) == len(mses):
-            xs += [float(v) for v in accs]
-            ys += [float(v) for v in mses]
+    xs, ys = _runs_xy(records, base)
     n = len(xs)
     if n < 3:
         return None
@@ -288,8 +348,11 @@ def pooled_line(fit: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def pooled_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
-    """The short answer: :func:`pooled_line` in words, with its verdict (``|t| > 2``)."""
+def pooled_paragraph(
+    fit: dict[str, Any] | None, other: str = "cem_noise", curved: dict[str, Any] | None = None
+) -> str:
+    """The short answer: :func:`pooled_line` in words, with its verdict (``|t| > 2``), and
+    ``curved`` (:func:`curvature_check`), if given, as the check of the straight line."""
     pool = pooled_line(fit)
     if pool is None:
         return (
@@ -317,6 +380,15 @@ def pooled_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> st
         "|t| > 2. This assumes CEM's excess is alike across σ and the noise frontier straight over "
         "the accuracies seen: the per-σ readings below do not assume the first, and the "
         "interpolated one does not assume the second."
+    ) + (
+        ""
+        if curved is None
+        else (
+            f" Against a quadratic through the noise runs instead (its curvature against the line: "
+            f"F {curved['f']:.2f}, p {curved['p_curvature']:.2g}), the same runs lie "
+            f"{curved['mean']:+.4f} ± {curved['std']:.4f} above it: t {curved['t']:+.1f} "
+            f"({curved['df']:.1f} df, p {curved['p']:.2g})."
+        )
     )
 
 
@@ -887,7 +959,7 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "",
         "## The answer",
         "",
-        pooled_paragraph(fit),
+        pooled_paragraph(fit, curved=curvature_check(records)),
         "",
         answer(rows),
         "",
