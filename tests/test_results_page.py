@@ -255,6 +255,9 @@ def test_families_three_arms_contrasts_and_plot(tmp_path):
     spread = (0.001**2 + 0.002**2) ** 0.5
     assert f"MSE +0.0140 ± {spread:.4f} (+140%)" in text
     assert "acc -0.0300 ± 0.0224: higher MSE, accuracy not distinguishable" in text
+    # the noise line through the 6 noise runs has slope -0.1: the accuracy change alone would give
+    # -0.1 * -0.03 = +0.003 of MSE, leaving +0.011
+    assert "along the noise line, would give +0.0030 of MSE; the rest, +0.0110," in text
     # against the same defense with its noise: MSE +0.010 (+71 %), accuracy −0.01 → what CEM adds
     assert f"MSE +0.0100 ± {spread:.4f} (+71%)" in text
     # one seed: reported, not counted

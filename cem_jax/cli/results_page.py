@@ -698,7 +698,9 @@ def family_contrast(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"mse": _difference(a, b, KEY), "acc": _difference(a, b, "defended_acc")}
 
 
-def _contrast_cell(c: dict[str, Any]) -> str:
+def _contrast_cell(c: dict[str, Any], slope: float | None = None) -> str:
+    """One contrast in words; with ``slope`` (the noise line's, MSE per unit of accuracy) also the
+    MSE change the accuracy change alone would give along noise alone's frontier."""
     m, a = c["mse"], c["acc"]
     if not (m["seeded"] and a["seeded"]):
         word = "one seed on a side: no spread yet"
@@ -713,12 +715,20 @@ def _contrast_cell(c: dict[str, Any]) -> str:
             }[a["sign"]]
         )
     pm = lambda d: f"{d['diff']:+.4f}" + (f" ± {d['spread']:.4f}" if d["seeded"] else "")
-    return f"MSE {pm(m)} ({m['rel']:+.0%}), acc {pm(a)}: {word}"
+    text = f"MSE {pm(m)} ({m['rel']:+.0%}), acc {pm(a)}: {word}"
+    if slope is not None:
+        text += (
+            f" (the accuracy change alone, along the noise line, would give {slope * a['diff']:+.4f}"
+            f" of MSE; the rest, {m['diff'] - slope * a['diff']:+.4f}, is not explained by it)"
+        )
+    return text
 
 
 def families_section(records: list[dict[str, Any]], plot_name: str | None) -> list[str]:
     """Every other defense family three ways, the contrasts, and a one-paragraph answer."""
     present = _present_families(records)
+    fit = line_comparison(records)
+    slope = fit["slope"] if fit else None
     if not present:
         return ["(no run of another defense family finished yet)"]
     labels = {"pure": "{f}", "noise": "{f} [with_noise]", "cem": "cem_{f}"}
@@ -728,7 +738,10 @@ def families_section(records: list[dict[str, Any]], plot_name: str | None) -> li
         "Gaussian noise σ = 0.1 that CEM needs, no CEM) and `cem_X` (σ = 0.1 + X + CEM, λ = 1). "
         "`cem_X` against `X` is the paper's comparison; against `X [with_noise]` it is what CEM "
         "itself adds. A difference counts when it exceeds twice its spread (√ of the two points' "
-        "squared seed standard deviations) with at least two seeds on each side.",
+        "squared seed standard deviations) with at least two seeds on each side. Each contrast "
+        "also says how much of its MSE change its accuracy change alone would give along the "
+        "straight line through the noise runs (see the answer above): a defense that buys its "
+        "MSE with accuracy moves along that line.",
         "",
     ]
     if plot_name:
@@ -770,7 +783,9 @@ def families_section(records: list[dict[str, Any]], plot_name: str | None) -> li
         "|---|---|---|",
     ]
     for row in contrasts:
-        cells = [_contrast_cell(row[k]) if k in row else "-" for k in ("vs_pure", "vs_noise")]
+        cells = [
+            _contrast_cell(row[k], slope) if k in row else "-" for k in ("vs_pure", "vs_noise")
+        ]
         lines.append(f"| {row['family']} | {cells[0]} | {cells[1]} |")
     lines += ["", families_paragraph(contrasts)]
     return lines
