@@ -453,14 +453,22 @@ def test_pooled_and_per_point_line_readings_match_numpy_and_scipy():
     assert f"higher at {higher} and lower at 0 of the 4 points with two seeds" in text
     # pooled: every cem run against the noise runs' residuals, Welch
     pool = results_page.pooled_line(fit)
-    ref = stats.ttest_ind(cem_res, noise_res, equal_var=False)
+    # the textbook error of a fitted line's mean prediction at the cem runs' mean accuracy,
+    # sigma^2 (1/n + (xbar_c - xbar)^2 / Sxx), plus the cem runs' own scatter; Welch-Satterthwaite
+    n, m = len(xs), len(cx)
+    s2 = np.sum(noise_res**2) / (n - 2)
+    var_fit = s2 * (1 / n + (cx.mean() - xs.mean()) ** 2 / np.sum((xs - xs.mean()) ** 2))
+    var_runs = cem_res.var(ddof=1) / m
+    t = cem_res.mean() / np.sqrt(var_runs + var_fit)
+    df = (var_runs + var_fit) ** 2 / (var_runs**2 / (m - 1) + var_fit**2 / (n - 2))
     assert pool["n"] == 12 and pool["points"] == 4
     assert pool["mean"] == pytest.approx(cem_res.mean())
     assert pool["std"] == pytest.approx(cem_res.std(ddof=1))
+    assert pool["se_fit"] == pytest.approx(np.sqrt(var_fit))
     assert pool["gain"] == pytest.approx(np.mean(cy / (cy - cem_res) - 1))
-    assert pool["t"] == pytest.approx(ref.statistic)
-    assert pool["p"] == pytest.approx(ref.pvalue, abs=1e-6)
-    assert ref.statistic > 2  # built with a +0.006 excess over 12 runs
+    assert pool["t"] == pytest.approx(t) and pool["df"] == pytest.approx(df)
+    assert pool["p"] == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-6)
+    assert t > 2  # built with a +0.006 excess over 12 runs
     para = results_page.pooled_paragraph(fit)
     assert para.startswith("**In short: `cem_noise` gives a higher attack MSE than noise alone")
     assert f"lie {cem_res.mean():+.4f} ± {cem_res.std(ddof=1):.4f}" in para
@@ -503,12 +511,54 @@ def test_curvature_check_matches_lstsq_and_scipy():
     assert out["p_curvature"] < 0.01  # the noise runs were built curved
     cx = np.concatenate([r["metrics"]["defended_acc"]["values"] for r in cem])
     cy = np.concatenate([r["metrics"][KEY]["values"] for r in cem])
-    res = cy - np.stack([np.ones_like(cx), cx, cx * cx], axis=1) @ coef2
-    ref = stats.ttest_ind(res, y - design @ coef2, equal_var=False)
+    other = np.stack([np.ones_like(cx), cx, cx * cx], axis=1)
+    res = cy - other @ coef2
+    # the fit's error at the cem runs' mean design row, through the coefficients' covariance
+    cov = rss2[0] / (len(x) - 3) * np.linalg.inv(design.T @ design)
+    v = other.mean(axis=0)
+    var_fit, var_runs = v @ cov @ v, res.var(ddof=1) / len(res)
+    t = res.mean() / np.sqrt(var_fit + var_runs)
+    df = (var_fit + var_runs) ** 2 / (var_runs**2 / (len(res) - 1) + var_fit**2 / (len(x) - 3))
     assert out["mean"] == pytest.approx(res.mean()) and out["std"] == pytest.approx(res.std(ddof=1))
-    assert out["t"] == pytest.approx(ref.statistic) and out["p"] == pytest.approx(
-        ref.pvalue, abs=1e-6
-    )
+    assert out["t"] == pytest.approx(t) and out["df"] == pytest.approx(df)
+    assert out["p"] == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-6)
     text = results_page.pooled_paragraph(results_page.line_comparison([*noise, *cem]), curved=out)
-    assert f"F {f:.2f}, p {out['p_curvature']:.2g}" in text and f"t {ref.statistic:+.1f}" in text
+    assert f"F {f:.2f}, p {out['p_curvature']:.2g}" in text and f"t {t:+.1f}" in text
     assert results_page.curvature_check([*noise[:1], *cem]) is None  # 3 noise runs: no quadratic
+
+
+def test_pooled_reading_is_calibrated_under_the_null_and_sees_a_real_excess():
+    # The study's shape: 5 noise sigma x 3 seeds, 4 cem sigma x 2 seeds, accuracy seed spread 0.04,
+    # a run's scatter about the frontier 0.006. With no excess, |t| > 2 must be rare (two-sided
+    # p ~ 0.06 at ~15 df); with the excess the rerun reads (+0.007), it must be seen most times.
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+
+    def study(excess):
+        recs = []
+        for sigma, acc in zip((0.05, 0.1, 0.2, 0.4, 0.8), (0.35, 0.34, 0.31, 0.30, 0.22)):
+            accs = acc + 0.04 * rng.standard_normal(3)
+            mses = 0.066 - 0.15 * accs + 0.006 * rng.standard_normal(3)
+            recs.append(_runs("noise", f"noise_s{sigma}", accs, mses, sigma))
+        for sigma, acc in zip((0.05, 0.1, 0.2, 0.4), (0.34, 0.30, 0.29, 0.32)):
+            accs = acc + 0.04 * rng.standard_normal(2)
+            mses = 0.066 - 0.15 * accs + excess + 0.006 * rng.standard_normal(2)
+            recs.append(_runs("cem_noise", f"cem_noise_s{sigma}", accs, mses, sigma))
+        fit = results_page.line_comparison(recs)
+        # t as pooled_line computes it (its p goes through betainc, slow in a loop of 1,000)
+        (xs, _), (cx, cy) = (
+            (np.asarray(v) for v in fit["xy"]),
+            (np.asarray(v) for v in fit["other_xy"]),
+        )
+        res = cy - (fit["intercept"] + fit["slope"] * cx)
+        s2 = np.sum(np.square(fit["resid"])) / (xs.size - 2)
+        var_fit = s2 * (1 / xs.size + (cx.mean() - xs.mean()) ** 2 / np.sum((xs - xs.mean()) ** 2))
+        return res.mean() / np.sqrt(res.var(ddof=1) / res.size + var_fit), fit
+
+    t, fit = study(0.0)
+    assert results_page.pooled_line(fit)["t"] == pytest.approx(t)
+    null = np.array([study(0.0)[0] for _ in range(1000)])
+    assert 0.03 < np.mean(np.abs(null) > 2) < 0.10
+    seen = np.array([study(0.007)[0] for _ in range(300)])
+    assert np.mean(seen > 2) > 0.7

@@ -174,14 +174,68 @@ def _runs_xy(records: list[dict[str, Any]], defense: str) -> tuple[list[float], 
     return xs, ys
 
 
+def excess_over_fit(
+    xs: list[float], ys: list[float], cx: list[float], cy: list[float], degree: int = 1
+) -> dict[str, Any]:
+    """The mean excess of runs ``(cx, cy)`` over a polynomial least-squares fit through ``(xs, ys)``,
+    and its t-test, counting the fit's own uncertainty.
+
+    With ``X`` the fit's design matrix (``1, x, …, x^degree`` per base run), ``σ̂² = RSS/(n − k)``
+    (``k = degree + 1``) and ``v`` the mean design row of the other runs, the mean residual ``ē``
+    has variance ``s²/m + σ̂²·vᵀ(XᵀX)⁻¹v`` (its runs' scatter, the fit's error at their mean
+    row). ``t = ē / √(…)``, with Welch–Satterthwaite degrees of freedom from ``m − 1`` and
+    ``n − k``; ``p = I_{df/(df+t²)}(df/2, 1/2)`` two-sided. Needs two other runs and ``n > k``.
+
+    >>> out = excess_over_fit([0.2, 0.3, 0.4, 0.3], [0.03, 0.02, 0.01, 0.021], [0.3, 0.3], [0.03, 0.031])
+    >>> round(out["mean"], 4), out["m"], round(out["se_fit"], 6), round(out["t"], 1)
+    (0.0102, 2, 0.000306, 17.5)
+    """
+    import numpy as np
+
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    design = np.vander(x, degree + 1, increasing=True)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ coef
+    n, k, m = len(x), degree + 1, len(cx)
+    s2_fit = float(resid @ resid) / (n - k)
+    other = np.vander(np.asarray(cx, dtype=np.float64), k, increasing=True)
+    res = np.asarray(cy, dtype=np.float64) - other @ coef
+    v = other.mean(axis=0)
+    var_fit = s2_fit * float(v @ np.linalg.solve(design.T @ design, v))
+    var_runs = float(res.var(ddof=1)) / m
+    se2 = var_runs + var_fit
+    mean = float(res.mean())
+    if se2 <= 0:
+        t, df = (math.inf if mean else 0.0), float(m - 1 + n - k)
+        p = 0.0 if mean else 1.0
+    else:
+        from jax.scipy.special import betainc
+
+        t = mean / math.sqrt(se2)
+        df = se2**2 / (var_runs**2 / (m - 1) + var_fit**2 / (n - k))
+        p = float(betainc(df / 2, 0.5, df / (df + t * t)))
+    return {
+        "mean": mean,
+        "std": float(res.std(ddof=1)),
+        "m": m,
+        "res": [float(e) for e in res],
+        "fit_resid": [float(e) for e in resid],
+        "coef": [float(c) for c in coef],
+        "se": math.sqrt(max(se2, 0.0)),
+        "se_fit": math.sqrt(var_fit),
+        "t": t,
+        "df": df,
+        "p": p,
+    }
+
+
 def curvature_check(
     records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
 ) -> dict[str, Any] | None:
     """The pooled reading's straight-line assumption, checked: a quadratic least-squares fit through
     every ``base`` run instead, the F-test of its curvature term against the line
     (``F = (RSS₁ − RSS₂) / (RSS₂/(n − 3))``, 1 and n − 3 df, ``p = I_{(n−3)/(n−3+F)}((n−3)/2, 1/2)``),
-    and the ``other`` runs' residuals against the quadratic, pooled (mean, std, Welch as in
-    :func:`pooled_line`). ``None`` with fewer than 5 base runs (4 distinct accuracies) or 2 other
+    and the ``other`` runs' residuals against the quadratic, pooled (:func:`excess_over_fit`). ``None`` with fewer than 5 base runs (4 distinct accuracies) or 2 other
     runs.
 
     >>> rec = lambda d, accs, mses: {"defense": d, "metrics": {"defended_acc": {"values": accs},
@@ -201,9 +255,8 @@ def curvature_check(
         return None
     x, y = np.asarray(xs), np.asarray(ys)
     rss1 = float(np.sum((y - np.polyval(np.polyfit(x, y, 1), x)) ** 2))
-    quad = np.polyfit(x, y, 2)
-    noise_res = y - np.polyval(quad, x)
-    rss2 = float(np.sum(noise_res**2))
+    out = excess_over_fit(xs, ys, cx, cy, degree=2)
+    rss2 = float(np.sum(np.square(out["fit_resid"])))
     dof = n - 3
     f = (rss1 - rss2) / (rss2 / dof) if rss2 > 0 else math.inf
     if math.isinf(f):
@@ -212,19 +265,12 @@ def curvature_check(
         from jax.scipy.special import betainc
 
         p_f = float(betainc(dof / 2, 0.5, dof / (dof + f)))
-    res = [float(v) for v in np.asarray(cy) - np.polyval(quad, np.asarray(cx))]
-    st = collect.stats(res)
-    t, df, p = welch(res, [float(v) for v in noise_res])
     return {
-        "n": len(res),
+        "n": out["m"],
         "n_base": n,
         "f": f,
         "p_curvature": p_f,
-        "mean": st["mean"],
-        "std": st["std"],
-        "t": t,
-        "df": df,
-        "p": p,
+        **{key: out[key] for key in ("mean", "std", "t", "df", "p")},
     }
 
 
@@ -294,6 +340,8 @@ def line_comparison(
         "intercept": intercept,
         "resid_std": resid_std,
         "resid": resid,
+        "xy": (xs, ys),
+        "other_xy": _runs_xy(records, other),
         "n": n,
         "acc_range": (min(xs), max(xs)),
         "rows": rows,
@@ -318,32 +366,30 @@ def pooled_line(fit: dict[str, Any] | None) -> dict[str, Any] | None:
 
     The residuals' mean is CEM's excess attack MSE over noise alone at equal accuracy, averaged over
     the grid (this assumes the excess is alike across σ; the per-point readings test that). Its
-    standard error and Welch's t (:func:`welch`) take the noise runs' residuals as the other
-    sample, so the line's own scatter counts. ``None`` without two runs.
+    t-test (:func:`excess_over_fit`) counts the runs' scatter and the line's own error at their
+    mean accuracy. ``None`` without two runs.
 
-    >>> fit = {"resid": [0.001, -0.001, 0.0], "rows": [
-    ...     {"res": [0.004, 0.006], "run_gains": [0.4, 0.6]}, {"res": [0.005], "run_gains": [0.5]}]}
+    >>> rec = lambda d, accs, mses: {"defense": d, "name": d, "n": len(accs), "metrics": {
+    ...     "defended_acc": {"mean": sum(accs) / len(accs), "values": accs},
+    ...     KEY: {"mean": sum(mses) / len(mses), "values": mses}}}
+    >>> fit = line_comparison([rec("noise", [0.2, 0.3, 0.4, 0.3], [0.03, 0.02, 0.01, 0.021]),
+    ...                        rec("cem_noise", [0.3, 0.3], [0.03, 0.031])])
     >>> out = pooled_line(fit)
     >>> out["n"], round(out["mean"], 4), round(out["gain"], 2), round(out["t"], 1)
-    (3, 0.005, 0.5, 6.1)
+    (2, 0.0102, 0.51, 17.5)
     """
     if fit is None:
         return None
-    res = [v for r in fit["rows"] for v in r["res"]]
-    if len(res) < 2 or len(fit["resid"]) < 2:
+    (xs, ys), (cx, cy) = fit["xy"], fit["other_xy"]
+    if len(cx) < 2 or len(xs) < 3:
         return None
+    out = excess_over_fit(xs, ys, cx, cy, degree=1)
     gains = [g for r in fit["rows"] for g in r.get("run_gains", [])]
-    st = collect.stats(res)
-    t, df, p = welch(res, list(fit["resid"]))
     return {
-        "n": len(res),
+        "n": out["m"],
         "points": sum(bool(r["res"]) for r in fit["rows"]),
-        "mean": st["mean"],
-        "std": st["std"],
-        "gain": sum(gains) / len(gains) if len(gains) == len(res) else float("nan"),
-        "t": t,
-        "df": df,
-        "p": p,
+        **{key: out[key] for key in ("mean", "std", "t", "df", "p", "se", "se_fit")},
+        "gain": sum(gains) / len(gains) if len(gains) == out["m"] else float("nan"),
         "outside": sum(r.get("outside_runs", 0) for r in fit["rows"]),
     }
 
@@ -375,9 +421,9 @@ def pooled_paragraph(
         f"{len(fit['resid'])} noise runs (below), the {pool['n']} `{other}` runs of "
         f"{pool['points']} σ{outside} lie {pool['mean']:+.4f} ± {pool['std']:.4f} (mean ± std over "
         f"runs) above noise alone at their own accuracy, {pool['gain']:+.0%} on average; the mean "
-        f"against its standard error (Welch, the noise runs' scatter about the line as the other "
-        f"sample): t {pool['t']:+.1f} ({pool['df']:.1f} df, p {pool['p']:.2g}); a verdict needs "
-        "|t| > 2. This assumes CEM's excess is alike across σ and the noise frontier straight over "
+        f"against its standard error {pool['se']:.4f} (the runs' scatter and the line's own error "
+        f"at their mean accuracy, {pool['se_fit']:.4f}): t {pool['t']:+.1f} ({pool['df']:.1f} "
+        f"df, Welch–Satterthwaite; p {pool['p']:.2g}); a verdict needs |t| > 2. This assumes CEM's excess is alike across σ and the noise frontier straight over "
         "the accuracies seen: the per-σ readings below do not assume the first, and the "
         "interpolated one does not assume the second."
     ) + (
