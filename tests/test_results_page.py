@@ -562,3 +562,32 @@ def test_pooled_reading_is_calibrated_under_the_null_and_sees_a_real_excess():
     assert 0.03 < np.mean(np.abs(null) > 2) < 0.10
     seen = np.array([study(0.007)[0] for _ in range(300)])
     assert np.mean(seen > 2) > 0.7
+
+
+def test_same_sigma_section_pairs_cem_with_noise_at_its_sigma():
+    def at(defense, sigma, acc, mse, acc_std=0.01, mse_std=0.001, n=3):
+        r = _record(defense, acc, mse, std=mse_std, n=n)
+        r["name"], r["sigma"] = f"{defense}_s{sigma}", sigma
+        r["metrics"]["defended_acc"]["std"] = acc_std
+        return r
+
+    recs = [
+        at("noise", 0.1, 0.40, 0.010),
+        at("noise", 0.2, 0.20, 0.030),
+        at("noise", 0.4, 0.30, 0.020),
+        at("cem_noise", 0.2, 0.17, 0.036, acc_std=0.02, mse_std=0.002),
+        at("cem_noise", 0.1, 0.39, 0.011),
+        at("cem_noise", 0.8, 0.10, 0.050),  # no noise run at 0.8: not paired
+    ]
+    lines = results_page.same_sigma_section(recs)
+    rows = [line for line in lines if line.startswith("| 0.")]
+    assert [r.split(" |")[0] for r in rows] == ["| 0.1", "| 0.2"]  # sorted by σ, 0.8 left out
+    # σ 0.2: MSE +0.006 ± √(0.001² + 0.002²); accuracy -0.03 ± √(0.01² + 0.02²); the noise line
+    # (slope -0.1 through the 9 noise runs) gives +0.003 of it
+    spread = (0.001**2 + 0.002**2) ** 0.5
+    assert f"| 0.2 | 3 / 3 | MSE +0.0060 ± {spread:.4f} (+20%), acc -0.0300 ± 0.0224: " in rows[1]
+    assert "higher MSE, accuracy not distinguishable" in rows[1]
+    assert "would give +0.0030 of MSE; the rest, +0.0030," in rows[1]
+    # σ 0.1: +0.001 ± 0.0014 is not distinguishable
+    assert "MSE +0.0010 ± 0.0014 (+10%)" in rows[0] and "not distinguishable MSE" in rows[0]
+    assert results_page.same_sigma_section(recs[:3]) == []

@@ -472,6 +472,36 @@ def line_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
     )
 
 
+def same_sigma_section(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> list[str]:
+    """``other`` against ``base`` at the same σ (same noise, CEM added): the attack MSE's and the
+    accuracy's differences (:func:`family_contrast`), and how much of the MSE's the accuracy's alone
+    would give along the noise line. Empty without a σ that both have."""
+    usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
+    bases = {r.get("sigma"): r for r in usable if r["defense"] == base}
+    pairs = sorted(
+        ((r.get("sigma"), bases[r.get("sigma")], r) for r in usable
+         if r["defense"] == other and r.get("sigma") in bases),
+        key=lambda p: p[0] or 0.0,
+    )  # fmt: skip
+    if not pairs:
+        return []
+    fit = line_comparison(records)
+    slope = fit["slope"] if fit else None
+    lines = [
+        f"At the same σ (the same noise, CEM added; the paper's comparison), `{other}` against "
+        f"`{base}`, each difference with its spread √(s₁² + s₂²) over seeds:",
+        "",
+        f"| σ | n ({base} / {other}) | `{other}` against `{base}` |",
+        "|---|---|---|",
+    ]
+    for sigma, b, o in pairs:
+        cell = _contrast_cell(family_contrast(b, o), slope)
+        lines.append(f"| {sigma:g} | {b['n']} / {o['n']} | {cell} |")
+    return lines
+
+
 def undefended_line(records: list[dict[str, Any]]) -> str:
     """The sanity check every privacy number needs: the attacker against no defense at all."""
     none = [r for r in records if r["defense"] == "none" and KEY in r["metrics"]]
@@ -1004,6 +1034,9 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
             with open(os.path.join(folder, plot_name), "wb") as f:
                 f.write(storage.read_bytes(src))
     rows = frontier_comparison(records)
+    same_sigma = same_sigma_section(records)
+    if same_sigma:
+        same_sigma.append("")
     runs = [run for r in records for run in r.get("runs", [])]
     commits = sorted({run.get("commit") or "unrecorded" for run in runs})
     study = table.get("study")
@@ -1026,6 +1059,7 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "",
         line_paragraph(fit),
         "",
+        *same_sigma,
         undefended_line(records),
         "",
         "## The frontier",
