@@ -8,7 +8,7 @@ question, the answer computed from the table (at equal defended accuracy, the tr
 of ``cem_noise`` against ``noise`` three ways: every run against a straight line through the noise
 runs at its own accuracy, pooled over σ with Welch's t; per σ against that line; per σ against the
 noise frontier interpolated linearly in accuracy, its spread counting the accuracies' seed spread
-too), the CEM variants, every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its
+too; and at the same σ), the CEM variants, every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its
 contrasts, the table, the commands, the scale, the compute and which commit produced each point.
 """
 
