@@ -5,11 +5,11 @@ r"""Writes the results page (``docs/results.md`` and its plot) from a finished s
 It reads ``<root>/table.json`` (written by ``experiments.sweep --collect_only``), draws two plots beside
 the page (the noise / cem_noise frontier; every other defense family three ways) and writes: the
 question, the answer computed from the table (at equal defended accuracy, the train-time decoder MSE
-of ``cem_noise`` against ``noise`` three ways: every run against a straight line through the noise
-runs at its own accuracy, pooled over σ with Welch's t; per σ against that line; per σ against the
-noise frontier interpolated linearly in accuracy, its spread counting the accuracies' seed spread
-too; and at the same σ), the CEM variants, every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its
-contrasts, the table, the commands, the scale, the compute and which commit produced each point.
+of ``cem_noise`` against ``noise``: every run against a straight line through the noise runs at its
+own accuracy, pooled over σ with a t-test that counts the line's own error, and checked against a
+quadratic; per σ against that line; per σ against the noise frontier interpolated linearly in
+accuracy, its spread counting the accuracies' seed spread too; and at the same σ), the CEM variants,
+every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its contrasts, the table, the commands, the scale, the compute and which commit produced each point.
 """
 
 from __future__ import annotations
@@ -233,8 +233,8 @@ def curvature_check(
     """The pooled reading's straight-line assumption, checked: a quadratic least-squares fit through
     every ``base`` run instead, the F-test of its curvature term against the line
     (``F = (RSS₁ − RSS₂) / (RSS₂/(n − 3))``, 1 and n − 3 df, ``p = I_{(n−3)/(n−3+F)}((n−3)/2, 1/2)``),
-    and the ``other`` runs' residuals against the quadratic, pooled (:func:`excess_over_fit`). ``None`` with fewer than 5 base runs (4 distinct accuracies) or 2 other
-    runs.
+    and the ``other`` runs' residuals against the quadratic, pooled (:func:`excess_over_fit`).
+    ``None`` with fewer than 5 base runs (4 distinct accuracies) or 2 other runs.
 
     >>> rec = lambda d, accs, mses: {"defense": d, "metrics": {"defended_acc": {"values": accs},
     ...     KEY: {"values": mses}}}
@@ -416,8 +416,8 @@ def pooled_paragraph(
         f"runs) above noise alone at their own accuracy, {pool['gain']:+.0%} on average; the mean "
         f"against its standard error {pool['se']:.4f} (the runs' scatter and the line's own error "
         f"at their mean accuracy, {pool['se_fit']:.4f}): t {pool['t']:+.1f} ({pool['df']:.1f} "
-        f"df, Welch–Satterthwaite; p {pool['p']:.2g}); a verdict needs |t| > 2. This assumes CEM's excess is alike across σ and the noise frontier straight over "
-        "the accuracies seen: the per-σ readings below do not assume the first, and the "
+        f"df, Welch–Satterthwaite; p {pool['p']:.2g}); a verdict needs |t| > 2. This assumes "
+        "CEM's excess is alike across σ and the noise frontier straight over the accuracies seen: the per-σ readings below do not assume the first, and the "
         "interpolated one does not assume the second."
     ) + (
         ""
