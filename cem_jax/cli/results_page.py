@@ -251,8 +251,7 @@ def curvature_check(
     n = len(xs)
     if n < 5 or len(cx) < 2 or len(set(xs)) < 4:  # a quadratic and a residual to test it by
         return None
-    x, y = np.asarray(xs), np.asarray(ys)
-    rss1 = float(np.sum((y - np.polyval(np.polyfit(x, y, 1), x)) ** 2))
+    rss1 = float(np.sum(np.square(excess_over_fit(xs, ys, cx, cy, degree=1)["fit_resid"])))
     out = excess_over_fit(xs, ys, cx, cy, degree=2)
     rss2 = float(np.sum(np.square(out["fit_resid"])))
     dof = n - 3
@@ -466,11 +465,16 @@ def line_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
 
 
 def same_sigma_section(
-    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+    records: list[dict[str, Any]],
+    *,
+    base: str = "noise",
+    other: str = "cem_noise",
+    fit: dict[str, Any] | None = None,
 ) -> list[str]:
     """``other`` against ``base`` at the same σ (same noise, CEM added): the attack MSE's and the
     accuracy's differences (:func:`family_contrast`), and how much of the MSE's the accuracy's alone
-    would give along the noise line. Empty without a σ that both have."""
+    would give along the noise line (``fit``, :func:`line_comparison`'s; fitted here when not
+    given). Empty without a σ that both have."""
     usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
     bases = {r.get("sigma"): r for r in usable if r["defense"] == base}
     pairs = sorted(
@@ -480,7 +484,7 @@ def same_sigma_section(
     )  # fmt: skip
     if not pairs:
         return []
-    fit = line_comparison(records)
+    fit = fit or line_comparison(records, base=base, other=other)
     slope = fit["slope"] if fit else None
     lines = [
         f"At the same σ (the same noise, CEM added; the paper's comparison), `{other}` against "
@@ -516,8 +520,9 @@ def undefended_line(records: list[dict[str, Any]]) -> str:
     )
 
 
-def variants_section(records: list[dict[str, Any]]) -> list[str]:
-    """Which CEM: every ``cem_noise`` variant (loss mode, λ schedule, λ) against the noise frontier."""
+def variants_section(records: list[dict[str, Any]], fit: dict[str, Any] | None = None) -> list[str]:
+    """Which CEM: every ``cem_noise`` variant (loss mode, λ schedule, λ) against the noise frontier
+    (and against ``fit``, :func:`line_comparison`'s line, fitted here when not given)."""
     families = sorted({r["defense"] for r in records if r["defense"].startswith("cem_noise")})
     lines = [
         "| variant | point | n | defended acc | attack MSE | noise alone at that acc | change |",
@@ -538,7 +543,7 @@ def variants_section(records: list[dict[str, Any]]) -> list[str]:
             )
     if len(lines) <= 2:
         return ["(no finished cem_noise run yet)"]
-    return lines + ["", variants_verdict(records), "", variants_line_verdict(records)]
+    return lines + ["", variants_verdict(records), "", variants_line_verdict(records, fit=fit)]
 
 
 def _versus_default(delta: float, spread: float) -> str:
@@ -622,7 +627,9 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return t, df, t_pvalue(t, df)
 
 
-def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noise") -> str:
+def variants_line_verdict(
+    records: list[dict[str, Any]], default: str = "cem_noise", fit: dict[str, Any] | None = None
+) -> str:
     """The same question read against the straight line through every noise run: each seed's
     residual at its own accuracy, so a seed's accuracy noise moves its baseline with it. Mean ± std
     of the residuals per point; a variant beats the default when its mean is higher by more than
@@ -631,8 +638,9 @@ def variants_line_verdict(records: list[dict[str, Any]], default: str = "cem_noi
     That rule compares the seeds' spread, which more seeds do not shrink. Beside it, for
     information only, Welch's t-test on the two means (:func:`welch`), whose standard error does
     shrink with the number of seeds: a small p with no verdict says the mean lead is unlikely to be
-    chance while single seeds of the two still overlap."""
-    fit = line_comparison(records)
+    chance while single seeds of the two still overlap. ``fit``: :func:`line_comparison`'s (fitted
+    here when not given)."""
+    fit = fit or line_comparison(records)
     if fit is None:
         return "(the straight-line reading needs at least 3 finished noise runs)"
 
@@ -802,10 +810,13 @@ def _contrast_cell(c: dict[str, Any], slope: float | None = None) -> str:
     return text
 
 
-def families_section(records: list[dict[str, Any]], plot_name: str | None) -> list[str]:
-    """Every other defense family three ways, the contrasts, and a one-paragraph answer."""
+def families_section(
+    records: list[dict[str, Any]], plot_name: str | None, fit: dict[str, Any] | None = None
+) -> list[str]:
+    """Every other defense family three ways, the contrasts, and a one-paragraph answer; ``fit``
+    (:func:`line_comparison`'s, fitted here when not given) gives each contrast's accuracy share."""
     present = _present_families(records)
-    fit = line_comparison(records)
+    fit = fit or line_comparison(records)
     slope = fit["slope"] if fit else None
     if not present:
         return ["(no run of another defense family finished yet)"]
@@ -1036,7 +1047,7 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
             with open(os.path.join(folder, plot_name), "wb") as f:
                 f.write(storage.read_bytes(src))
     rows = frontier_comparison(records)
-    same_sigma = same_sigma_section(records)
+    same_sigma = same_sigma_section(records, fit=fit)
     if same_sigma:
         same_sigma.append("")
     runs = [run for r in records for run in r.get("runs", [])]
@@ -1074,11 +1085,11 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "`reference`; λ constant or scaled by lr₀/lr like the official code, `invlr`) against the "
         "noise frontier at its own accuracy:",
         "",
-        *variants_section(records),
+        *variants_section(records, fit),
         "",
         "## Every other defense family, with and without CEM",
         "",
-        *families_section(records, families_plot if have_families else None),
+        *families_section(records, families_plot if have_families else None, fit),
         "",
         "## The table",
         "",
