@@ -591,3 +591,122 @@ def test_same_sigma_section_pairs_cem_with_noise_at_its_sigma():
     # σ 0.1: +0.001 ± 0.0014 is not distinguishable
     assert "MSE +0.0010 ± 0.0014 (+10%)" in rows[0] and "not distinguishable MSE" in rows[0]
     assert results_page.same_sigma_section(recs[:3]) == []
+
+
+def _seeded(defense, name, sigma, seeds, accs, mses):
+    """A grid point whose metrics carry their seeds (as collected tables do)."""
+    r = _runs(defense, name, accs, mses, sigma)
+    r["runs"] = [{"seed": s, "workdir": f"w{s}", "commit": "abc123"} for s in seeds]
+    for key in ("defended_acc", KEY):
+        r["metrics"][key]["seeds"] = list(seeds)
+    return r
+
+
+def test_by_seed_and_seed_pairs_match_runs_by_seed():
+    a = _seeded("noise", "noise_s0.1", 0.1, [1, 2, 3], [0.30, 0.31, 0.32], [0.010, 0.011, 0.012])
+    b = _seeded(
+        "cem_noise", "cem_noise_s0.1", 0.1, [3, 2, 4], [0.28, 0.29, 0.27], [0.02, 0.03, 0.04]
+    )
+    assert results_page.by_seed(b, KEY) == {3: 0.02, 2: 0.03, 4: 0.04}
+    # seed 1 and 4 have no partner; pairs come sorted by seed
+    assert results_page.seed_pairs(a, b) == [
+        (2, 0.31, 0.011, 0.29, 0.03),
+        (3, 0.32, 0.012, 0.28, 0.02),
+    ]
+    # a table without the metric's seeds (collected before they were recorded): the runs' order,
+    # and nothing when a run lacks the metric (values no longer line up with the runs)
+    old = _runs("noise", "noise_s0.1", [0.3, 0.4], [0.01, 0.02])
+    old["runs"] = [{"seed": 5}, {"seed": 7}]
+    assert results_page.by_seed(old, KEY) == {5: 0.01, 7: 0.02}
+    old["runs"].append({"seed": 9})
+    assert results_page.by_seed(old, KEY) == {}
+
+
+def test_paired_differences_match_scipy_and_count_the_slope_error():
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(7)
+    noise = []
+    for sigma, acc in zip((0.05, 0.1, 0.2, 0.4), (0.35, 0.33, 0.30, 0.25), strict=True):
+        accs = acc + 0.03 * rng.standard_normal(3)
+        noise.append(_seeded("noise", f"noise_s{sigma}", sigma, [1, 2, 3], accs,
+                             0.066 - 0.15 * accs + 0.005 * rng.standard_normal(3)))  # fmt: skip
+    fit = results_page.line_comparison(noise)
+    seeds = [1, 2, 3, 4, 5]
+    acc_a, acc_b = 0.3 + 0.04 * rng.standard_normal(5), 0.29 + 0.04 * rng.standard_normal(5)
+    mse_a, mse_b = 0.02 + 0.003 * rng.standard_normal(5), 0.03 + 0.003 * rng.standard_normal(5)
+    pairs = list(zip(seeds, acc_a, mse_a, acc_b, mse_b, strict=True))
+    out = results_page.paired_differences(pairs, fit)
+    ref = stats.ttest_rel(mse_b, mse_a)
+    assert out["mse"]["t"] == pytest.approx(ref.statistic)
+    assert out["mse"]["p"] == pytest.approx(ref.pvalue, rel=1e-4)
+    ref = stats.ttest_rel(acc_b, acc_a)
+    assert out["acc"]["t"] == pytest.approx(ref.statistic)
+    assert out["acc"]["p"] == pytest.approx(ref.pvalue, rel=1e-4)
+    assert out["acc_corr"] == pytest.approx(np.corrcoef(acc_a, acc_b)[0, 1])
+    # at equal accuracy: e = ΔMSE − b·Δacc, its variance s_e²/n + (mean Δacc)²·var(b) with var(b)
+    # from an independent least-squares fit (numpy's polyfit covariance, unscaled → σ̂²/Sxx)
+    xs, ys = (np.asarray(v) for v in fit["xy"])
+    (b, _), cov = np.polyfit(xs, ys, 1, cov=True)
+    d_acc, e = acc_b - acc_a, (mse_b - mse_a) - b * (acc_b - acc_a)
+    var_pairs, var_slope = e.var(ddof=1) / 5, d_acc.mean() ** 2 * cov[0, 0]
+    se = np.sqrt(var_pairs + var_slope)
+    df = (var_pairs + var_slope) ** 2 / (var_pairs**2 / 4 + var_slope**2 / (xs.size - 2))
+    adj = out["adj"]
+    assert adj["mean"] == pytest.approx(e.mean())
+    assert adj["se"] == pytest.approx(se)
+    assert adj["t"] == pytest.approx(e.mean() / se)
+    assert adj["df"] == pytest.approx(df)
+    assert adj["p"] == pytest.approx(2 * stats.t.sf(abs(e.mean() / se), df), rel=1e-4)
+    # each seed as one unit: the mean of its pairs' e over σ, then a one-sample t over seeds
+    two = pairs + [(s, a + 0.01, m, c, d) for s, a, m, c, d in pairs]
+    units = results_page.seed_units(two, fit)
+    per_seed = [np.mean([(d - m) - fit["slope"] * (c - a) for s2, a, m, c, d in two if s2 == s])
+                for s in seeds]  # fmt: skip
+    ref = stats.ttest_1samp(per_seed, 0.0)
+    assert units["n"] == 5 and units["t"] == pytest.approx(ref.statistic)
+    assert results_page.paired_differences([], fit) is None
+
+
+def test_paired_reading_removes_a_shared_seed_swing():
+    # Common random numbers: a seed moves both arms' accuracy (±0.04) and attack MSE (±0.004)
+    # alike, as the study's seeds do (subset, init, batch order, noise draws). A CEM excess of
+    # +0.003 at equal accuracy is lost in the unpaired spread but seen paired; with no excess the
+    # paired t stays calibrated (|t| > 2 about as often as Student's t with 11 df says, 6.7 %).
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+
+    def study(excess):
+        recs, seeds = [], [1, 2, 3]
+        swing_acc, swing_mse = 0.04 * rng.standard_normal(3), 0.004 * rng.standard_normal(3)
+        for sigma, acc in zip((0.05, 0.1, 0.2, 0.4), (0.35, 0.33, 0.30, 0.26), strict=True):
+            for defense, extra in (("noise", 0.0), ("cem_noise", excess)):
+                accs = acc + swing_acc + 0.004 * rng.standard_normal(3)
+                mses = 0.066 - 0.15 * accs + swing_mse + extra + 0.001 * rng.standard_normal(3)
+                recs.append(_seeded(defense, f"{defense}_s{sigma}", sigma, seeds, accs, mses))
+        return recs
+
+    def paired_t(recs):
+        fit = results_page.line_comparison(recs)
+        pairs = [p for _, b, o in results_page.same_sigma_pairs(recs)
+                 for p in results_page.seed_pairs(b, o)]  # fmt: skip
+        d = np.array([(mb - ma) - fit["slope"] * (ab - aa) for _, aa, ma, ab, mb in pairs])
+        return d.mean() / (d.std(ddof=1) / np.sqrt(d.size))  # the slope's share is tiny here
+
+    recs = study(0.003)
+    fit = results_page.line_comparison(recs)
+    lines = results_page.same_sigma_section(recs, fit=fit)
+    row = next(line for line in lines if line.startswith("| 0.1 |"))
+    unpaired, paired = row.split(" | ")[2], row.split(" | ")[3]
+    assert "not distinguishable MSE" in unpaired  # ±√(s₁² + s₂²) carries the seed swing twice
+    assert "3 pair(s): at equal accuracy +0.00" in paired and "), higher;" in paired
+    text = results_page.paired_paragraph(recs, fit)
+    assert text.startswith("**Paired by seed**") and "over the 12 pairs of 4 σ" in text.lower()
+    assert ": higher attack MSE than noise alone." in text
+    assert "With each seed as one unit instead" in text
+    null = np.array([paired_t(study(0.0)) for _ in range(400)])
+    assert 0.03 < np.mean(np.abs(null) > 2) < 0.12
+    seen = np.array([paired_t(study(0.003)) for _ in range(100)])
+    assert np.mean(seen > 2) > 0.9

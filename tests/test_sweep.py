@@ -436,3 +436,19 @@ def test_a_study_names_its_records_and_records_empty_turns_them_off(tmp_path):
     proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'c'}", "--records=")
     assert proc.returncode == 0 and proc.stdout.count("RAN ") == 2, proc.stderr[-2000:]
     assert records.read_text() == before
+
+
+def test_summarize_records_each_value_s_seed_so_points_pair_by_seed():
+    # seed 2's attack did not finish: its metric's values skip it, and "seeds" says which is which
+    rng = np.random.default_rng(1)
+    point = {"defense": "noise", "sigma": 0.1, "lambd": None}
+    runs = [
+        ({**point, "seed": s}, _fake_results("noise", 0.1, None, s, rng, attacks=s != 2))
+        for s in (1, 2, 3)
+    ]
+    (row,) = collect.summarize(runs)
+    acc, mse = row["metrics"]["defended_acc"], row["metrics"]["decoder.train_time.mse"]
+    assert acc["seeds"] == [1, 2, 3] and mse["seeds"] == [1, 3]
+    assert mse["values"] == [runs[0][1]["attacks"]["decoder"]["train_time"]["mse"],
+                             runs[2][1]["attacks"]["decoder"]["train_time"]["mse"]]  # fmt: skip
+    assert [r["seed"] for r in row["runs"]] == [1, 2, 3]

@@ -297,8 +297,9 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
 
     ``{"name", "defense", "sigma", "lambd", "n", "runs": [{"seed", "workdir", "commit",
     "wall_time_s", "devices"}],
-    "metrics": {name: {"mean", "std", "n", "values", "flagged"}}}``; σ and λ are the values the runs
-    used (the defense preset's when the sweep did not set them; λ ``None`` without CEM).
+    "metrics": {name: {"mean", "std", "n", "values", "flagged", "seeds"}}}`` (``seeds[i]`` the seed
+    of ``values[i]``, so two points' runs pair by seed); σ and λ are the values the runs used (the
+    defense preset's when the sweep did not set them; λ ``None`` without CEM).
     """
     groups: dict[str, list[tuple[dict, dict]]] = {}
     for point, res in runs:
@@ -308,10 +309,14 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
         point, first = members[0]
         sigma, lambd = _resolved_sigma_lambd(point, first.get("config") or {})
         per_run = [run_metrics(res) for _, res in members]
+        seeds = [(res.get("config") or {}).get("seed", p.get("seed")) for p, res in members]
         metrics = {}
         for key in dict.fromkeys(k for m in per_run for k in m):
             vals = [m[key] for m in per_run if key in m]
-            metrics[key] = stats([v for v, _ in vals]) | {"flagged": sum(f for _, f in vals)}
+            metrics[key] = stats([v for v, _ in vals]) | {
+                "flagged": sum(f for _, f in vals),
+                "seeds": [seed for seed, m in zip(seeds, per_run, strict=True) if key in m],
+            }
         records.append(
             {
                 "name": name,
@@ -321,11 +326,11 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
                 "n": len(members),
                 "runs": [
                     {
-                        "seed": (res.get("config") or {}).get("seed", p.get("seed")),
+                        "seed": seed,
                         "workdir": res.get("workdir"),
                         **{k: res[k] for k in ("commit", "wall_time_s", "devices") if k in res},
                     }
-                    for p, res in members
+                    for seed, (_, res) in zip(seeds, members, strict=True)
                 ],
                 "metrics": metrics,
             }

@@ -7,8 +7,11 @@ the page (the noise / cem_noise frontier; every other defense family three ways)
 question, the answer computed from the table (at equal defended accuracy, the train-time decoder MSE
 of ``cem_noise`` against ``noise``: every run against a straight line through the noise runs at its
 own accuracy, pooled over σ with a t-test that counts the line's own error, and checked against a
-quadratic; per σ against that line; per σ against the noise frontier interpolated linearly in
-accuracy, its spread counting the accuracies' seed spread too; and at the same σ), the CEM variants,
+quadratic; paired by seed, the way the study is built (the two defenses at the same σ and seed,
+each pair's difference at equal accuracy along that line; also with each seed as one unit); per σ
+against that line; per σ against the noise frontier interpolated linearly in
+accuracy, its spread counting the accuracies' seed spread too; and at the same σ, unpaired and
+paired), the CEM variants (the default is decided by the paired line reading),
 every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its contrasts, the table, the commands, the scale, the compute and which commit produced each point.
 """
 
@@ -430,6 +433,101 @@ def pooled_paragraph(
     )
 
 
+def same_sigma_pairs(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> list[tuple[float, dict[str, Any], dict[str, Any]]]:
+    """``(σ, base point, other point)`` for every σ that both defenses ran, by σ."""
+    usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
+    bases = {r.get("sigma"): r for r in usable if r["defense"] == base}
+    return sorted(
+        ((r.get("sigma"), bases[r.get("sigma")], r) for r in usable
+         if r["defense"] == other and r.get("sigma") in bases),
+        key=lambda p: p[0] or 0.0,
+    )  # fmt: skip
+
+
+def _t_verdict(t: float | None, up: str, down: str) -> str:
+    if t is None:
+        return "one pair: no test"
+    return up if t > 2 else down if t < -2 else "not distinguishable"
+
+
+def paired_paragraph(
+    records: list[dict[str, Any]],
+    fit: dict[str, Any] | None,
+    *,
+    base: str = "noise",
+    other: str = "cem_noise",
+) -> str:
+    """The answer read the way the study was designed: ``other`` against ``base`` at the same σ
+    and seed (:func:`paired_differences` over every such pair, pooled over σ; verdicts at
+    ``|t| > 2``), and with each seed as one unit (:func:`seed_units`). Empty without two pairs."""
+    pairs = [p for _, b, o in same_sigma_pairs(records, base=base, other=other)
+             for p in seed_pairs(b, o)]  # fmt: skip
+    if fit is None or len(pairs) < 2:
+        return ""
+    out = paired_differences(pairs, fit)
+    adj, acc, mse = out["adj"], out["acc"], out["mse"]
+    units = seed_units(pairs, fit)
+    acc_units = seed_units([(s, 0.0, aa, 0.0, ab) for s, aa, _, ab, _ in pairs], {"slope": 0.0})
+    corr = out["acc_corr"]
+    sigmas = len({sig for sig, b, o in same_sigma_pairs(records, base=base, other=other)
+                  if seed_pairs(b, o)})  # fmt: skip
+    text = (
+        f"**Paired by seed** (how the study is built: a seed fixes the training subset, the "
+        f"initialisation, the batch order and every noise draw, so `{base}` and `{other}` at the "
+        f"same σ and seed share most of that seed's accuracy swing"
+        + (f"; their accuracies correlate {corr:.2f} over the pairs" if corr is not None else "")
+        + f"). Over the {out['n']} pairs of {sigmas} σ, adding CEM changes the attack MSE by "
+        f"{mse['mean']:+.4f} ± {mse['std']:.4f} (mean ± std over pairs) and the defended accuracy "
+        f"by {acc['mean']:+.4f} ± {acc['std']:.4f} (t {acc['t']:+.1f}, {acc['df']:.0f} df, "
+        f"p {acc['p']:.2g}: "
+        + _t_verdict(acc["t"], "higher accuracy", "lower accuracy")
+        + "); at equal accuracy (each pair's MSE change less the noise line's slope times its "
+        f"accuracy change) {adj['mean']:+.4f} ± {adj['std']:.4f}, standard error {adj['se']:.4f} "
+        f"(the slope's own error {adj['se_slope']:.4f} in it): t {adj['t']:+.1f} "
+        f"({adj['df']:.1f} df, p {adj['p']:.2g}): "
+        + _t_verdict(adj["t"], "higher", "lower")
+        + " attack MSE than noise alone."
+    )
+    if units is not None and acc_units is not None and units["t"] is not None:
+        text += (
+            f" With each seed as one unit instead (its mean over σ; pairs at different σ share a "
+            f"seed's training subset, so they need not be independent): {units['mean']:+.4f} ± "
+            f"{units['std']:.4f} over {units['n']} seeds at equal accuracy, t {units['t']:+.1f} "
+            f"({units['df']:.0f} df, p {units['p']:.2g}); accuracy {acc_units['mean']:+.4f} ± "
+            f"{acc_units['std']:.4f}, t {acc_units['t']:+.1f} (p {acc_units['p']:.2g})."
+        )
+    return text
+
+
+def _paired_cell(pd: dict[str, Any] | None) -> str:
+    """One paired contrast (:func:`paired_differences`) in words; per point, a difference counts
+    beyond twice its spread over pairs (a single pair's), like every per-point verdict here."""
+    if pd is None:
+        return "no seed in common"
+    main = pd["adj"] or pd["mse"]
+    what = "at equal accuracy" if pd["adj"] else "attack MSE"
+
+    def word(d: dict[str, Any], up: str, down: str) -> str:
+        if d["std"] is None:
+            return "one pair"
+        return (
+            up
+            if d["mean"] > 2 * d["std"]
+            else down
+            if d["mean"] < -2 * d["std"]
+            else "not distinguishable"
+        )
+
+    pm = lambda d: f"{d['mean']:+.4f}" + (f" ± {d['std']:.4f}" if d["std"] is not None else "")
+    text = f"{pd['n']} pair(s): {what} {pm(main)}"
+    if main["t"] is not None:
+        text += f" (t {main['t']:+.1f}, p {main['p']:.2g})"
+    text += f", {word(main, 'higher', 'lower')}; acc {pm(pd['acc'])}"
+    return text + f", {word(pd['acc'], 'higher', 'lower')}"
+
+
 def line_paragraph(fit: dict[str, Any] | None, other: str = "cem_noise") -> str:
     if fit is None or not fit["rows"]:
         return "(The straight-line reading needs at least 3 finished noise runs and one cem_noise run.)"
@@ -475,27 +573,24 @@ def same_sigma_section(
     accuracy's differences (:func:`family_contrast`), and how much of the MSE's the accuracy's alone
     would give along the noise line (``fit``, :func:`line_comparison`'s; fitted here when not
     given). Empty without a σ that both have."""
-    usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
-    bases = {r.get("sigma"): r for r in usable if r["defense"] == base}
-    pairs = sorted(
-        ((r.get("sigma"), bases[r.get("sigma")], r) for r in usable
-         if r["defense"] == other and r.get("sigma") in bases),
-        key=lambda p: p[0] or 0.0,
-    )  # fmt: skip
+    pairs = same_sigma_pairs(records, base=base, other=other)
     if not pairs:
         return []
     fit = fit or line_comparison(records, base=base, other=other)
     slope = fit["slope"] if fit else None
     lines = [
         f"At the same σ (the same noise, CEM added; the paper's comparison), `{other}` against "
-        f"`{base}`, each difference with its spread √(s₁² + s₂²) over seeds:",
+        f"`{base}`, each difference with its spread √(s₁² + s₂²) over seeds, and paired by seed "
+        "(each seed's difference, mean ± std over the pairs; at equal accuracy: less the noise "
+        "line's slope times the accuracy difference):",
         "",
-        f"| σ | n ({base} / {other}) | `{other}` against `{base}` |",
-        "|---|---|---|",
+        f"| σ | n ({base} / {other}) | `{other}` against `{base}` | paired by seed |",
+        "|---|---|---|---|",
     ]
     for sigma, b, o in pairs:
         cell = _contrast_cell(family_contrast(b, o), slope)
-        lines.append(f"| {sigma:g} | {b['n']} / {o['n']} | {cell} |")
+        paired = _paired_cell(paired_differences(seed_pairs(b, o), fit))
+        lines.append(f"| {sigma:g} | {b['n']} / {o['n']} | {cell} | {paired} |")
     return lines
 
 
@@ -627,6 +722,149 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return t, df, t_pvalue(t, df)
 
 
+def by_seed(record: dict[str, Any], key: str) -> dict[Any, float]:
+    """``{seed: value}`` of one metric of a grid point: from the metric's ``seeds`` (tables collected
+    since they carry it) or, when every run has the metric, from the runs' order; ``{}`` otherwise.
+
+    >>> by_seed({"metrics": {KEY: {"values": [0.02, 0.03], "seeds": [1, 3]}}}, KEY)
+    {1: 0.02, 3: 0.03}
+    """
+    m = record["metrics"].get(key) or {}
+    vals = m.get("values") or []
+    seeds = m.get("seeds")
+    if seeds is None:
+        runs = record.get("runs") or []
+        if len(runs) != len(vals):
+            return {}
+        seeds = [run.get("seed") for run in runs]
+    return {s: float(v) for s, v in zip(seeds, vals, strict=True) if s is not None}
+
+
+def one_sample_t(values: list[float]) -> dict[str, Any]:
+    """Mean, sample std and the one-sample t-test of ``mean = 0`` (``t = x̄/(s/√n)``, ``n − 1`` df,
+    two-sided p); ``t``/``p`` ``None`` below two values.
+
+    >>> out = one_sample_t([1.0, 2.0, 3.0])
+    >>> out["mean"], out["std"], round(out["t"], 3), round(out["p"], 4)
+    (2.0, 1.0, 3.464, 0.0742)
+    """
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "t": None, "df": None, "p": None}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if std == 0:
+        t, p = (math.inf if mean else 0.0), (0.0 if mean else 1.0)
+    else:
+        t = mean / (std / math.sqrt(n))
+        p = t_pvalue(t, n - 1)
+    return {"n": n, "mean": mean, "std": std, "t": t, "df": float(n - 1), "p": p}
+
+
+def paired_differences(
+    pairs: list[tuple[Any, float, float, float, float]], fit: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Two arms paired by seed: ``pairs`` of ``(seed, acc_a, mse_a, acc_b, mse_b)``; ``b − a``.
+
+    The study's design pairs its runs: a seed fixes the training subset, the initialisation, the
+    batch order and every noise draw (``train.py`` folds all keys from it), so two defenses run at
+    the same seed share most of that seed's accuracy swing, and their difference seed by seed
+    removes it. Returns the attack MSE's and the accuracy's paired differences (:func:`one_sample_t`
+    each), the correlation of the two arms' accuracies over the pairs, and, with ``fit`` (the noise
+    line, :func:`line_comparison`), the difference *at equal accuracy*: each pair's MSE difference
+    less the line's slope ``b`` times its accuracy difference, ``e_k = ΔMSE_k − b·Δacc_k``. Its
+    t-test counts the slope's own error: ``var(ē) = s_e²/n + (Δacc̄)²·σ̂²/S_xx`` (``σ̂`` the noise
+    runs' scatter about the line, ``S_xx`` their accuracies' sum of squares), Welch–Satterthwaite
+    degrees of freedom from ``n − 1`` and ``N − 2``. Pairs are taken as independent: pooling pairs
+    of several σ that share a seed, :func:`seed_units` is the check that does not. ``None`` without
+    a pair.
+
+    >>> pairs = [(1, 0.30, 0.010, 0.29, 0.020), (2, 0.35, 0.008, 0.35, 0.017),
+    ...          (3, 0.25, 0.014, 0.24, 0.025)]
+    >>> out = paired_differences(pairs)
+    >>> round(out["mse"]["mean"], 4), round(out["acc"]["mean"], 4), round(out["acc_corr"], 3)
+    (0.01, -0.0067, 0.999)
+    """
+    if not pairs:
+        return None
+    d_acc = [ab - aa for _, aa, _, ab, _ in pairs]
+    d_mse = [mb - ma for _, _, ma, _, mb in pairs]
+    out: dict[str, Any] = {
+        "n": len(pairs),
+        "seeds": [p[0] for p in pairs],
+        "mse": one_sample_t(d_mse),
+        "acc": one_sample_t(d_acc),
+        "acc_corr": _corr([p[1] for p in pairs], [p[3] for p in pairs]),
+        "adj": None,
+    }
+    if fit is None:
+        return out
+    slope = fit["slope"]
+    adj = one_sample_t([m - slope * a for m, a in zip(d_mse, d_acc, strict=True)])
+    xs = fit["xy"][0]
+    mx = sum(xs) / len(xs)
+    var_b = fit["resid_std"] ** 2 / sum((x - mx) ** 2 for x in xs)
+    var_slope = (sum(d_acc) / len(d_acc)) ** 2 * var_b
+    if adj["std"] is not None:
+        var_pairs = adj["std"] ** 2 / adj["n"]
+        se2 = var_pairs + var_slope
+        if se2 > 0:
+            adj["t"] = adj["mean"] / math.sqrt(se2)
+            parts = var_pairs**2 / (adj["n"] - 1) + var_slope**2 / (fit["n"] - 2)
+            adj["df"] = se2**2 / parts if parts > 0 else float(adj["n"] - 1)
+            adj["p"] = t_pvalue(adj["t"], adj["df"])
+        adj["se"] = math.sqrt(se2)
+        adj["se_slope"] = math.sqrt(var_slope)
+    out["adj"] = adj
+    return out
+
+
+def _corr(a: list[float], b: list[float]) -> float | None:
+    """Pearson's correlation; ``None`` below 3 values or without spread."""
+    n = len(a)
+    if n < 3:
+        return None
+    ma, mb = sum(a) / n, sum(b) / n
+    saa = sum((x - ma) ** 2 for x in a)
+    sbb = sum((y - mb) ** 2 for y in b)
+    if saa <= 0 or sbb <= 0:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True)) / math.sqrt(saa * sbb)
+
+
+def seed_pairs(
+    a: dict[str, Any], b: dict[str, Any]
+) -> list[tuple[Any, float, float, float, float]]:
+    """The runs of grid points ``a`` and ``b`` at the seeds both finished, for
+    :func:`paired_differences`: ``(seed, acc_a, mse_a, acc_b, mse_b)``, sorted by seed."""
+    aa, ma = by_seed(a, "defended_acc"), by_seed(a, KEY)
+    ab, mb = by_seed(b, "defended_acc"), by_seed(b, KEY)
+    common = set(aa) & set(ma) & set(ab) & set(mb)
+    return [(s, aa[s], ma[s], ab[s], mb[s]) for s in sorted(common, key=str)]
+
+
+def seed_units(
+    pairs: list[tuple[Any, float, float, float, float]], fit: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The pooled paired reading with each seed as one unit: every seed's mean of
+    ``ΔMSE − b·Δacc`` over its pairs (one per σ), then :func:`one_sample_t` over the seeds. Pairs
+    of different σ that share a seed share its training subset, so they need not be independent;
+    this reading does not assume it (and has only ``#seeds − 1`` df). ``None`` below two seeds.
+
+    >>> fit = {"slope": -0.1}
+    >>> out = seed_units([(1, 0.3, 0.01, 0.3, 0.02), (1, 0.2, 0.02, 0.2, 0.04),
+    ...                   (2, 0.3, 0.01, 0.3, 0.03)], fit)
+    >>> out["n"], round(out["mean"], 4)
+    (2, 0.0175)
+    """
+    units: dict[Any, list[float]] = {}
+    for seed, aa, ma, ab, mb in pairs:
+        units.setdefault(seed, []).append((mb - ma) - fit["slope"] * (ab - aa))
+    if len(units) < 2:
+        return None
+    return one_sample_t([sum(v) / len(v) for v in units.values()])
+
+
 def variants_line_verdict(
     records: list[dict[str, Any]], default: str = "cem_noise", fit: dict[str, Any] | None = None
 ) -> str:
@@ -650,7 +888,7 @@ def variants_line_verdict(
 
     usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
     defaults = {r.get("sigma"): r for r in usable if r["defense"] == default}
-    rows = []
+    rows, paired_rows = [], []
     for v in sorted(
         (r for r in usable if r["defense"].startswith(default + " [")), key=lambda r: r["name"]
     ):
@@ -670,15 +908,40 @@ def variants_line_verdict(
             t, df, p = welch(res_v, res_d)
             note = f", Welch t on the means {t:+.1f} ({df:.1f} df, p {p:.2g})"
         rows.append((v["name"], text, mv - md, math.sqrt(sv**2 + sd**2), seeded, note))
+        paired = paired_differences(seed_pairs(d, v), fit)
+        if paired is not None:
+            adj, acc = paired["adj"], paired["acc"]
+            ok = adj["std"] is not None
+            text = f"`{v['name']}` against `{d['name']}` ({paired['n']} pair(s))"
+            note = (
+                f" (t {adj['t']:+.1f}, {adj['df']:.1f} df, p {adj['p']:.2g}; accuracy "
+                f"{acc['mean']:+.4f} ± {acc['std']:.4f})"
+                if ok
+                else ""
+            )
+            paired_rows.append((v["name"], text, adj["mean"], adj["std"] or 0.0, ok, note))
     if not rows:
         return "(no variant comparable with the default at the same σ yet)"
-    return (
+    text = (
         "Read against the straight line through every noise run instead (each seed's attack MSE "
         "minus the line's at that seed's own accuracy, mean ± std over seeds; the rule compares "
         "the seeds' spread, which more seeds do not shrink, so each comparison also gives Welch's "
         "t-test on the two means, for information: it does not change the verdict): "
         + _against_default(rows)
     )
+    if paired_rows:
+        text += (
+            '\n\n**The reading that decides the default** (the README\'s "Default CEM loss"): '
+            "the same line reading paired by seed, each seed's difference from the default at "
+            "that seed, at equal accuracy (the attack MSE difference less the noise line's slope "
+            "times the accuracy difference), mean ± std over the pairs. The study pairs its runs "
+            "(a seed fixes the subset, the initialisation, the batch order and the noise draws), "
+            "so the two arms' seeds move together and √(s_v² + s_d²) above, which takes them as "
+            "independent, overstates the spread of their difference; this reading measures that "
+            "spread from the pairs, the same rule (beyond twice it, two pairs at least), with the "
+            "paired t-test for information: " + _against_default(paired_rows)
+        )
+    return text
 
 
 def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") -> str:
@@ -860,11 +1123,13 @@ def families_section(
                 f"{collect.format_stat(m[KEY], '.4f')} | {gain} | "
                 f"{collect.format_stat(m.get('leakage_bits'), '.1f')} | {noise_at} |"
             )
-        row = {"family": f}
+        row: dict[str, Any] = {"family": f}
         if arms["cem"] is not None and arms["pure"] is not None:
             row["vs_pure"] = family_contrast(arms["pure"], arms["cem"])
+            row["paired_pure"] = paired_differences(seed_pairs(arms["pure"], arms["cem"]), fit)
         if arms["cem"] is not None and arms["noise"] is not None:
             row["vs_noise"] = family_contrast(arms["noise"], arms["cem"])
+            row["paired_noise"] = paired_differences(seed_pairs(arms["noise"], arms["cem"]), fit)
         contrasts.append(row)
     lines += [
         "",
@@ -875,6 +1140,17 @@ def families_section(
         cells = [
             _contrast_cell(row[k], slope) if k in row else "-" for k in ("vs_pure", "vs_noise")
         ]
+        lines.append(f"| {row['family']} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        "The same contrasts paired by seed (each seed's difference, mean ± std over the pairs; "
+        "at equal accuracy: less the noise line's slope times the accuracy difference):",
+        "",
+        "| family | `cem_X` against `X`, paired | `cem_X` against `X [with_noise]`, paired |",
+        "|---|---|---|",
+    ]
+    for row in contrasts:
+        cells = [_paired_cell(row[k]) if k in row else "-" for k in ("paired_pure", "paired_noise")]
         lines.append(f"| {row['family']} | {cells[0]} | {cells[1]} |")
     lines += ["", families_paragraph(contrasts)]
     return lines
@@ -1068,6 +1344,7 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "",
         pooled_paragraph(fit, curved=curvature_check(records)),
         "",
+        *([paired, ""] if (paired := paired_paragraph(records, fit)) else []),
         answer(rows),
         "",
         line_paragraph(fit),
