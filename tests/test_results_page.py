@@ -470,7 +470,7 @@ def test_pooled_and_per_point_line_readings_match_numpy_and_scipy():
     assert pool["p"] == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-6)
     assert t > 2  # built with a +0.006 excess over 12 runs
     para = results_page.pooled_paragraph(fit)
-    assert para.startswith("**In short: `cem_noise` gives a higher attack MSE than noise alone")
+    assert para.startswith("**Pooled against the noise line: `cem_noise` gives a higher attack MSE")
     assert f"lie {cem_res.mean():+.4f} ± {cem_res.std(ddof=1):.4f}" in para
     # no excess: not distinguishable
     for r in cem:
@@ -710,3 +710,39 @@ def test_paired_reading_removes_a_shared_seed_swing():
     assert 0.03 < np.mean(np.abs(null) > 2) < 0.12
     seen = np.array([paired_t(study(0.003)) for _ in range(100)])
     assert np.mean(seen > 2) > 0.9
+
+
+def test_short_answer_reads_the_pairs_first_and_falls_back_to_the_pooled_line():
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    recs = []
+    swing = 0.04 * rng.standard_normal(3)
+    for sigma, acc in zip((0.05, 0.1, 0.2, 0.4), (0.35, 0.33, 0.30, 0.26), strict=True):
+        for defense, extra in (("noise", 0.0), ("cem_noise", 0.004)):
+            accs = acc + swing + 0.004 * rng.standard_normal(3)
+            mses = 0.066 - 0.15 * accs + extra + 0.001 * rng.standard_normal(3)
+            recs.append(_seeded(defense, f"{defense}_s{sigma}", sigma, [1, 2, 3], accs, mses))
+    fit = results_page.line_comparison(recs)
+    pairs = [p for _, b, o in results_page.same_sigma_pairs(recs)
+             for p in results_page.seed_pairs(b, o)]  # fmt: skip
+    d = np.array([(mb - ma) - fit["slope"] * (ab - aa) for _, aa, ma, ab, mb in pairs])
+    d_acc = np.array([ab - aa for _, aa, _, ab, _ in pairs])
+    text = results_page.short_answer(recs, fit)
+    assert text.startswith(
+        "**In short: at equal accuracy, `cem_noise` gives a higher attack MSE than `noise` alone**"
+        f", by {d.mean():+.4f} ± {d.std(ddof=1):.4f} (mean ± std over the 12 pairs of runs at the "
+        "same σ and seed, 4 σ × 3 seeds;"
+    )
+    pool = results_page.pooled_line(fit)
+    assert pool["t"] > 2 and "unpaired, agrees" in text
+    assert f"The accuracy it costs: {d_acc.mean():+.4f} ± {d_acc.std(ddof=1):.4f} per pair" in text
+    # no run of cem_noise at a seed noise ran: the pooled line alone
+    for r in recs:
+        if r["defense"] == "cem_noise":
+            for key in ("defended_acc", KEY):
+                r["metrics"][key]["seeds"] = [4, 5, 6]
+    text = results_page.short_answer(recs, fit)
+    assert "No pair of runs at the same σ and seed yet" in text
+    assert f"{pool['mean']:+.4f} ± {pool['std']:.4f}" in text
+    assert "not answered yet" in results_page.short_answer([], None)

@@ -389,6 +389,80 @@ def pooled_line(fit: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def short_answer(
+    records: list[dict[str, Any]],
+    fit: dict[str, Any] | None,
+    *,
+    base: str = "noise",
+    other: str = "cem_noise",
+) -> str:
+    """The page's answer in one paragraph: at equal accuracy, does ``other`` give a higher attack
+    MSE than ``base``, by how much, with what spread, and at what cost in accuracy.
+
+    It reads the pairs of the same σ and seed first (:func:`paired_differences`, the study's
+    design), with the pooled line reading (:func:`pooled_line`) beside it; the verdict (``|t| > 2``)
+    is the paired one, and the paragraph says so when the two readings disagree. Without two pairs
+    it falls back to the pooled reading alone."""
+    pairs = [p for _, b, o in same_sigma_pairs(records, base=base, other=other)
+             for p in seed_pairs(b, o)]  # fmt: skip
+    paired = paired_differences(pairs, fit) if fit is not None and len(pairs) >= 2 else None
+    pool = pooled_line(fit)
+
+    def verdict(t: float) -> tuple[str, int]:
+        if t > 2:
+            return f"`{other}` gives a higher attack MSE than `{base}` alone", 1
+        if t < -2:
+            return f"`{other}` gives a lower attack MSE than `{base}` alone", -1
+        return f"`{other}` is not distinguishable from `{base}` alone in attack MSE", 0
+
+    if paired is None or paired["adj"]["t"] is None:
+        if pool is None:
+            return (
+                "**In short: not answered yet** (it needs finished runs of both defenses: "
+                f"three `{base}` runs and two `{other}` runs at least, ideally at the same σ and seeds)."
+            )
+        word, _ = verdict(pool["t"])
+        return (
+            f"**In short: at equal accuracy, {word}**: {pool['mean']:+.4f} ± {pool['std']:.4f} "
+            f"(mean ± std over its {pool['n']} runs, against the line through the noise runs; "
+            f"{pool['gain']:+.0%}), t {pool['t']:+.1f} (p {pool['p']:.2g}). No pair of runs at the "
+            "same σ and seed yet. Each reading follows."
+        )
+    adj, acc = paired["adj"], paired["acc"]
+    word, sign = verdict(adj["t"])
+    base_mse = sum(p[2] for p in pairs) / len(pairs)
+    sigmas = len({sig for sig, b, o in same_sigma_pairs(records, base=base, other=other)
+                  if seed_pairs(b, o)})  # fmt: skip
+    seeds = len({p[0] for p in pairs})
+    text = (
+        f"**In short: at equal accuracy, {word}**, by {adj['mean']:+.4f} ± {adj['std']:.4f} "
+        f"(mean ± std over the {paired['n']} pairs of runs at the same σ and seed, {sigmas} σ × "
+        f"{seeds} seeds; {adj['mean'] / base_mse:+.0%} of `{base}`'s mean attack MSE "
+        f"{base_mse:.4f} over those runs): t {adj['t']:+.1f} (p {adj['p']:.2g})."
+    )
+    if pool is not None:
+        pool_sign = verdict(pool["t"])[1]
+        agree = "agrees" if pool_sign == sign else "does not agree"
+        text += (
+            f" Every `{other}` run against the straight line through every `{base}` run, "
+            f"unpaired, {agree}: {pool['mean']:+.4f} ± {pool['std']:.4f} per run "
+            f"({pool['gain']:+.0%}), t {pool['t']:+.1f}."
+        )
+    acc_word = _t_verdict(acc["t"], "higher accuracy", "lower accuracy")
+    units = seed_units([(s, 0.0, aa, 0.0, ab) for s, aa, _, ab, _ in pairs], {"slope": 0.0})
+    by_units = (
+        f"; with each seed as one unit t {units['t']:+.1f}, p {units['p']:.2g}"
+        if units is not None and units["t"] is not None
+        else ""
+    )
+    text += (
+        f" The accuracy it costs: {acc['mean']:+.4f} ± {acc['std']:.4f} per pair "
+        f"(t {acc['t']:+.1f}, p {acc['p']:.2g}: {acc_word} at |t| > 2{by_units}). Each reading, "
+        "and the checks of its assumptions, follow."
+    )
+    return text
+
+
 def pooled_paragraph(
     fit: dict[str, Any] | None, other: str = "cem_noise", curved: dict[str, Any] | None = None
 ) -> str:
@@ -397,8 +471,8 @@ def pooled_paragraph(
     pool = pooled_line(fit)
     if pool is None:
         return (
-            "**In short: not answered yet.** The pooled reading needs at least 3 finished noise "
-            f"runs and two finished `{other}` runs."
+            "**Pooled against the noise line: not answered yet.** It needs at least 3 finished "
+            f"noise runs and two finished `{other}` runs."
         )
     if pool["t"] > 2:
         verdict = f"`{other}` gives a higher attack MSE than noise alone at equal accuracy"
@@ -412,7 +486,7 @@ def pooled_paragraph(
         else ""
     )
     return (
-        f"**In short: {verdict}** (pooled over the grid). Against the straight line through all "
+        f"**Pooled against the noise line: {verdict}** (over the grid). Against the straight line through all "
         f"{len(fit['resid'])} noise runs (below), the {pool['n']} `{other}` runs of "
         f"{pool['points']} σ{outside} lie {pool['mean']:+.4f} ± {pool['std']:.4f} (mean ± std over "
         f"runs) above noise alone at their own accuracy, {pool['gain']:+.0%} on average; the mean "
@@ -1342,9 +1416,11 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "",
         "## The answer",
         "",
-        pooled_paragraph(fit, curved=curvature_check(records)),
+        short_answer(records, fit),
         "",
         *([paired, ""] if (paired := paired_paragraph(records, fit)) else []),
+        pooled_paragraph(fit, curved=curvature_check(records)),
+        "",
         answer(rows),
         "",
         line_paragraph(fit),
