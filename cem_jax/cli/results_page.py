@@ -11,8 +11,9 @@ quadratic; paired by seed, the way the study is built (the two defenses at the s
 each pair's difference at equal accuracy along that line; also with each seed as one unit); per σ
 against that line; per σ against the noise frontier interpolated linearly in
 accuracy, its spread counting the accuracies' seed spread too; and at the same σ, unpaired and
-paired), the CEM variants (the default is decided by the paired line reading),
-every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its contrasts, the table, the commands, the scale, the compute and which commit produced each point.
+paired), the CEM variants (the default is decided by the paired line reading), every other family
+(``X``, ``X`` with CEM's noise, ``cem_X``) with its contrasts, the table, the commands, the scale,
+the compute and which commit produced each point.
 """
 
 from __future__ import annotations
@@ -403,8 +404,7 @@ def short_answer(
     design), with the pooled line reading (:func:`pooled_line`) beside it; the verdict (``|t| > 2``)
     is the paired one, and the paragraph says so when the two readings disagree. Without two pairs
     it falls back to the pooled reading alone."""
-    pairs = [p for _, b, o in same_sigma_pairs(records, base=base, other=other)
-             for p in seed_pairs(b, o)]  # fmt: skip
+    pairs, sigmas = all_seed_pairs(records, base=base, other=other)
     paired = paired_differences(pairs, fit) if fit is not None and len(pairs) >= 2 else None
     pool = pooled_line(fit)
 
@@ -419,7 +419,8 @@ def short_answer(
         if pool is None:
             return (
                 "**In short: not answered yet** (it needs finished runs of both defenses: "
-                f"three `{base}` runs and two `{other}` runs at least, ideally at the same σ and seeds)."
+                f"three `{base}` runs and two `{other}` runs at least, ideally at the same σ and "
+                "seeds)."
             )
         word, _ = verdict(pool["t"])
         return (
@@ -431,8 +432,6 @@ def short_answer(
     adj, acc = paired["adj"], paired["acc"]
     word, sign = verdict(adj["t"])
     base_mse = sum(p[2] for p in pairs) / len(pairs)
-    sigmas = len({sig for sig, b, o in same_sigma_pairs(records, base=base, other=other)
-                  if seed_pairs(b, o)})  # fmt: skip
     seeds = len({p[0] for p in pairs})
     text = (
         f"**In short: at equal accuracy, {word}**, by {adj['mean']:+.4f} ± {adj['std']:.4f} "
@@ -486,14 +485,16 @@ def pooled_paragraph(
         else ""
     )
     return (
-        f"**Pooled against the noise line: {verdict}** (over the grid). Against the straight line through all "
-        f"{len(fit['resid'])} noise runs (below), the {pool['n']} `{other}` runs of "
+        f"**Pooled against the noise line: {verdict}** (over the grid). Against the straight "
+        f"line through all {len(fit['resid'])} noise runs (below), the {pool['n']} `{other}` "
+        "runs of "
         f"{pool['points']} σ{outside} lie {pool['mean']:+.4f} ± {pool['std']:.4f} (mean ± std over "
         f"runs) above noise alone at their own accuracy, {pool['gain']:+.0%} on average; the mean "
         f"against its standard error {pool['se']:.4f} (the runs' scatter and the line's own error "
         f"at their mean accuracy, {pool['se_fit']:.4f}): t {pool['t']:+.1f} ({pool['df']:.1f} "
         f"df, Welch–Satterthwaite; p {pool['p']:.2g}); a verdict needs |t| > 2. This assumes "
-        "CEM's excess is alike across σ and the noise frontier straight over the accuracies seen: the per-σ readings below do not assume the first, and the "
+        "CEM's excess is alike across σ and the noise frontier straight over the accuracies "
+        "seen: the per-σ readings below do not assume the first, and the "
         "interpolated one does not assume the second."
     ) + (
         ""
@@ -520,6 +521,15 @@ def same_sigma_pairs(
     )  # fmt: skip
 
 
+def all_seed_pairs(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> tuple[list[tuple[Any, float, float, float, float]], int]:
+    """Every pair of runs of ``base`` and ``other`` at the same σ and seed (:func:`seed_pairs` over
+    :func:`same_sigma_pairs`), and how many σ have one."""
+    per_sigma = [seed_pairs(b, o) for _, b, o in same_sigma_pairs(records, base=base, other=other)]
+    return [p for pairs in per_sigma for p in pairs], sum(bool(pairs) for pairs in per_sigma)
+
+
 def _t_verdict(t: float | None, up: str, down: str) -> str:
     if t is None:
         return "one pair: no test"
@@ -536,8 +546,7 @@ def paired_paragraph(
     """The answer read the way the study was designed: ``other`` against ``base`` at the same σ
     and seed (:func:`paired_differences` over every such pair, pooled over σ; verdicts at
     ``|t| > 2``), and with each seed as one unit (:func:`seed_units`). Empty without two pairs."""
-    pairs = [p for _, b, o in same_sigma_pairs(records, base=base, other=other)
-             for p in seed_pairs(b, o)]  # fmt: skip
+    pairs, sigmas = all_seed_pairs(records, base=base, other=other)
     if fit is None or len(pairs) < 2:
         return ""
     out = paired_differences(pairs, fit)
@@ -545,8 +554,6 @@ def paired_paragraph(
     units = seed_units(pairs, fit)
     acc_units = seed_units([(s, 0.0, aa, 0.0, ab) for s, aa, _, ab, _ in pairs], {"slope": 0.0})
     corr = out["acc_corr"]
-    sigmas = len({sig for sig, b, o in same_sigma_pairs(records, base=base, other=other)
-                  if seed_pairs(b, o)})  # fmt: skip
     text = (
         f"**Paired by seed** (how the study is built: a seed fixes the training subset, the "
         f"initialisation, the batch order and every noise draw, so `{base}` and `{other}` at the "
