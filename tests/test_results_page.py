@@ -306,7 +306,7 @@ def test_variants_verdict_against_the_default_at_the_same_sigma():
     assert "+0.0070 ± 0.0027, beats the default" in text
     assert "+0.0010 ± 0.0027, not distinguishable from the default" in text
     assert "reference_invlr` (n=1) +0.0200 against the default's +0.0050 (n=3)" in text
-    assert "one seed on a side: not evidence yet" in text
+    assert "(n=3): +0.0150, one seed on a side: not evidence yet" in text  # no ± without a spread
     assert text.endswith("Beats the default: `cem_noise_s0.1_l0.3_reference`.")
     # excess -0.002: -0.007 under the default's, beyond twice the spread 0.0027
     recs[3] = at("cem_noise [reference]", "cem_noise_s0.1_l0.3_reference", 0.35, 0.013, 0.001)

@@ -740,13 +740,13 @@ def _against_default(rows: list[tuple[str, str, float, float, bool, str]]) -> st
     better: list[str] = []
     seeded = 0
     for name, text, delta, spread, ok, note in rows:
-        if not ok:
-            word = "one seed on a side: not evidence yet"
-        else:
-            seeded += 1
-            word = _versus_default(delta, spread)
-            if delta > 2 * spread:
-                better.append(name)
+        if not ok:  # no spread to show
+            parts.append(f"{text}: {delta:+.4f}, one seed on a side: not evidence yet{note}")
+            continue
+        seeded += 1
+        word = _versus_default(delta, spread)
+        if delta > 2 * spread:
+            better.append(name)
         parts.append(f"{text}: {delta:+.4f} ± {spread:.4f}, {word}{note}")
     tail = (
         f" Beats the default: {', '.join(f'`{b}`' for b in better)}."
