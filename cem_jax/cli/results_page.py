@@ -1004,7 +1004,8 @@ def variants_line_verdict(
     if not rows:
         return "(no variant comparable with the default at the same σ yet)"
     text = (
-        "Read against the straight line through every noise run instead (each seed's attack MSE "
+        "Read against the straight line through every noise run instead, unpaired, for "
+        "comparison (each seed's attack MSE "
         "minus the line's at that seed's own accuracy, mean ± std over seeds; the rule compares "
         "the seeds' spread, which more seeds do not shrink, so each comparison also gives Welch's "
         "t-test on the two means, for information: it does not change the verdict): "
@@ -1055,9 +1056,10 @@ def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") 
         return "(no variant comparable with the default at the same σ yet)"
     return (
         f"Against the default (`{default}`: `gmm`, λ 1) at the same σ, each measured as its excess "
-        "attack MSE over noise alone at its own accuracy; a variant replaces the default only when "
-        "its excess is higher by more than twice the spread with at least two seeds on each side. "
-        + _against_default(rows)
+        "attack MSE over the interpolated noise frontier at its own accuracy, unpaired (shown for "
+        "comparison; the paired line reading at the end of this section decides the default): a "
+        "variant counts when its excess is higher by more than twice the spread with at least two "
+        "seeds on each side. " + _against_default(rows)
     )
 
 
