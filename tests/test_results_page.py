@@ -147,12 +147,17 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
     # the tie-break: three more seeds of the default and of the official loss with its schedule
     assert {f"cem_noise_s0.1_seed{s}" for s in (4, 5, 6)} <= names
     assert {f"cem_noise_s0.1_l0.32_reference_invlr_seed{s}" for s in (4, 5, 6)} <= names
+    # ... and noise alone at σ 0.1 at those seeds, right after them: the pairs the page reads
+    order = [collect.run_name(p) for p in pts]
+    at = order.index("cem_noise_s0.1_seed4")
+    assert order[at : at + 6] == [
+        f"{d}_s0.1_seed{s}" for d in ("cem_noise", "noise") for s in (4, 5, 6)
+    ]
     # the default loss at the hinge's λ 3: is the official loss's lead the hinge's or λ's?
     gmm3 = next(p for p in pts if collect.run_name(p) == "cem_noise_s0.1_l3_gmm_seed2")
     assert collect.overrides_of(gmm3)["cem_mode"] == "gmm" and gmm3["lambd"] == 3
     assert collect.family(gmm3) == "cem_noise [gmm]"
     # it runs right after the noise line at seed 1 (no earlier run measured it)
-    order = [collect.run_name(p) for p in pts]
     assert order[5:8] == [f"cem_noise_s0.1_l3_gmm_seed{s}" for s in (1, 2, 3)]
     assert order[4] == "noise_s0.8_seed1" and order[8] == "cem_noise_s0.05_seed1"
     # the committed records file is the study's own: every recorded run is one of its runs, with
