@@ -448,7 +448,7 @@ def short_answer(
             f"({pool['gain']:+.0%}), t {pool['t']:+.1f}."
         )
     acc_word = _t_verdict(acc["t"], "higher accuracy", "lower accuracy")
-    units = seed_units([(s, 0.0, aa, 0.0, ab) for s, aa, _, ab, _ in pairs], {"slope": 0.0})
+    units = paired["acc_units"]
     by_units = (
         f"; with each seed as one unit t {units['t']:+.1f}, p {units['p']:.2g}"
         if units is not None and units["t"] is not None
@@ -552,7 +552,7 @@ def paired_paragraph(
     out = paired_differences(pairs, fit)
     adj, acc, mse = out["adj"], out["acc"], out["mse"]
     units = seed_units(pairs, fit)
-    acc_units = seed_units([(s, 0.0, aa, 0.0, ab) for s, aa, _, ab, _ in pairs], {"slope": 0.0})
+    acc_units = out["acc_units"]
     corr = out["acc_corr"]
     text = (
         f"**Paired by seed** (how the study is built: a seed fixes the training subset, the "
@@ -876,6 +876,7 @@ def paired_differences(
         "mse": one_sample_t(d_mse),
         "acc": one_sample_t(d_acc),
         "acc_corr": _corr([p[1] for p in pairs], [p[3] for p in pairs]),
+        "acc_units": _unit_means(pairs, lambda aa, ma, ab, mb: ab - aa),
         "adj": None,
     }
     if fit is None:
@@ -938,9 +939,17 @@ def seed_units(
     >>> out["n"], round(out["mean"], 4)
     (2, 0.0175)
     """
+    return _unit_means(pairs, lambda aa, ma, ab, mb: (mb - ma) - fit["slope"] * (ab - aa))
+
+
+def _unit_means(
+    pairs: list[tuple[Any, float, float, float, float]], diff: Any
+) -> dict[str, Any] | None:
+    """:func:`one_sample_t` over the seeds of each seed's mean ``diff(acc_a, mse_a, acc_b, mse_b)``
+    over its pairs; ``None`` below two seeds."""
     units: dict[Any, list[float]] = {}
-    for seed, aa, ma, ab, mb in pairs:
-        units.setdefault(seed, []).append((mb - ma) - fit["slope"] * (ab - aa))
+    for seed, *values in pairs:
+        units.setdefault(seed, []).append(diff(*values))
     if len(units) < 2:
         return None
     return one_sample_t([sum(v) / len(v) for v in units.values()])
