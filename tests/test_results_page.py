@@ -367,8 +367,49 @@ def test_variants_line_verdict_matches_numpy_residuals():
     delta, spread = mv - md, np.hypot(sv, sd)
     assert delta > 2 * spread  # the data are built so that the hinge clearly wins
     assert f"{delta:+.4f} ± {spread:.4f}, beats the default" in text
-    assert text.endswith("Beats the default: `cem_noise_s0.1_l1_reference`.")
+    assert "Beats the default: `cem_noise_s0.1_l1_reference`." in text
+    # the decision sentence closes the section; the runs pair by seed (3 pairs), so the rule applies
+    paired = [float(x) for x in errors(recs[2]) - errors(recs[1])]
+    m, s = np.mean(paired), np.std(paired, ddof=1)
+    assert m > 2 * s  # built so
+    assert text.endswith(
+        f"`cem_noise_s0.1_l1_reference` (+{m:.4f} ± {s:.4f} over 3 pairs) leads the default by the "
+        "most, so it replaces `gmm` at λ 1."
+    )
     assert "needs at least 3" in results_page.variants_line_verdict(recs[1:])
+
+
+def test_default_decision_applies_the_readme_rule():
+    rows = [
+        ("a_gmm_l3", 3, 0.0070, 0.0022),  # beats: 0.0070 > 2 * 0.0022
+        ("b_reference_l3", 3, 0.0150, 0.0050),  # beats, the larger lead
+        ("c_reference_l1", 3, 0.0100, 0.0060),  # larger mean than a, but within twice its spread
+        ("d_gmm_invlr", 3, -0.0001, 0.0030),
+    ]
+    text = results_page.default_decision(rows)
+    assert "every variant has 3 pairs or more" in text
+    assert (
+        "`b_reference_l3` (+0.0150 ± 0.0050 over 3 pairs, the largest of the 2 that beat it)"
+        in text
+    )
+    assert text.endswith("so it replaces `gmm` at λ 1.")
+    # one variant still short of 3 pairs: no decision, the provisional reading marked as such
+    short = rows[:3] + [("d_gmm_invlr", 1, 0.02, None)]
+    text = results_page.default_decision(short)
+    assert "3 of 4 have (still short: `d_gmm_invlr`)" in text
+    assert "the default stays `gmm` at λ 1" in text and "not a decision yet" in text
+    assert "`b_reference_l3`" in text
+    # two pairs count towards a lead (the rule's minimum) but not towards completeness
+    text = results_page.default_decision([("a", 2, 0.01, 0.001)])
+    assert "still short: `a`" in text and "`a` (+0.0100 ± 0.0010 over 2 pairs)" in text
+    # complete and nobody beats it
+    text = results_page.default_decision(
+        [r for r in rows if r[0] in ("c_reference_l1", "d_gmm_invlr")]
+    )
+    assert text.endswith(
+        "none beats the default beyond twice its spread: the default stays `gmm` at λ 1."
+    )
+    assert "no variant has a pair" in results_page.default_decision([])
 
 
 def test_welch_matches_scipy():

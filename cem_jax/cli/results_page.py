@@ -978,7 +978,7 @@ def variants_line_verdict(
 
     usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
     defaults = {r.get("sigma"): r for r in usable if r["defense"] == default}
-    rows, paired_rows = [], []
+    rows, paired_rows, decision_rows = [], [], []
     for v in sorted(
         (r for r in usable if r["defense"].startswith(default + " [")), key=lambda r: r["name"]
     ):
@@ -1010,6 +1010,7 @@ def variants_line_verdict(
                 else ""
             )
             paired_rows.append((v["name"], text, adj["mean"], adj["std"] or 0.0, ok, note))
+            decision_rows.append((v["name"], paired["n"], adj["mean"], adj["std"]))
     if not rows:
         return "(no variant comparable with the default at the same σ yet)"
     text = (
@@ -1032,7 +1033,57 @@ def variants_line_verdict(
             "spread from the pairs, the same rule (beyond twice it, two pairs at least), with the "
             "paired t-test for information: " + _against_default(paired_rows)
         )
+        text += "\n\n" + default_decision(decision_rows)
     return text
+
+
+def default_decision(
+    rows: list[tuple[str, int, float, float | None]],
+    needed: int = 3,
+    default: str = "`gmm` at λ 1",
+) -> str:
+    """The README's rule for the default CEM loss, applied to the paired line readings.
+
+    ``rows``: one ``(name, pairs, mean, std)`` per variant, its paired difference from the default at
+    equal accuracy (``std`` None for one pair). A variant beats the default when ``mean > 2·std``
+    with two pairs at least; the rule is applied once every variant has ``needed`` pairs, and then
+    the largest lead among those that beat the default replaces it. Before that the sentence says
+    which variants are still short and what the rule would read now, marked as not a decision.
+    """
+    if not rows:
+        return "**The default, by that rule:** no variant has a pair with the default yet."
+    short = [name for name, n, _, _ in rows if n < needed]
+    beat = sorted(
+        ((mean, name, n, std) for name, n, mean, std in rows if n >= 2 and std is not None
+         and mean > 2 * std),
+        reverse=True,
+    )  # fmt: skip
+    lead = ""
+    if beat:
+        mean, name, n, std = beat[0]
+        others = f", the largest of the {len(beat)} that beat it" if len(beat) > 1 else ""
+        lead = f"`{name}` (+{mean:.4f} ± {std:.4f} over {n} pairs{others})"
+    if short:
+        now = (
+            f"read now, the largest lead beyond twice its spread is {lead}, not a decision yet"
+            if beat
+            else "read now, no variant leads it beyond twice its spread"
+        )
+        return (
+            f"**The default, by that rule:** the rule is applied once every variant has {needed} "
+            f"pairs; {len(rows) - len(short)} of {len(rows)} have (still short: "
+            + ", ".join(f"`{s}`" for s in short)
+            + f"). Until then the default stays {default}; {now}."
+        )
+    if beat:
+        return (
+            f"**The default, by that rule:** every variant has {needed} pairs or more; {lead} "
+            f"leads the default by the most, so it replaces {default}."
+        )
+    return (
+        f"**The default, by that rule:** every variant has {needed} pairs or more and none beats "
+        f"the default beyond twice its spread: the default stays {default}."
+    )
 
 
 def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") -> str:
