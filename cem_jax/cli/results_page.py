@@ -114,15 +114,24 @@ def frontier_comparison(
     return out
 
 
+def beyond_twice(delta: float, spread: float) -> int:
+    """The page's rule for one difference: ``+1`` when it exceeds twice its spread, ``-1`` when it
+    falls below minus twice it, else ``0`` (not distinguishable). Every per-point verdict uses it."""
+    return 1 if delta > 2 * spread else -1 if delta < -2 * spread else 0
+
+
 def _verdict(r: dict[str, Any]) -> str:
     """``higher`` / ``lower`` / ``not distinguishable from`` noise alone, or ``no spread`` (one seed)."""
     if r["n"] < 2 or r.get("base_n", 0) < 2:
         return "one seed on a side, so no spread: not evidence either way yet"
-    if r["diff"] > 2 * r["diff_std"]:
-        return "higher than noise alone"
-    if r["diff"] < -2 * r["diff_std"]:
-        return "lower than noise alone"
-    return "not distinguishable from noise alone"
+    return _NOISE_WORDS[beyond_twice(r["diff"], r["diff_std"])]
+
+
+_NOISE_WORDS = {
+    1: "higher than noise alone",
+    -1: "lower than noise alone",
+    0: "not distinguishable from noise alone",
+}
 
 
 def answer(rows: list[dict[str, Any]], other: str = "cem_noise") -> str:
@@ -148,8 +157,8 @@ def answer(rows: list[dict[str, Any]], other: str = "cem_noise") -> str:
             f"(n={r.get('base_n', '?')}), {r['gain']:+.0%} ({diff}: {_verdict(r)})"
         )
     seeded = [r for r in inside if r["n"] >= 2 and r.get("base_n", 0) >= 2]
-    better = sum(r["diff"] > 2 * r["diff_std"] for r in seeded)
-    worse = sum(r["diff"] < -2 * r["diff_std"] for r in seeded)
+    better = sum(beyond_twice(r["diff"], r["diff_std"]) > 0 for r in seeded)
+    worse = sum(beyond_twice(r["diff"], r["diff_std"]) < 0 for r in seeded)
     head = (
         f"Point by point, against the noise frontier interpolated between its σ points' means: at "
         f"equal defended accuracy, `{other}` gives a higher train-time decoder MSE than `noise` "
@@ -350,11 +359,7 @@ def _line_verdict(r: dict[str, Any], resid_std: float) -> tuple[str, float | Non
     if r["res_std"] is None:
         return "one seed, so no spread: not evidence either way yet", None
     spread = math.sqrt(r["res_std"] ** 2 + resid_std**2)
-    if r["res_mean"] > 2 * spread:
-        return "higher than noise alone", spread
-    if r["res_mean"] < -2 * spread:
-        return "lower than noise alone", spread
-    return "not distinguishable from noise alone", spread
+    return _NOISE_WORDS[beyond_twice(r["res_mean"], spread)], spread
 
 
 def pooled_line(fit: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -593,13 +598,7 @@ def _paired_cell(pd: dict[str, Any] | None) -> str:
     def word(d: dict[str, Any], up: str, down: str) -> str:
         if d["std"] is None:
             return "one pair"
-        return (
-            up
-            if d["mean"] > 2 * d["std"]
-            else down
-            if d["mean"] < -2 * d["std"]
-            else "not distinguishable"
-        )
+        return {1: up, -1: down, 0: "not distinguishable"}[beyond_twice(d["mean"], d["std"])]
 
     pm = lambda d: f"{d['mean']:+.4f}" + (f" ± {d['std']:.4f}" if d["std"] is not None else "")
     text = f"{pd['n']} pair(s): {what} {pm(main)}"
@@ -724,10 +723,9 @@ def variants_section(records: list[dict[str, Any]], fit: dict[str, Any] | None =
 
 def _versus_default(delta: float, spread: float) -> str:
     """A variant's difference from the default, counted beyond twice its spread."""
-    if delta > 2 * spread:
-        return "beats the default"
-    if delta < -2 * spread:
-        return "below the default"
+    sign = beyond_twice(delta, spread)
+    if sign:
+        return "beats the default" if sign > 0 else "below the default"
     ratio = f" ({abs(delta) / spread:.1f}× the spread)" if spread > 0 else ""
     return "not distinguishable from the default" + ratio
 
@@ -745,7 +743,7 @@ def _against_default(rows: list[tuple[str, str, float, float, bool, str]]) -> st
             continue
         seeded += 1
         word = _versus_default(delta, spread)
-        if delta > 2 * spread:
+        if beyond_twice(delta, spread) > 0:
             better.append(name)
         parts.append(f"{text}: {delta:+.4f} ± {spread:.4f}, {word}{note}")
     tail = (
@@ -1055,7 +1053,7 @@ def default_decision(
     short = [name for name, n, _, _ in rows if n < needed]
     beat = sorted(
         ((mean, name, n, std) for name, n, mean, std in rows if n >= 2 and std is not None
-         and mean > 2 * std),
+         and beyond_twice(mean, std) > 0),
         reverse=True,
     )  # fmt: skip
     lead = ""
@@ -1166,9 +1164,7 @@ def _difference(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any
     diff = mb["mean"] - ma["mean"]
     seeded = a["n"] >= 2 and b["n"] >= 2
     spread = math.sqrt((ma.get("std") or 0.0) ** 2 + (mb.get("std") or 0.0) ** 2)
-    sign = 0
-    if seeded and abs(diff) > 2 * spread:
-        sign = 1 if diff > 0 else -1
+    sign = beyond_twice(diff, spread) if seeded else 0
     return {
         "diff": diff,
         "spread": spread,
