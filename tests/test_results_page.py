@@ -114,6 +114,9 @@ def test_write_page_from_table_json(tmp_path):
     assert "(no run of another defense family finished yet)" in text
     assert not (tmp_path / "docs" / "results_families.png").exists()
     assert "![privacy-utility](results_privacy_utility.png)" in text
+    # the runs pair by seed (noise / cem_noise at σ 0.1): the paired plot is drawn and shown
+    assert "![paired by seed](results_pairs.png)" in text
+    assert (tmp_path / "docs" / "results_pairs.png").read_bytes()[:4] == b"\x89PNG"
     assert "at 1 and a lower one at 0 of the 1 comparable points" in text and "+50%" in text
     assert "abc123" in text and "| cem_noise_0.3 |" in text
     with pytest.raises(ValueError, match="table.json not found"):
@@ -608,6 +611,47 @@ def test_pooled_reading_is_calibrated_under_the_null_and_sees_a_real_excess():
     assert 0.03 < np.mean(np.abs(null) > 2) < 0.10
     seen = np.array([study(0.007)[0] for _ in range(300)])
     assert np.mean(seen > 2) > 0.7
+
+
+def test_pair_panels_and_plot_pairs(tmp_path):
+    def at(defense, name, sigma, accs, mses, seeds):
+        r = _record(defense, sum(accs) / len(accs), sum(mses) / len(mses), n=len(accs))
+        r["name"], r["sigma"] = name, sigma
+        r["metrics"]["defended_acc"].update(values=list(accs), seeds=list(seeds))
+        r["metrics"][KEY].update(values=list(mses), seeds=list(seeds))
+        return r
+
+    recs = [
+        at("noise", "noise_s0.1", 0.1, [0.30, 0.35, 0.40], [0.010, 0.012, 0.014], [1, 2, 3]),
+        at("noise", "noise_s0.2", 0.2, [0.25, 0.20], [0.020, 0.030], [1, 2]),
+        # seed 2 and 4: only seed 2 pairs with noise at σ 0.1
+        at("cem_noise", "cem_noise_s0.1", 0.1, [0.31, 0.33], [0.020, 0.025], [2, 4]),
+        at(
+            "cem_noise [reference]", "cem_noise_s0.1_l3_reference", 0.1, [0.29], [0.03], [4]
+        ),  # pairs with the default's seed 4
+        at(
+            "cem_noise [gmm]", "cem_noise_s0.4_l3_gmm", 0.4, [0.2], [0.04], [4]
+        ),  # no default at σ 0.4
+    ]
+    panels = results_page.pair_panels(recs)
+    assert [title for title, _ in panels] == [
+        "cem_noise against noise, same σ and seed",
+        "each variant against the default (gmm, λ 1)",
+    ]  # no family ran: no third panel; σ 0.2 has no cem_noise run: no set
+    (_, sets), (_, variants) = panels
+    assert [lab for lab, _ in sets] == ["σ 0.1"]
+    ((seed, dacc, dmse),) = sets[0][1]  # cem_noise − noise at seed 2
+    assert seed == 2 and dacc == pytest.approx(0.31 - 0.35) and dmse == pytest.approx(0.020 - 0.012)
+    assert variants == [
+        ("s0.1_l3_reference", [(4, pytest.approx(0.29 - 0.33), pytest.approx(0.005))])
+    ]
+    png = tmp_path / "pairs.png"
+    assert results_page.plot_pairs(recs, results_page.line_comparison(recs), str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no pair at all: nothing drawn
+    assert results_page.pair_panels(recs[:2]) == []
+    assert not results_page.plot_pairs(recs[:2], None, str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_same_sigma_section_pairs_cem_with_noise_at_its_sigma():

@@ -1388,6 +1388,102 @@ def plot_families(records: list[dict[str, Any]], path: str) -> bool:
     return True
 
 
+def pair_panels(
+    records: list[dict[str, Any]],
+) -> list[tuple[str, list[tuple[str, list[tuple[Any, float, float]]]]]]:
+    """The paired contrasts the page reads, as plot data: ``(panel title, [(label, [(seed, Δacc,
+    ΔMSE), ...]), ...])`` for (1) ``cem_noise`` against ``noise`` at each σ, (2) each ``cem_noise``
+    variant against the default at its σ, (3) each family's ``cem_X`` against ``X`` with the same
+    noise and no CEM. Differences are second minus first, pair by pair (:func:`seed_pairs`);
+    panels and labels with no pair are left out."""
+
+    def diffs(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[Any, float, float]]:
+        return [(s, ab - aa, mb - ma) for s, aa, ma, ab, mb in seed_pairs(a, b)]
+
+    usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
+    defaults = {r.get("sigma"): r for r in usable if r["defense"] == "cem_noise"}
+    variants = sorted(
+        (
+            r
+            for r in usable
+            if r["defense"].startswith("cem_noise [") and r.get("sigma") in defaults
+        ),
+        key=lambda r: r["name"],
+    )
+    families = [(f, a) for f, a in _present_families(records) if a["noise"] and a["cem"]]
+    panels = [
+        (
+            "cem_noise against noise, same σ and seed",
+            [(f"σ {s:g}", diffs(b, o)) for s, b, o in same_sigma_pairs(records)],
+        ),
+        (
+            "each variant against the default (gmm, λ 1)",
+            [
+                (v["name"].removeprefix("cem_noise_"), diffs(defaults[v.get("sigma")], v))
+                for v in variants
+            ],
+        ),
+        (
+            "cem_X against X + the same noise, no CEM",
+            [(f, diffs(a["noise"], a["cem"])) for f, a in families],
+        ),
+    ]
+    out = [(title, [(lab, d) for lab, d in sets if d]) for title, sets in panels]
+    return [(title, sets) for title, sets in out if sets]
+
+
+def plot_pairs(records: list[dict[str, Any]], fit: dict[str, Any] | None, path: str) -> bool:
+    """The paired readings as a picture, one panel per :func:`pair_panels` contrast: each pair of
+    runs (same seed) a point at (its attack MSE change, its accuracy change), each set's mean a
+    large marker, and the dotted line through the origin along which the noise line moves
+    (ΔMSE = b·Δacc, ``b`` the slope of ``fit``). A point to the right of that line has more attack
+    MSE than noise alone would give for its accuracy change: the "at equal accuracy" excess is its
+    horizontal distance from the line. Returns ``False`` (writes nothing) without a pair."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = pair_panels(records)
+    if not panels:
+        return False
+    fig = Figure(figsize=(4.6 * len(panels), 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, sets) in zip(axes, panels):
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.axvline(0, color="0.6", lw=0.8)
+        for i, (label, d) in enumerate(sets):
+            color = f"C{i % 10}"
+            dacc, dmse = [p[1] for p in d], [p[2] for p in d]
+            ax.plot(dmse, dacc, "o", color=color, alpha=0.45, ms=5)
+            ax.plot(
+                sum(dmse) / len(d), sum(dacc) / len(d), "D", color=color, ms=8, mec="k",
+                label=f"{label} (n={len(d)})",
+            )  # fmt: skip
+        if fit is not None and fit.get("slope"):
+            lo, hi = ax.get_ylim()
+            ax.plot(
+                [fit["slope"] * lo, fit["slope"] * hi], [lo, hi], ":", color="k", lw=1.2,
+                label="along the noise line",
+            )  # fmt: skip
+            ax.set_ylim(lo, hi)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("Δ train-time decoder MSE (second − first)")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    axes[0].set_ylabel("Δ defended test accuracy")
+    fig.suptitle(
+        "paired by seed: each small dot one pair of runs, each diamond a set's mean; right of the "
+        "dotted line = more attack MSE than noise alone gives for that accuracy change",
+        fontsize=9,
+    )
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    storage.write_bytes(path, buf.getvalue())
+    return True
+
+
 def compute_section(
     records: list[dict[str, Any]], machine: str | None, scale: dict[str, Any] | None
 ) -> list[str]:
@@ -1444,6 +1540,7 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
     os.makedirs(folder, exist_ok=True)
     stem = os.path.splitext(os.path.basename(out))[0]
     plot_name, families_plot = f"{stem}_privacy_utility.png", f"{stem}_families.png"
+    pairs_plot = f"{stem}_pairs.png"
     # the frontier plot: noise, cem_noise and its variants, none (the other families get their own)
     frontier = [r for r in records if r["defense"].split(" [")[0] in ("none", "noise", "cem_noise")]
     fit = line_comparison(records)
@@ -1455,9 +1552,10 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
             line=(fit["intercept"], fit["slope"], *fit["acc_range"]) if fit else None,
         )
         have_families = plot_families(records, os.path.join(folder, families_plot))
+        have_pairs = plot_pairs(records, fit, os.path.join(folder, pairs_plot))
     except ImportError:  # no matplotlib: the sweep's own plot (every family on one figure)
         src = storage.join(root, collect.PLOT_PNG)
-        have_plot, have_families = storage.exists(src), False
+        have_plot, have_families, have_pairs = storage.exists(src), False, False
         if have_plot:
             with open(os.path.join(folder, plot_name), "wb") as f:
                 f.write(storage.read_bytes(src))
@@ -1497,6 +1595,19 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "",
         f"![privacy-utility]({plot_name})" if have_plot else "(no plot: no finished run)",
         "",
+        *(
+            [
+                "Its error bars are each point's spread over seeds, which carries every seed's "
+                "accuracy swing on both sides; the readings above pair the runs by seed instead. "
+                "The pairs themselves (each dot one seed's pair; right of the dotted line: more "
+                "attack MSE than moving along the noise line gives for that accuracy change):",
+                "",
+                f"![paired by seed]({pairs_plot})",
+                "",
+            ]
+            if have_pairs
+            else []
+        ),
         "## Which CEM",
         "",
         "Every `cem_noise` variant (the paper's Gaussian-mixture bound `gmm` or the official hinge "
