@@ -27,6 +27,22 @@ ATTACK_SETTINGS = ("train_time", "inference_time")
 THREAT_MODELS = ("server_view", "noise_only")
 #: Config fields that only the attacks read (outside the training fingerprint).
 ATTACK_PREFIXES = ("attack", "gan", "whitebox")
+#: The training fingerprint's entry for the defense a run trains with: its preset resolved with the
+#: config's overrides (:meth:`RunConfig.defense_spec`), so that a changed preset (say the cem_*
+#: presets' λ) is told apart from the runs made before it, although the config reads the same.
+RESOLVED_DEFENSE = "resolved_defense"
+#: RunConfig fields that reach training only through the resolved defense.
+DEFENSE_OVERRIDES = (
+    "sigma",
+    "lambd",
+    "dropout_ratio",
+    "dropout_rescale",
+    "topk_ratio",
+    "topk_scope",
+    "nopeek_alpha",
+    "adversarial_alpha",
+    "ssim_threshold",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,17 +105,7 @@ class RunConfig:
     # ----------------------------------------------------------------------------------------------
     def defense_spec(self) -> defenses.Defense:
         """The :class:`cem_jax.defenses.Defense` this config asks for (preset + overrides)."""
-        overrides = {
-            "sigma": self.sigma,
-            "lambd": self.lambd,
-            "dropout_ratio": self.dropout_ratio,
-            "dropout_rescale": self.dropout_rescale,
-            "topk_ratio": self.topk_ratio,
-            "topk_scope": self.topk_scope,
-            "nopeek_alpha": self.nopeek_alpha,
-            "adversarial_alpha": self.adversarial_alpha,
-            "ssim_threshold": self.ssim_threshold,
-        }
+        overrides = {k: getattr(self, k) for k in DEFENSE_OVERRIDES}
         return defenses.make_defense(self.defense, **overrides)
 
     @property
@@ -192,7 +198,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def training_fingerprint(self) -> dict[str, Any]:
-        """The fields a checkpoint depends on: resuming with any of them changed is refused."""
+        """The fields a checkpoint depends on: resuming with any of them changed is refused
+        (:func:`fingerprint_diff`). Besides the config's training fields it holds
+        :data:`RESOLVED_DEFENSE`, the defense the run trains with, which a changed preset changes."""
         ignore = {
             "data_dir",
             "eval_batch_size",
@@ -202,7 +210,37 @@ class RunConfig:
         }
         ignore |= {f.name for f in dataclasses.fields(self) if f.name.startswith(ATTACK_PREFIXES)}
         d = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        d[RESOLVED_DEFENSE] = dataclasses.asdict(self.defense_spec())
         return json.loads(json.dumps(d))  # tuples -> lists, as stored in JSON
+
+
+def fingerprint_diff(stored: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Where two training fingerprints (:meth:`RunConfig.training_fingerprint`) differ:
+    ``{field: (stored, wanted)}``, empty when they describe the same training.
+
+    When both hold :data:`RESOLVED_DEFENSE`, the defense is compared field by field through it
+    (``"resolved_defense.lambd"``) instead of the config's override fields
+    (:data:`DEFENSE_OVERRIDES`): ``lambd=None`` under a preset of λ 1 trains the same run as
+    ``lambd=1``, and a preset whose λ changed does not, although both configs read ``None``. A
+    fingerprint written before the resolved defense was recorded lacks it and is compared on its
+    config fields alone.
+
+    >>> a = RunConfig(defense="cem_noise").training_fingerprint()
+    >>> fingerprint_diff(a, RunConfig(defense="cem_noise", lambd=1.0).training_fingerprint())
+    {}
+    >>> fingerprint_diff(a, RunConfig(defense="cem_noise", lambd=3.0).training_fingerprint())
+    {'resolved_defense.lambd': (1.0, 3.0)}
+    """
+    both = RESOLVED_DEFENSE in stored and RESOLVED_DEFENSE in wanted
+    skip = {RESOLVED_DEFENSE, *(DEFENSE_OVERRIDES if both else ())}
+    keys = sorted(k for k in set(stored) | set(wanted) if k not in skip)
+    diff = {k: (stored.get(k), wanted.get(k)) for k in keys if stored.get(k) != wanted.get(k)}
+    if both:
+        a, b = stored[RESOLVED_DEFENSE] or {}, wanted[RESOLVED_DEFENSE] or {}
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                diff[f"{RESOLVED_DEFENSE}.{k}"] = (a.get(k), b.get(k))
+    return diff
 
 
 def config_from_dict(d: dict[str, Any]) -> RunConfig:

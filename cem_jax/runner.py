@@ -378,9 +378,11 @@ def _read_results(path: str) -> dict[str, Any] | None:
     return out
 
 
-def _config_diff(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
-    keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-    return ", ".join(f"{k}: {stored.get(k)!r} there vs {wanted.get(k)!r} requested" for k in keys)
+def _config_diff(changed: dict[str, tuple[Any, Any]]) -> str:
+    """:func:`cem_jax.config.fingerprint_diff`'s differences in words."""
+    return ", ".join(
+        f"{k}: {a!r} there vs {b!r} requested" for k, (a, b) in sorted(changed.items())
+    )
 
 
 def _json_default(o: Any) -> Any:
@@ -460,10 +462,15 @@ def _run_locked(
         finally:
             ckpt.close()
     fingerprint = cfg.training_fingerprint()
-    if previous is not None and previous.get("fingerprint") != fingerprint:
+    changed = (
+        config_lib.fingerprint_diff(previous.get("fingerprint") or {}, fingerprint)
+        if previous is not None
+        else {}
+    )
+    if changed:
         raise RunError(
             f"{results_path} holds the results of another configuration "
-            f"({_config_diff(previous.get('fingerprint') or {}, fingerprint)})"
+            f"({_config_diff(changed)})"
             + ("" if has_checkpoint else " and the workdir has no checkpoint (deleted?)")
             + ". Refusing to overwrite them or to mix two runs in one metrics.jsonl: use another "
             "--workdir, or repeat the original flags."

@@ -35,7 +35,7 @@ from cem_jax import data as data_lib
 from cem_jax import defenses, entropy, kmeans, parallel
 from cem_jax import metrics as metrics_lib
 from cem_jax.checkpoint import Checkpointer, fault_point
-from cem_jax.config import RunConfig
+from cem_jax.config import RunConfig, fingerprint_diff
 from cem_jax.models import build_split_model, feature_shape
 
 FORMAT_VERSION = 1
@@ -993,13 +993,7 @@ def check_compatible(
             f"{directory} holds a checkpoint of format {meta.get('format_version')!r}; this version "
             f"reads format {FORMAT_VERSION}. Use another --workdir."
         )
-    stored = meta.get("fingerprint", {})
-    wanted = cfg.training_fingerprint()
-    diff = {
-        k: (stored.get(k), wanted.get(k))
-        for k in set(stored) | set(wanted)
-        if stored.get(k) != wanted.get(k)
-    }
+    diff = fingerprint_diff(meta.get("fingerprint", {}), cfg.training_fingerprint())
     if diff:
         lines = ", ".join(
             f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in sorted(diff.items())

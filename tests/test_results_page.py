@@ -173,12 +173,9 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
     recorded = collect.read_records(os.path.join(ROOT, spec["records"]))
     for name, rec in recorded.items():
         assert name in by_name, f"{name} is recorded but not a run of the study"
-        cfg = config_lib.make_config(
-            spec["preset"],
-            dataset=spec["dataset"],
-            **{k: tuple(v) for k, v in spec["common"].items()},
-            **collect.overrides_of(by_name[name]),
-        )
+        point = by_name[name]
+        overrides = {**collect.study_common(spec, point), **collect.overrides_of(point)}
+        cfg = config_lib.make_config(spec["preset"], dataset=spec["dataset"], **overrides)
         assert not collect.record_mismatch(
             rec, cfg.training_fingerprint(), runner.attack_config(cfg)
         ), name

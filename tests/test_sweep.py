@@ -413,6 +413,60 @@ def test_shards_leave_records_to_collect_only(tmp_path):
     assert records.stat().st_mtime_ns == stamp
 
 
+def test_a_study_pins_what_the_defaults_decide_and_keeps_its_records(tmp_path):
+    """``common`` and ``cem_common`` pin settings (a group's overrides and λ axis win over both);
+    runs recorded before the pin, with the same resolved values, still count as the same runs."""
+    records = tmp_path / "runs.jsonl"
+    spec = tmp_path / "study.json"
+    study = {
+        "preset": "quick",
+        "dataset": "synthetic",
+        "records": str(records),
+        "common": {"epochs": 2},
+        "groups": [
+            {"defenses": ["noise", "cem_noise"], "sigmas": [0.1], "seeds": [1]},
+            {
+                "variant": "reference",
+                "defenses": ["cem_noise"],
+                "sigmas": [0.1],
+                "lambdas": [3],
+                "seeds": [1],
+                "overrides": {"cem_mode": "reference"},
+            },
+        ],
+    }
+    spec.write_text(json.dumps(study))
+    proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'a'}")
+    assert proc.returncode == 0 and proc.stdout.count("RAN ") == 3, proc.stderr[-2000:]
+    # now pinned: the same values the runs had from the defaults
+    study["common"].update(cem_mode="gmm", lambda_schedule="constant")
+    study["cem_common"] = {"lambd": 1.0}
+    spec.write_text(json.dumps(study))
+    proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'b'}")
+    assert proc.returncode == 0 and "RAN " not in proc.stdout, proc.stderr[-2000:]
+    assert proc.stdout.count("; skipped") == 3
+    # pinned to other values, the recorded runs are refused with the difference named
+    study["cem_common"] = {"lambd": 2.0}
+    spec.write_text(json.dumps(study))
+    proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'c'}")
+    assert proc.returncode != 0 and "RAN " not in proc.stdout
+    assert (
+        "records it with another configuration (training resolved_defense.lambd: 1.0 recorded vs 2.0 now)"
+        in proc.stderr
+    )
+    # the pins reach the runs: a fresh study with them records the pinned and overridden values
+    proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'd'}", "--records=")
+    assert proc.returncode == 0 and proc.stdout.count("RAN ") == 3, proc.stderr[-2000:]
+    done = {
+        p.parent.name: json.loads(p.read_text())["config"]
+        for p in (tmp_path / "d").rglob("results.json")
+    }
+    assert done["cem_noise_s0.1_seed1"]["lambd"] == 2.0
+    assert done["noise_s0.1_seed1"]["lambd"] is None  # cem_common reaches CEM runs only
+    ref = done["cem_noise_s0.1_l3_reference_seed1"]
+    assert (ref["lambd"], ref["cem_mode"], ref["epochs"]) == (3, "reference", 2)
+
+
 def test_a_study_names_its_records_and_records_empty_turns_them_off(tmp_path):
     records = tmp_path / "study_runs.jsonl"
     spec = tmp_path / "study.json"
@@ -436,6 +490,41 @@ def test_a_study_names_its_records_and_records_empty_turns_them_off(tmp_path):
     proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'c'}", "--records=")
     assert proc.returncode == 0 and proc.stdout.count("RAN ") == 2, proc.stderr[-2000:]
     assert records.read_text() == before
+
+
+def test_records_made_under_another_defense_preset_are_told_apart(monkeypatch):
+    from cem_jax import defenses, runner
+
+    rng = np.random.default_rng(2)
+    cfg = config_lib.make_config("quick", dataset="synthetic", defense="cem_noise", seed=1)
+    res = _fake_results("cem_noise", None, None, 1, rng)
+    res["fingerprint"] = cfg.training_fingerprint()
+    res["attack_config"] = runner.attack_config(cfg)
+    rec = collect.run_record("cem_noise_seed1", res)
+    assert collect.record_mismatch(rec, cfg.training_fingerprint(), runner.attack_config(cfg)) == ""
+    (row,) = collect.summarize([({"defense": "cem_noise", "seed": 1}, res)])
+    assert (row["sigma"], row["lambd"]) == (0.1, 1.0)
+    # the cem_* presets' λ changes: the same config no longer matches the record, and says why
+    cem = {**defenses.DEFENSES["cem_noise"], "lambd": 3.0}
+    monkeypatch.setitem(defenses.DEFENSES, "cem_noise", cem)
+    problem = collect.record_mismatch(rec, cfg.training_fingerprint(), runner.attack_config(cfg))
+    assert problem == "training resolved_defense.lambd: 1.0 recorded vs 3.0 now"
+    # the table reads σ and λ from what the run recorded, not from today's preset
+    (row,) = collect.summarize([({"defense": "cem_noise", "seed": 1}, res)])
+    assert row["lambd"] == 1.0
+    # a seed run after the change is not pooled with one run before it
+    later = _fake_results("cem_noise", None, None, 2, rng)
+    later["fingerprint"] = config_lib.make_config(
+        "quick", dataset="synthetic", defense="cem_noise", seed=2
+    ).training_fingerprint()
+    point = {"defense": "cem_noise"}
+    with pytest.raises(ValueError, match="cem_noise holds runs trained with different defenses"):
+        collect.summarize([({**point, "seed": 1}, res), ({**point, "seed": 2}, later)])
+    # runs recorded before the fingerprint held the defense are pooled as before
+    old = {**later, "fingerprint": {}}
+    assert (
+        collect.summarize([({**point, "seed": 1}, res), ({**point, "seed": 2}, old)])[0]["n"] == 2
+    )
 
 
 def test_summarize_records_each_value_s_seed_so_points_pair_by_seed():

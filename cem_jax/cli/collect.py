@@ -97,9 +97,29 @@ AXES = ("defense", "sigma", "lambd", "seed")
 
 
 # ---------------------------------------------------------------------------------------- studies
+def study_common(spec: dict[str, Any], point: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings a study gives every run (``common``) and, for a ``point`` of a CEM defense (a
+    ``cem_*`` preset), every CEM run (``cem_common``, e.g. ``{"lambd": 1}``: the study's CEM runs
+    keep their λ when the presets' default changes). A point's own axes and its group's overrides
+    win over both (the caller merges them last). JSON lists become tuples.
+
+    >>> spec = {"common": {"epochs": 2}, "cem_common": {"lambd": 1.0}}
+    >>> study_common(spec, {"defense": "cem_noise"}), study_common(spec, {"defense": "noise"})
+    ({'epochs': 2, 'lambd': 1.0}, {'epochs': 2})
+    """
+    from cem_jax import defenses
+
+    out = dict(spec.get("common") or {})
+    name = (point or {}).get("defense")
+    if name is not None and defenses.DEFENSES.get(name, {}).get("cem"):
+        out.update(spec.get("cem_common") or {})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+
+
 def load_study(path: str) -> dict[str, Any]:
     """A study spec (JSON): ``{"description", "preset", "dataset", "records", "common": {field: value},
-    "groups": [{"defenses", "sigmas", "lambdas", "seeds", "variant", "overrides"}]}``.
+    "cem_common": {field: value}, "groups": [{"defenses", "sigmas", "lambdas", "seeds", "variant",
+    "overrides"}]}`` (``cem_common``: settings of the CEM runs only, :func:`study_common`).
 
     ``records``: the study's records file (:func:`add_records`), relative to where the sweep runs.
 
@@ -225,14 +245,21 @@ def add_records(path: str, new: dict[str, dict[str, Any]]) -> int:
 
 
 def record_mismatch(record: dict[str, Any], fingerprint: dict, attack_config: dict) -> str:
-    """How a record's configuration differs from the wanted one (``""``: it is the same run)."""
+    """How a record's configuration differs from the wanted one (``""``: it is the same run). The
+    training side goes through :func:`cem_jax.config.fingerprint_diff`, so a record made under
+    another defense preset (say another λ of the cem_* presets) does not pass for the same run."""
+    from cem_jax.config import fingerprint_diff
+
+    stored, wanted = record.get("attack_config") or {}, attack_config
+    attack = {k: (stored.get(k), wanted.get(k)) for k in set(stored) | set(wanted)}
     diffs = []
-    for what, stored, wanted in (
-        ("training", record.get("fingerprint") or {}, fingerprint),
-        ("attack", record.get("attack_config") or {}, attack_config),
+    for what, changed in (
+        ("training", fingerprint_diff(record.get("fingerprint") or {}, fingerprint)),
+        ("attack", {k: v for k, v in attack.items() if v[0] != v[1]}),
     ):
-        keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-        diffs += [f"{what} {k}: {stored.get(k)!r} recorded vs {wanted.get(k)!r} now" for k in keys]
+        diffs += [
+            f"{what} {k}: {a!r} recorded vs {b!r} now" for k, (a, b) in sorted(changed.items())
+        ]
     return "; ".join(diffs)
 
 
@@ -306,8 +333,9 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
         groups.setdefault(point_name(point), []).append((point, res))
     records = []
     for name, members in groups.items():
+        _check_one_defense(name, members)
         point, first = members[0]
-        sigma, lambd = _resolved_sigma_lambd(point, first.get("config") or {})
+        sigma, lambd = _resolved_sigma_lambd(point, first)
         per_run = [run_metrics(res) for _, res in members]
         seeds = [(res.get("config") or {}).get("seed", p.get("seed")) for p, res in members]
         metrics = {}
@@ -573,8 +601,38 @@ def _point_label(r: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _resolved_sigma_lambd(point: dict[str, Any], cfg: dict[str, Any]) -> tuple[Any, Any]:
-    """σ and λ the run used (the defense preset's if unset); λ ``None`` for a defense without CEM."""
+def _resolved_defense(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The defense a run trained with, as its results recorded it (``None`` for runs recorded
+    before the fingerprint held it)."""
+    from cem_jax.config import RESOLVED_DEFENSE
+
+    return (res.get("fingerprint") or {}).get(RESOLVED_DEFENSE)
+
+
+def _check_one_defense(name: str, members: Sequence[tuple[dict, dict]]) -> None:
+    """A grid point pools its seeds; refuses (``ValueError``) runs trained with different defenses,
+    e.g. seeds run before and after a change of the defense presets."""
+    seen = {}
+    for point, res in members:
+        d = _resolved_defense(res)
+        if d is not None:
+            seen.setdefault(json.dumps(d, sort_keys=True), point.get("seed"))
+    if len(seen) > 1:
+        kinds = "; ".join(f"seed {seed}: {d}" for d, seed in seen.items())
+        raise ValueError(
+            f"grid point {name} holds runs trained with different defenses ({kinds}), so its "
+            "seeds cannot be pooled: the defense presets changed between them. Pin the study's "
+            "values (e.g. its lambdas) to the recorded runs', or rerun the point."
+        )
+
+
+def _resolved_sigma_lambd(point: dict[str, Any], res: dict[str, Any]) -> tuple[Any, Any]:
+    """σ and λ the run used: as its results recorded them, else the defense preset's if unset;
+    λ ``None`` for a defense without CEM."""
+    d = _resolved_defense(res)
+    if d is not None:
+        return d.get("sigma"), (d.get("lambd") if d.get("cem") else None)
+    cfg = res.get("config") or {}
     try:
         from cem_jax import defenses
 

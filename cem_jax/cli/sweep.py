@@ -126,11 +126,11 @@ def points() -> list[dict]:
     return collect.grid(FLAGS.defenses, FLAGS.sigmas, FLAGS.lambdas, FLAGS.seeds)
 
 
-def common_overrides() -> dict:
-    """The study's common settings, then the config flags the user set (plus ``$CEM_DATA_DIR``)."""
-    common = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in (_STUDY.get("common") or {}).items()
-    }
+def common_overrides(point: dict | None = None) -> dict:
+    """The study's common settings (:func:`cem_jax.cli.collect.study_common`: with ``point``, its
+    ``cem_common`` too when the point's defense is a CEM one), then the config flags the user set
+    (plus ``$CEM_DATA_DIR``)."""
+    common = collect.study_common(_STUDY, point)
     overrides = {**common, **config_flags.config_overrides(FLAGS, CONFIG_FLAGS)}
     if overrides.get("data_dir") is None:
         overrides["data_dir"] = os.environ.get("CEM_DATA_DIR") or None
@@ -153,13 +153,11 @@ def check_grid(grid: list[dict]) -> list[config_lib.RunConfig]:
             f"shard_index={FLAGS.shard_index}: accepted 0..{FLAGS.num_shards - 1} "
             f"(--num_shards={FLAGS.num_shards})."
         )
-    base = common_overrides()
     configs = []
     for point in grid:
-        try:
-            configs.append(
-                config_lib.make_config(FLAGS.preset, **base, **collect.overrides_of(point))
-            )
+        try:  # the point's own axes and a group's overrides win over the common settings
+            overrides = {**common_overrides(point), **collect.overrides_of(point)}
+            configs.append(config_lib.make_config(FLAGS.preset, **overrides))
         except ValueError as e:
             raise ValueError(f"grid point {collect.run_name(point)}: {e}") from None
     return configs
@@ -186,7 +184,10 @@ def collect_all(grid: list[dict]) -> None:
         recorded = collect.read_records(path)
         print(f"{path}: {len(recorded)} runs recorded ({added} added or updated now)")
     runs = collect.load_runs(((p, workdir_of(p)) for p in grid), recorded)
-    records = collect.summarize(runs)
+    try:
+        records = collect.summarize(runs)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     meta = {
         "dataset": FLAGS.dataset,
         "preset": FLAGS.preset,
