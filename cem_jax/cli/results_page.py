@@ -1319,6 +1319,13 @@ def families_paragraph(contrasts: list[dict[str, Any]]) -> str:
     )
 
 
+def _save_png(fig: Any, path: str) -> None:
+    """Writes a matplotlib figure as PNG to ``path`` (local or ``gs://``)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    storage.write_bytes(path, buf.getvalue())
+
+
 def plot_families(records: list[dict[str, Any]], path: str) -> bool:
     """One panel per defense family: defended accuracy against the train-time decoder MSE for its
     three arms (error bars over seeds), with the noise frontier (grey) and the undefended run for
@@ -1382,9 +1389,7 @@ def plot_families(records: list[dict[str, Any]], path: str) -> bool:
         "or not better than the mean image",
         fontsize=10,
     )
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    storage.write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
     return True
 
 
@@ -1478,9 +1483,7 @@ def plot_pairs(records: list[dict[str, Any]], fit: dict[str, Any] | None, path: 
         "dotted line = more attack MSE than noise alone gives for that accuracy change",
         fontsize=9,
     )
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    storage.write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
     return True
 
 
