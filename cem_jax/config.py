@@ -214,6 +214,19 @@ class RunConfig:
         return json.loads(json.dumps(d))  # tuples -> lists, as stored in JSON
 
 
+def dict_diff(
+    stored: dict[str, Any], wanted: dict[str, Any], skip: Any = ()
+) -> dict[str, tuple[Any, Any]]:
+    """``{key: (stored, wanted)}`` for every key (outside ``skip``) where two dicts differ, a missing
+    key read as ``None``; sorted by key.
+
+    >>> dict_diff({"a": 1, "b": 2}, {"a": 1, "c": 3})
+    {'b': (2, None), 'c': (None, 3)}
+    """
+    keys = sorted(k for k in set(stored) | set(wanted) if k not in skip)
+    return {k: (stored.get(k), wanted.get(k)) for k in keys if stored.get(k) != wanted.get(k)}
+
+
 def fingerprint_diff(stored: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Where two training fingerprints (:meth:`RunConfig.training_fingerprint`) differ:
     ``{field: (stored, wanted)}``, empty when they describe the same training.
@@ -233,13 +246,10 @@ def fingerprint_diff(stored: dict[str, Any], wanted: dict[str, Any]) -> dict[str
     """
     both = RESOLVED_DEFENSE in stored and RESOLVED_DEFENSE in wanted
     skip = {RESOLVED_DEFENSE, *(DEFENSE_OVERRIDES if both else ())}
-    keys = sorted(k for k in set(stored) | set(wanted) if k not in skip)
-    diff = {k: (stored.get(k), wanted.get(k)) for k in keys if stored.get(k) != wanted.get(k)}
+    diff = dict_diff(stored, wanted, skip)
     if both:
-        a, b = stored[RESOLVED_DEFENSE] or {}, wanted[RESOLVED_DEFENSE] or {}
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                diff[f"{RESOLVED_DEFENSE}.{k}"] = (a.get(k), b.get(k))
+        inner = dict_diff(stored[RESOLVED_DEFENSE] or {}, wanted[RESOLVED_DEFENSE] or {})
+        diff.update({f"{RESOLVED_DEFENSE}.{k}": v for k, v in inner.items()})
     return diff
 
 

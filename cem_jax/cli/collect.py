@@ -248,14 +248,12 @@ def record_mismatch(record: dict[str, Any], fingerprint: dict, attack_config: di
     """How a record's configuration differs from the wanted one (``""``: it is the same run). The
     training side goes through :func:`cem_jax.config.fingerprint_diff`, so a record made under
     another defense preset (say another λ of the cem_* presets) does not pass for the same run."""
-    from cem_jax.config import fingerprint_diff
+    from cem_jax.config import dict_diff, fingerprint_diff
 
-    stored, wanted = record.get("attack_config") or {}, attack_config
-    attack = {k: (stored.get(k), wanted.get(k)) for k in set(stored) | set(wanted)}
     diffs = []
     for what, changed in (
         ("training", fingerprint_diff(record.get("fingerprint") or {}, fingerprint)),
-        ("attack", {k: v for k, v in attack.items() if v[0] != v[1]}),
+        ("attack", dict_diff(record.get("attack_config") or {}, attack_config)),
     ):
         diffs += [
             f"{what} {k}: {a!r} recorded vs {b!r} now" for k, (a, b) in sorted(changed.items())

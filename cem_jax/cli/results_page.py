@@ -513,11 +513,31 @@ def pooled_paragraph(
     )
 
 
+def _usable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The grid points with both a defended accuracy and an attack MSE."""
+    return [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
+
+
+def variant_defaults(
+    records: list[dict[str, Any]], default: str = "cem_noise"
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(variant point, default point at its σ)`` for every ``default`` variant (``"<default>
+    [...]"``) whose σ the default ran, sorted by the variant's name."""
+    usable = _usable(records)
+    defaults = {r.get("sigma"): r for r in usable if r["defense"] == default}
+    variants = (r for r in usable if r["defense"].startswith(default + " ["))
+    return [
+        (v, defaults[v.get("sigma")])
+        for v in sorted(variants, key=lambda r: r["name"])
+        if v.get("sigma") in defaults
+    ]
+
+
 def same_sigma_pairs(
     records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
 ) -> list[tuple[float, dict[str, Any], dict[str, Any]]]:
     """``(σ, base point, other point)`` for every σ that both defenses ran, by σ."""
-    usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
+    usable = _usable(records)
     bases = {r.get("sigma"): r for r in usable if r["defense"] == base}
     return sorted(
         ((r.get("sigma"), bases[r.get("sigma")], r) for r in usable
@@ -974,15 +994,10 @@ def variants_line_verdict(
         s = collect.stats(res)
         return s["mean"], s["std"] or 0.0, s["n"]
 
-    usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
-    defaults = {r.get("sigma"): r for r in usable if r["defense"] == default}
     rows, paired_rows, decision_rows = [], [], []
-    for v in sorted(
-        (r for r in usable if r["defense"].startswith(default + " [")), key=lambda r: r["name"]
-    ):
-        d = defaults.get(v.get("sigma"))
+    for v, d in variant_defaults(records, default):
         res_v = line_residuals(v, fit)
-        res_d = line_residuals(d, fit) if d is not None else []
+        res_d = line_residuals(d, fit)
         if not res_v or not res_d:
             continue
         (mv, sv, nv), (md, sd, nd) = summary(res_v), summary(res_d)
@@ -1405,16 +1420,6 @@ def pair_panels(
     def diffs(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[Any, float, float]]:
         return [(s, ab - aa, mb - ma) for s, aa, ma, ab, mb in seed_pairs(a, b)]
 
-    usable = [r for r in records if "defended_acc" in r["metrics"] and KEY in r["metrics"]]
-    defaults = {r.get("sigma"): r for r in usable if r["defense"] == "cem_noise"}
-    variants = sorted(
-        (
-            r
-            for r in usable
-            if r["defense"].startswith("cem_noise [") and r.get("sigma") in defaults
-        ),
-        key=lambda r: r["name"],
-    )
     families = [(f, a) for f, a in _present_families(records) if a["noise"] and a["cem"]]
     panels = [
         (
@@ -1424,8 +1429,8 @@ def pair_panels(
         (
             "each variant against the default (gmm, λ 1)",
             [
-                (v["name"].removeprefix("cem_noise_"), diffs(defaults[v.get("sigma")], v))
-                for v in variants
+                (v["name"].removeprefix("cem_noise_"), diffs(d, v))
+                for v, d in variant_defaults(records)
             ],
         ),
         (
