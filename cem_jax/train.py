@@ -80,11 +80,13 @@ def multistep_schedule(
 ) -> optax.Schedule:
     """PyTorch's MultiStepLR stepped per epoch: ``lr · decay^(#milestones passed)``.
 
-    ``milestones`` are fractions of ``epochs``; each is rounded to the nearest epoch.
+    ``milestones`` are fractions of ``epochs``; each is rounded to the nearest epoch, and none falls
+    before the end of epoch 1 (a short run's first milestone would otherwise round to epoch 0 and
+    start below the base rate, and ×5 above the base λ under the inverse_lr schedule).
     """
     scales: dict[int, float] = {}
     for m in milestones:
-        boundary = int(math.floor(m * epochs + 0.5)) * steps_per_epoch
+        boundary = max(1, int(math.floor(m * epochs + 0.5))) * steps_per_epoch
         scales[boundary] = scales.get(boundary, 1.0) * decay
     return optax.piecewise_constant_schedule(lr, scales)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -52,6 +53,11 @@ def test_lr_schedule_milestones_match_reference():
     assert lr_at_epoch(181) == pytest.approx(0.0004)
     assert lr_at_epoch(211) == pytest.approx(0.00008)
     assert lr_at_epoch(240) == pytest.approx(0.00008)
+    # a short run: the 25 % milestone rounds to epoch 0 at 1 epoch; epoch 1 still trains at the base
+    for epochs in (1, 2):
+        short = train.lr_schedule(dataclasses.replace(cfg, epochs=epochs), steps_per_epoch=10)
+        assert float(short(0)) == pytest.approx(0.05) and float(short(9)) == pytest.approx(0.05)
+        assert float(short(10)) < 0.05  # the decays come after it
 
 
 def test_adversary_decoder_rate_follows_reference_multistep():
@@ -239,7 +245,14 @@ def test_cem_term_enters_the_client_gradient_only_through_lambda(tiny_data):
     sigma = 0.2
 
     def one_step(defense, lambd):
-        cfg = small_config(defense=defense, sigma=sigma, lambd=lambd, batch_size=16, epochs=1)
+        cfg = small_config(
+            defense=defense,
+            sigma=sigma,
+            lambd=lambd,
+            batch_size=16,
+            epochs=1,
+            lambda_schedule="constant",  # λ itself (the inverse_lr schedule has its own test)
+        )
         tr = train.Trainer(cfg, tiny_data)
         state = tr.init_state()
         state, _ = tr.refresh_mixture(state, 1)  # the noise run fits one too (unused)
@@ -263,25 +276,29 @@ def test_cem_term_enters_the_client_gradient_only_through_lambda(tiny_data):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # ... and not the server's
 
 
-def test_inverse_lr_lambda_schedule_scales_the_cem_term_like_the_reference(tiny_data):
-    # λ_eff = λ·lr₀/lr(t): ×5 after the first ×0.2 learning-rate milestone (the official 0.001/lr).
+@pytest.mark.parametrize("schedule, late", [("inverse_lr", 5.0), ("constant", 1.0)])
+def test_inverse_lr_lambda_schedule_scales_the_cem_term_like_the_reference(
+    tiny_data, schedule, late
+):
+    # inverse_lr (the default): λ_eff = λ·lr₀/lr(t), ×5 after the first ×0.2 learning-rate
+    # milestone (the official 0.001/lr); constant: λ throughout.
     cfg = small_config(
         defense="cem_noise",
         lambd=0.5,
         batch_size=16,
         lr_milestones=(0.5,),
         epochs=2,
-        lambda_schedule="inverse_lr",
+        lambda_schedule=schedule,
     )
     tr = train.Trainer(cfg, tiny_data)
     state, _ = tr.refresh_mixture(tr.init_state(), 1)
     idx = tr.epoch_order(1)[0]
     with jax.set_mesh(tr.mesh):
-        for step, factor in ((0, 1.0), (tr.steps_per_epoch + 2, 5.0)):
+        for step, factor in ((0, 1.0), (tr.steps_per_epoch + 2, late)):
             s = jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # the step donates it
             s = s.replace(step=jnp.asarray(step, state.step.dtype))
             _, m = tr.step(s, idx)
-            np.testing.assert_allclose(float(m["lr"]), cfg.lr / factor, rtol=1e-6)
+            np.testing.assert_allclose(float(m["lr"]), cfg.lr / 5.0 ** (step > 0), rtol=1e-6)
             np.testing.assert_allclose(
                 float(m["loss"]), float(m["ce"]) + 0.5 * factor * float(m["cem"]), rtol=1e-5
             )
