@@ -335,6 +335,8 @@ def test_variants_line_verdict_matches_numpy_residuals():
     noise_acc, noise_mse = [0.40, 0.35, 0.30, 0.25, 0.20], [0.010, 0.016, 0.019, 0.026, 0.030]
     recs = [runs("noise", "noise", noise_acc, noise_mse)]
     recs.append(runs("cem_noise", "cem_noise_s0.1", [0.31, 0.33, 0.29], [0.024, 0.026, 0.027]))
+    # how the default trained, as collect.summarize records it: the page names it so
+    recs[-1].update(lambd=1.0, cem_loss={"mode": "gmm", "schedule": "constant"})
     recs.append(
         runs(
             "cem_noise [reference]",
@@ -372,10 +374,16 @@ def test_variants_line_verdict_matches_numpy_residuals():
     paired = [float(x) for x in errors(recs[2]) - errors(recs[1])]
     m, s = np.mean(paired), np.std(paired, ddof=1)
     assert m > 2 * s  # built so
-    assert text.endswith(
+    assert (
         f"`cem_noise_s0.1_l1_reference` (+{m:.4f} ± {s:.4f} over 3 pairs) leads the default by the "
-        "most, so it replaces `gmm` at λ 1."
-    )
+        "most, so it replaces `gmm` at λ 1 as the package's default"
+    ) in text
+    titles = [title for title, _ in results_page.pair_panels(recs)]
+    assert "each variant against the default (gmm, λ 1)" in titles
+    recs[1]["cem_loss"], recs[1]["lambd"] = {"mode": "reference", "schedule": "inverse_lr"}, 0.32
+    assert results_page.default_label(recs) == "`reference` at λ 0.32 × lr₀/lr"
+    recs[1].pop("cem_loss")  # a table from before cem_loss: the point's name
+    assert results_page.default_label(recs) == "`cem_noise_s0.1`"
     assert "needs at least 3" in results_page.variants_line_verdict(recs[1:])
 
 
@@ -392,7 +400,7 @@ def test_default_decision_applies_the_readme_rule():
         "`b_reference_l3` (+0.0150 ± 0.0050 over 3 pairs, the largest of the 2 that beat it)"
         in text
     )
-    assert text.endswith("so it replaces `gmm` at λ 1.")
+    assert "so it replaces `gmm` at λ 1 as the package's default" in text
     # one variant still short of 3 pairs: no decision, the provisional reading marked as such
     short = rows[:3] + [("d_gmm_invlr", 1, 0.02, None)]
     text = results_page.default_decision(short)
@@ -633,7 +641,7 @@ def test_pair_panels_and_plot_pairs(tmp_path):
     panels = results_page.pair_panels(recs)
     assert [title for title, _ in panels] == [
         "cem_noise against noise, same σ and seed",
-        "each variant against the default (gmm, λ 1)",
+        "each variant against the default (cem_noise_s0.1)",  # no cem_loss recorded: its name
     ]  # no family ran: no third panel; σ 0.2 has no cem_noise run: no set
     (_, sets), (_, variants) = panels
     assert [lab for lab, _ in sets] == ["σ 0.1"]
@@ -833,3 +841,4 @@ def test_short_answer_reads_the_pairs_first_and_falls_back_to_the_pooled_line():
     assert "No pair of runs at the same σ and seed yet" in text
     assert f"{pool['mean']:+.4f} ± {pool['std']:.4f}" in text
     assert "not answered yet" in results_page.short_answer([], None)
+

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cem_jax import config as config_lib
+from cem_jax import defenses
 from cem_jax.cli import collect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,6 +213,17 @@ def test_collect_gives_mean_std_n_per_grid_point_and_draws_the_plot(tmp_path):
                 assert m["std"] is None
     assert rows["noise_s0.1"]["sigma"] == 0.1 and rows["noise_s0.1"]["lambd"] is None
     assert rows["cem_noise_s0.05_l1"]["lambd"] == 1.0
+    # a CEM point names the loss and λ schedule its runs trained with; other points have none
+    defaults = config_lib.RunConfig()
+    assert rows["cem_noise_s0.05_l1"]["cem_loss"] == {
+        "mode": defaults.cem_mode,
+        "schedule": defaults.lambda_schedule,
+    }
+    assert "cem_loss" not in rows["noise_s0.1"]
+    res = _fake_results("cem_noise", 0.1, 3.0, 1, rng)
+    res["config"].update(cem_mode="gmm", lambda_schedule="constant")
+    (row,) = collect.summarize([({"defense": "cem_noise", "lambd": 3.0, "seed": 1}, res)])
+    assert row["cem_loss"] == {"mode": "gmm", "schedule": "constant"} and row["lambd"] == 3.0
     assert [r["seed"] for r in rows["noise_s0.05"]["runs"]] == [1, 2]
     assert rows["cem_noise_s0.1_l1"]["metrics"]["decoder.train_time.mse"]["flagged"] == 1
     assert rows["noise_s0.1"]["metrics"]["decoder.train_time.mse"]["flagged"] == 0
@@ -439,8 +451,9 @@ def test_a_study_pins_what_the_defaults_decide_and_keeps_its_records(tmp_path):
     proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'a'}")
     assert proc.returncode == 0 and proc.stdout.count("RAN ") == 3, proc.stderr[-2000:]
     # now pinned: the same values the runs had from the defaults
-    study["common"].update(cem_mode="gmm", lambda_schedule="constant")
-    study["cem_common"] = {"lambd": 1.0}
+    defaults = config_lib.RunConfig()
+    study["common"].update(cem_mode=defaults.cem_mode, lambda_schedule=defaults.lambda_schedule)
+    study["cem_common"] = {"lambd": defenses.DEFAULT_LAMBDA}
     spec.write_text(json.dumps(study))
     proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'b'}")
     assert proc.returncode == 0 and "RAN " not in proc.stdout, proc.stderr[-2000:]
@@ -451,9 +464,9 @@ def test_a_study_pins_what_the_defaults_decide_and_keeps_its_records(tmp_path):
     proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'c'}")
     assert proc.returncode != 0 and "RAN " not in proc.stdout
     assert (
-        "records it with another configuration (training resolved_defense.lambd: 1.0 recorded vs 2.0 now)"
-        in proc.stderr
-    )
+        "records it with another configuration (training resolved_defense.lambd: "
+        f"{defenses.DEFAULT_LAMBDA} recorded vs 2.0 now)"
+    ) in proc.stderr
     # the pins reach the runs: a fresh study with them records the pinned and overridden values
     proc = _recording_sweep(f"--study={spec}", f"--root={tmp_path / 'd'}", "--records=")
     assert proc.returncode == 0 and proc.stdout.count("RAN ") == 3, proc.stderr[-2000:]
@@ -493,7 +506,7 @@ def test_a_study_names_its_records_and_records_empty_turns_them_off(tmp_path):
 
 
 def test_records_made_under_another_defense_preset_are_told_apart(monkeypatch):
-    from cem_jax import defenses, runner
+    from cem_jax import runner
 
     rng = np.random.default_rng(2)
     cfg = config_lib.make_config("quick", dataset="synthetic", defense="cem_noise", seed=1)
@@ -503,15 +516,17 @@ def test_records_made_under_another_defense_preset_are_told_apart(monkeypatch):
     rec = collect.run_record("cem_noise_seed1", res)
     assert collect.record_mismatch(rec, cfg.training_fingerprint(), runner.attack_config(cfg)) == ""
     (row,) = collect.summarize([({"defense": "cem_noise", "seed": 1}, res)])
-    assert (row["sigma"], row["lambd"]) == (0.1, 1.0)
+    assert (row["sigma"], row["lambd"]) == (0.1, defenses.DEFAULT_LAMBDA)
     # the cem_* presets' λ changes: the same config no longer matches the record, and says why
     cem = {**defenses.DEFENSES["cem_noise"], "lambd": 3.0}
     monkeypatch.setitem(defenses.DEFENSES, "cem_noise", cem)
     problem = collect.record_mismatch(rec, cfg.training_fingerprint(), runner.attack_config(cfg))
-    assert problem == "training resolved_defense.lambd: 1.0 recorded vs 3.0 now"
+    assert (
+        problem == f"training resolved_defense.lambd: {defenses.DEFAULT_LAMBDA} recorded vs 3.0 now"
+    )
     # the table reads σ and λ from what the run recorded, not from today's preset
     (row,) = collect.summarize([({"defense": "cem_noise", "seed": 1}, res)])
-    assert row["lambd"] == 1.0
+    assert row["lambd"] == defenses.DEFAULT_LAMBDA
     # a seed run after the change is not pooled with one run before it
     later = _fake_results("cem_noise", None, None, 2, rng)
     later["fingerprint"] = config_lib.make_config(

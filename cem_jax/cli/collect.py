@@ -324,7 +324,8 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
     "wall_time_s", "devices"}],
     "metrics": {name: {"mean", "std", "n", "values", "flagged", "seeds"}}}`` (``seeds[i]`` the seed
     of ``values[i]``, so two points' runs pair by seed); σ and λ are the values the runs used (the
-    defense preset's when the sweep did not set them; λ ``None`` without CEM).
+    defense preset's when the sweep did not set them; λ ``None`` without CEM). A CEM point also has
+    ``"cem_loss": {"mode", "schedule"}``, the loss and λ schedule its runs trained with.
     """
     groups: dict[str, list[tuple[dict, dict]]] = {}
     for point, res in runs:
@@ -349,6 +350,7 @@ def summarize(runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> list[dic
                 "defense": family(point),
                 "sigma": sigma,
                 "lambd": lambd,
+                **({"cem_loss": _cem_loss(first)} if lambd is not None else {}),
                 "n": len(members),
                 "runs": [
                     {
@@ -622,6 +624,16 @@ def _check_one_defense(name: str, members: Sequence[tuple[dict, dict]]) -> None:
             "seeds cannot be pooled: the defense presets changed between them. Pin the study's "
             "values (e.g. its lambdas) to the recorded runs', or rerun the point."
         )
+
+
+def _cem_loss(res: dict[str, Any]) -> dict[str, str]:
+    """The CEM loss a run trained with: ``{"mode", "schedule"}`` (``cem_mode`` and
+    ``lambda_schedule`` of its config; a run from before the schedule existed had a constant λ)."""
+    cfg = res.get("config") or {}
+    return {
+        "mode": cfg.get("cem_mode", "gmm"),
+        "schedule": cfg.get("lambda_schedule", "constant"),
+    }
 
 
 def _resolved_sigma_lambd(point: dict[str, Any], res: dict[str, Any]) -> tuple[Any, Any]:

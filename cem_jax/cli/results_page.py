@@ -533,6 +533,27 @@ def variant_defaults(
     ]
 
 
+def cem_label(row: dict[str, Any]) -> str:
+    """How a CEM point trained, for the page: ``"`gmm` at λ 1"``, ``"`reference` at λ 0.32 × lr₀/lr"``
+    (its recorded ``cem_loss`` and λ); the point's name when the table predates ``cem_loss``.
+
+    >>> cem_label({"name": "p", "lambd": 1.0, "cem_loss": {"mode": "gmm", "schedule": "constant"}})
+    '`gmm` at λ 1'
+    """
+    loss = row.get("cem_loss")
+    if not loss or row.get("lambd") is None:
+        return f"`{row['name']}`"
+    scaled = " × lr₀/lr" if loss.get("schedule") == "inverse_lr" else ""
+    return f"`{loss.get('mode')}` at λ {row['lambd']:g}{scaled}"
+
+
+def default_label(records: list[dict[str, Any]], default: str = "cem_noise") -> str:
+    """:func:`cem_label` of the default points the variants are paired with (joined if several σ
+    trained differently)."""
+    labels = dict.fromkeys(cem_label(d) for _, d in variant_defaults(records, default))
+    return " / ".join(labels) or f"`{default}`"
+
+
 def same_sigma_pairs(
     records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
 ) -> list[tuple[float, dict[str, Any], dict[str, Any]]]:
@@ -1046,7 +1067,7 @@ def variants_line_verdict(
             "spread from the pairs, the same rule (beyond twice it, two pairs at least), with the "
             "paired t-test for information: " + _against_default(paired_rows)
         )
-        text += "\n\n" + default_decision(decision_rows)
+        text += "\n\n" + default_decision(decision_rows, default=default_label(records, default))
     return text
 
 
@@ -1091,7 +1112,9 @@ def default_decision(
     if beat:
         return (
             f"**The default, by that rule:** every variant has {needed} pairs or more; {lead} "
-            f"leads the default by the most, so it replaces {default}."
+            f"leads the default by the most, so it replaces {default} as the package's default "
+            '(the README\'s "Default CEM loss"). A study that pins its CEM runs keeps comparing '
+            "the same runs."
         )
     return (
         f"**The default, by that rule:** every variant has {needed} pairs or more and none beats "
@@ -1128,7 +1151,8 @@ def variants_verdict(records: list[dict[str, Any]], default: str = "cem_noise") 
     if not rows:
         return "(no variant comparable with the default at the same σ yet)"
     return (
-        f"Against the default (`{default}`: `gmm`, λ 1) at the same σ, each measured as its excess "
+        f"Against the default (`{default}`: {default_label(records, default)}) at the same σ, "
+        "each measured as its excess "
         "attack MSE over the interpolated noise frontier at its own accuracy, unpaired (shown for "
         "comparison; the paired line reading at the end of this section decides the default): a "
         "variant counts when its excess is higher by more than twice the spread with at least two "
@@ -1427,7 +1451,9 @@ def pair_panels(
             [(f"σ {s:g}", diffs(b, o)) for s, b, o in same_sigma_pairs(records)],
         ),
         (
-            "each variant against the default (gmm, λ 1)",
+            "each variant against the default ("
+            + default_label(records).replace("`", "").replace(" at ", ", ")
+            + ")",
             [
                 (v["name"].removeprefix("cem_noise_"), diffs(d, v))
                 for v, d in variant_defaults(records)
@@ -1620,7 +1646,8 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "",
         "Every `cem_noise` variant (the paper's Gaussian-mixture bound `gmm` or the official hinge "
         "`reference`; λ constant or scaled by lr₀/lr like the official code, `invlr`) against the "
-        "noise frontier at its own accuracy:",
+        'noise frontier at its own accuracy. "The default" below is the study\'s `cem_noise` as '
+        f"its runs trained: {default_label(records)}.",
         "",
         *variants_section(records, fit),
         "",
