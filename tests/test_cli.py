@@ -76,11 +76,11 @@ def test_unset_flags_keep_the_preset_and_set_flags_override(monkeypatch):
         "--attacks=",
         "--dropout_rescale",
         "--defense=cem_dropout",
-        "--cem_mode=reference",
+        "--cem_mode=gmm",  # the default is the official hinge, "reference"
     )
     cfg = run_cli.config_from_flags(fv)
     assert cfg.epochs == 240 and cfg.lr_milestones == (0.3, 0.6) and cfg.attacks == ()
-    assert cfg.dropout_rescale is True and cfg.cem_mode == "reference"
+    assert cfg.dropout_rescale is True and cfg.cem_mode == "gmm"
     assert cfg.train_subset == config_lib.PRESETS["quick"]["train_subset"]
 
 

@@ -27,7 +27,10 @@ def test_fingerprint_holds_the_resolved_defense():
 def test_fingerprint_diff_compares_the_defense_a_run_trains_with(monkeypatch):
     before = _fp(defense="cem_noise")
     # spelled differently, trained the same: no difference
-    assert config_lib.fingerprint_diff(before, _fp(defense="cem_noise", lambd=1.0)) == {}
+    assert (
+        config_lib.fingerprint_diff(before, _fp(defense="cem_noise", lambd=defenses.DEFAULT_LAMBDA))
+        == {}
+    )
     assert config_lib.fingerprint_diff(before, _fp(defense="cem_noise", sigma=0.1)) == {}
     # other fields still count, alone
     assert config_lib.fingerprint_diff(before, _fp(defense="cem_noise", epochs=7)) == {
@@ -42,7 +45,9 @@ def test_fingerprint_diff_compares_the_defense_a_run_trains_with(monkeypatch):
     assert {k: v for k, v in after.items() if k != RD} == {
         k: v for k, v in before.items() if k != RD
     }
-    assert config_lib.fingerprint_diff(before, after) == {"resolved_defense.lambd": (1.0, 3.0)}
+    assert config_lib.fingerprint_diff(before, after) == {
+        "resolved_defense.lambd": (defenses.DEFAULT_LAMBDA, 3.0)
+    }
     # a fingerprint recorded before it held the resolved defense: compared on the config alone
     old = {k: v for k, v in before.items() if k != RD}
     assert config_lib.fingerprint_diff(old, after) == {}
@@ -62,6 +67,6 @@ def test_a_checkpoint_from_before_a_preset_change_is_refused(monkeypatch):
     )
     with pytest.raises(
         train.IncompatibleCheckpointError,
-        match=r"resolved_defense\.lambd: checkpoint 1\.0 vs requested 3\.0",
+        match=rf"resolved_defense\.lambd: checkpoint {defenses.DEFAULT_LAMBDA} vs requested 3\.0",
     ):
         train.check_compatible(meta, cfg, "ckpt")

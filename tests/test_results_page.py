@@ -842,3 +842,27 @@ def test_short_answer_reads_the_pairs_first_and_falls_back_to_the_pooled_line():
     assert f"{pool['mean']:+.4f} ± {pool['std']:.4f}" in text
     assert "not answered yet" in results_page.short_answer([], None)
 
+
+def test_the_package_default_is_what_the_committed_records_decide():
+    """The README's rule applied to the committed records (the rerun page's "The default, by that
+    rule") names a winner; the presets train with exactly its loss, λ schedule and λ."""
+    import re
+
+    from cem_jax import config as config_lib
+    from cem_jax import defenses
+
+    spec = collect.load_study(os.path.join(ROOT, "experiments/studies/frontier_cifar10.json"))
+    by_name = {collect.run_name(p): p for p in spec["points"]}
+    recorded = collect.read_records(os.path.join(ROOT, spec["records"]))
+    rows = collect.summarize([(by_name[n], rec) for n, rec in recorded.items()])
+    text = results_page.variants_line_verdict(rows)
+    decision = text[text.index("**The default, by that rule:**") :]
+    assert "every variant has 3 pairs or more" in decision, decision
+    winner = re.search(r"`(cem_noise_[^`]+)` \(\+[0-9.]+ ± [0-9.]+ over \d+ pairs", decision)
+    assert winner and "so it replaces" in decision, decision
+    point = next(p for n, p in by_name.items() if collect.point_name(p) == winner.group(1))
+    trained = {**collect.study_common(spec, point), **collect.overrides_of(point)}  # as it ran
+    defaults = config_lib.RunConfig()
+    assert trained["cem_mode"] == defaults.cem_mode
+    assert trained["lambda_schedule"] == defaults.lambda_schedule
+    assert trained["lambd"] == defenses.DEFAULT_LAMBDA == defenses.DEFENSES["cem_noise"]["lambd"]

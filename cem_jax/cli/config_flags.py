@@ -72,10 +72,13 @@ HELP: dict[str, str] = {
     "nopeek_alpha": "Weight of the NoPeek distance-correlation loss (default: the defense's).",
     "adversarial_alpha": "Weight of the adversarial defense's SSIM penalty (default: the defense's).",
     "ssim_threshold": "SSIM above which the adversarial defense penalises (default: the defense's).",
-    "cem_mode": "gmm: the paper's Gaussian-mixture bound; reference: the official code's hinge loss.",
+    "cem_mode": (
+        "reference: the official code's hinge loss (the default, chosen by the frontier study: "
+        "README 'Default CEM loss'); gmm: the paper's Gaussian-mixture bound."
+    ),
     "lambda_schedule": (
         "constant: lambd throughout; inverse_lr: lambd * lr0 / lr(t) (x5 at every lr decay), the "
-        "official code's 0.001/lr scaling (its lambda_ref = lambd * lr0 / 0.001)."
+        "official code's 0.001/lr scaling (its lambda_ref = lambd * lr0 / 0.001; the default)."
     ),
     "clusters_per_class": "k-means clusters per class (default: 5 for VGG, 15 for ResNet).",
     "kmeans_iterations": "Lloyd iterations of each per-epoch k-means refresh.",
