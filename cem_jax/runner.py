@@ -499,11 +499,13 @@ def _run_locked(
             print(summary(previous), file=out)
             return previous
     defense = cfg.defense_spec()
+    scaled = " x lr0/lr" if cfg.lambda_schedule == "inverse_lr" else ""
+    lambd = f"{defense.lambd}{scaled}" if defense.cem else "0"
     print(
         f"cem_jax | {cfg.dataset} ({ds.num_train} train / {ds.num_test} test, {ds.image_size}px, "
         f"loaded in {load_s:.1f}s from {ds.source}) | {cfg.arch} cut {cfg.resolved_cut_layer} | "
-        f"defense {cfg.defense} (sigma={defense.sigma}, lambda={defense.lambd if defense.cem else 0}, "
-        f"mode={cfg.cem_mode}) | {cfg.epochs} epochs, batch {cfg.batch_size} | "
+        f"defense {cfg.defense} (sigma={defense.sigma}, lambda={lambd}, mode={cfg.cem_mode}) | "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size} | "
         f"{mesh.shape[parallel.DATA_AXIS]} x {jax.devices()[0].platform} | workdir {workdir}",
         file=out,
         flush=True,

@@ -226,6 +226,11 @@ def test_run_with_attacks_then_reattack_and_load_client(tmp_path):
     assert res["dataset"]["mean"] and res["dataset"]["std"]
     assert os.path.getsize(wd / "reconstructions.png") > 0
     assert "decoder" in proc.stdout and "PSNR" in proc.stdout and "baseline" in proc.stdout
+    # the banner says how CEM trains: the default loss and its λ schedule
+    from cem_jax import defenses
+
+    lam = defenses.DEFAULT_LAMBDA
+    assert f"defense cem_noise (sigma=0.1, lambda={lam} x lr0/lr, mode=reference)" in proc.stdout
 
     # re-attack without retraining: decoder only
     proc = run_module(
