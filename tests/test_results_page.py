@@ -249,8 +249,15 @@ def test_families_three_arms_contrasts_and_plot(tmp_path):
         _arm("topk", 0.30, 0.020, n=1),
         _arm("cem_topk", 0.25, 0.021, n=1),
     ]
+    recs[5].update(lambd=1.0, cem_loss={"mode": "gmm", "schedule": "constant"})
+    recs[7].update(lambd=0.32, cem_loss={"mode": "reference", "schedule": "inverse_lr"})
     lines = results_page.families_section(recs, "results_families.png")
     text = "\n".join(lines)
+    # the cem_X arms say how they trained (the study pins its loss; the package default may differ)
+    assert (
+        "`cem_X` (σ = 0.1 + X + CEM, its CEM loss as these runs trained: `gmm` at λ 1 / "
+        "`reference` at λ 0.32 × lr₀/lr)" in text
+    )
     # arms: the noise frontier at acc 0.35 is 0.015 (linear between 0.40 and 0.20)
     assert "| dropout | cem_dropout | 3 | 0.350 ± 0.020 | 0.0240 ± 0.0020 | +4.0 dB |" in text
     assert "| 0.0150 (+60%) |" in text

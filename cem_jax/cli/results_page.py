@@ -1262,10 +1262,17 @@ def families_section(
     if not present:
         return ["(no run of another defense family finished yet)"]
     labels = {"pure": "{f}", "noise": "{f} [with_noise]", "cem": "cem_{f}"}
+    cem_losses = " / ".join(
+        dict.fromkeys(
+            cem_label(r) for _, arms in present for a, r in arms.items() if a == "cem" and r
+        )
+    )
     lines = [
         "Each family at its preset (`python -m experiments.run --defense=X`; the table in "
         "`cem_jax/defenses.py`): the pure defense `X` (no noise), `X [with_noise]` (X plus the "
-        "Gaussian noise σ = 0.1 that CEM needs, no CEM) and `cem_X` (σ = 0.1 + X + CEM, λ = 1). "
+        "Gaussian noise σ = 0.1 that CEM needs, no CEM) and `cem_X` (σ = 0.1 + X + CEM"
+        + (f", its CEM loss as these runs trained: {cem_losses}" if cem_losses else "")
+        + "). "
         "`cem_X` against `X` is the paper's comparison; against `X [with_noise]` it is what CEM "
         "itself adds. A difference counts when it exceeds twice its spread (√ of the two points' "
         "squared seed standard deviations) with at least two seeds on each side. Each contrast "
