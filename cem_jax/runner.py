@@ -548,7 +548,7 @@ def _run_locked(
             f"epoch {m['epoch']}/{cfg.epochs}: loss {m['loss']:.4f} ce {m['ce']:.4f}"
             + (f" L_C {m['cem']:.4f}" if "cem" in m else "")
             + f" | test acc clean {m['clean_acc']:.4f} defended {m['defended_acc']:.4f}"
-            + (f" | leakage <= {m['leakage_bits']:.1f} bits" if "leakage_bits" in m else "")
+            + (f" | leakage estimate {m['leakage_bits']:.1f} bits" if "leakage_bits" in m else "")
             + f" | {m['steps_per_s']:.2f} steps/s ({m['steps_per_s'] * cfg.batch_size:.0f} img/s)"
             + f" | run ETA {format_duration(eta)}"
         )

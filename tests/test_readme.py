@@ -26,6 +26,6 @@ def test_readme_training_loop_snippet_runs(capsys):
 
     for ln in lines:
         loss = float(re.search(r"loss ([-\d.na]+)", ln).group(1))
-        bits = float(re.search(r"<= ([-\d.na]+) bits", ln).group(1))
+        bits = float(re.search(r"leakage estimate ([-\d.na]+) bits", ln).group(1))
         assert math.isfinite(loss) and math.isfinite(bits) and bits > 0
     assert namespace["mixture"].centroids.shape == (10, 5, 16 * 16 * 8)

@@ -231,6 +231,11 @@ def test_run_with_attacks_then_reattack_and_load_client(tmp_path):
 
     lam = defenses.DEFAULT_LAMBDA
     assert f"defense cem_noise (sigma=0.1, lambda={lam} x lr0/lr, mode=reference)" in proc.stdout
+    # the per-epoch figure is the plug-in estimate, not the certificate: it must not read as a bound
+    epoch_lines = [
+        ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ") and "test acc" in ln
+    ]
+    assert epoch_lines and all("leakage estimate" in ln and "<=" not in ln for ln in epoch_lines)
 
     # re-attack without retraining: decoder only
     proc = run_module(
