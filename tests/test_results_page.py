@@ -150,11 +150,12 @@ def test_study_spec_expands_groups_with_variants(tmp_path):
     # the tie-break: three more seeds of the default and of the official loss with its schedule
     assert {f"cem_noise_s0.1_seed{s}" for s in (4, 5, 6)} <= names
     assert {f"cem_noise_s0.1_l0.32_reference_invlr_seed{s}" for s in (4, 5, 6)} <= names
-    # ... and noise alone at σ 0.1 at those seeds, right after them: the pairs the page reads
+    # ... and noise alone at σ 0.1 at those seeds, interleaved seed by seed: each finished seed is a
+    # pair the page reads
     order = [collect.run_name(p) for p in pts]
     at = order.index("cem_noise_s0.1_seed4")
     assert order[at : at + 6] == [
-        f"{d}_s0.1_seed{s}" for d in ("cem_noise", "noise") for s in (4, 5, 6)
+        f"{d}_s0.1_seed{s}" for s in (4, 5, 6) for d in ("cem_noise", "noise")
     ]
     # the default loss at the hinge's λ 3: is the official loss's lead the hinge's or λ's?
     gmm3 = next(p for p in pts if collect.run_name(p) == "cem_noise_s0.1_l3_gmm_seed2")
