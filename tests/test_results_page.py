@@ -874,3 +874,19 @@ def test_the_package_default_is_what_the_committed_records_decide():
     assert trained["cem_mode"] == defaults.cem_mode
     assert trained["lambda_schedule"] == defaults.lambda_schedule
     assert trained["lambd"] == defenses.DEFAULT_LAMBDA == defenses.DEFENSES["cem_noise"]["lambd"]
+
+
+def test_pair_layout_names_uneven_seed_counts():
+    # the answer's "4 σ × 3 seeds" must not claim a full grid when one σ has more seeds
+    def point(defense: str, sigma: float, seeds: list[int]) -> dict:
+        n = len(seeds)
+        return _seeded(defense, f"{defense}_s{sigma}", sigma, seeds, [0.3] * n, [0.02] * n)
+
+    even = [point(d, s, [1, 2, 3]) for d in ("noise", "cem_noise") for s in (0.1, 0.2)]
+    assert results_page.pair_layout(even) == "2 σ × 3 seeds"
+    uneven = [point(d, 0.1, [1, 2, 3, 4]) for d in ("noise", "cem_noise")]
+    uneven += [point(d, s, [1, 2, 3]) for d in ("noise", "cem_noise") for s in (0.2, 0.4)]
+    assert results_page.pair_layout(uneven) == "3 σ, 3 seeds each and 4 at σ 0.1"
+    # a seed only one side ran is no pair
+    lone = [point("noise", 0.1, [1, 2]), point("cem_noise", 0.1, [2, 3])]
+    assert results_page.pair_layout(lone) == "1 σ × 1 seed"

@@ -409,7 +409,7 @@ def short_answer(
     design), with the pooled line reading (:func:`pooled_line`) beside it; the verdict (``|t| > 2``)
     is the paired one, and the paragraph says so when the two readings disagree. Without two pairs
     it falls back to the pooled reading alone."""
-    pairs, sigmas = all_seed_pairs(records, base=base, other=other)
+    pairs, _ = all_seed_pairs(records, base=base, other=other)
     paired = paired_differences(pairs, fit) if fit is not None and len(pairs) >= 2 else None
     pool = pooled_line(fit)
 
@@ -437,11 +437,11 @@ def short_answer(
     adj, acc = paired["adj"], paired["acc"]
     word, sign = verdict(adj["t"])
     base_mse = sum(p[2] for p in pairs) / len(pairs)
-    seeds = len({p[0] for p in pairs})
     text = (
         f"**In short: at equal accuracy, {word}**, by {adj['mean']:+.4f} ± {adj['std']:.4f} "
-        f"(mean ± std over the {paired['n']} pairs of runs at the same σ and seed, {sigmas} σ × "
-        f"{seeds} seeds; {adj['mean'] / base_mse:+.0%} of `{base}`'s mean attack MSE "
+        f"(mean ± std over the {paired['n']} pairs of runs at the same σ and seed, "
+        f"{pair_layout(records, base=base, other=other)}; "
+        f"{adj['mean'] / base_mse:+.0%} of `{base}`'s mean attack MSE "
         f"{base_mse:.4f} over those runs): t {adj['t']:+.1f} (p {adj['p']:.2g})."
     )
     if pool is not None:
@@ -574,6 +574,28 @@ def all_seed_pairs(
     :func:`same_sigma_pairs`), and how many σ have one."""
     per_sigma = [seed_pairs(b, o) for _, b, o in same_sigma_pairs(records, base=base, other=other)]
     return [p for pairs in per_sigma for p in pairs], sum(bool(pairs) for pairs in per_sigma)
+
+
+def pair_layout(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> str:
+    """How the pairs of :func:`all_seed_pairs` fall over σ, in words: ``"4 σ × 3 seeds"`` when every
+    σ has as many, else the common count and the exceptions (``"4 σ, 3 seeds each and 4 at σ 0.1"``).
+    """
+    counts = [
+        (sigma, len(seed_pairs(b, o)))
+        for sigma, b, o in same_sigma_pairs(records, base=base, other=other)
+    ]
+    counts = [(sigma, n) for sigma, n in counts if n]
+    if not counts:
+        return "no σ"
+    ns = [n for _, n in counts]
+    common = max(set(ns), key=lambda n: (ns.count(n), n))
+    plural = "seed" if common == 1 else "seeds"
+    if all(n == common for n in ns):
+        return f"{len(counts)} σ × {common} {plural}"
+    rest = " and ".join(f"{n} at σ {sigma:g}" for sigma, n in counts if n != common)
+    return f"{len(counts)} σ, {common} {plural} each and {rest}"
 
 
 def _t_verdict(t: float | None, up: str, down: str) -> str:
