@@ -883,10 +883,13 @@ def test_pair_layout_names_uneven_seed_counts():
         return _seeded(defense, f"{defense}_s{sigma}", sigma, seeds, [0.3] * n, [0.02] * n)
 
     even = [point(d, s, [1, 2, 3]) for d in ("noise", "cem_noise") for s in (0.1, 0.2)]
-    assert results_page.pair_layout(even) == "2 σ × 3 seeds"
+    assert results_page.pair_layout(results_page.all_seed_pairs(even)[1]) == "2 σ × 3 seeds"
     uneven = [point(d, 0.1, [1, 2, 3, 4]) for d in ("noise", "cem_noise")]
     uneven += [point(d, s, [1, 2, 3]) for d in ("noise", "cem_noise") for s in (0.2, 0.4)]
-    assert results_page.pair_layout(uneven) == "3 σ, 3 seeds each and 4 at σ 0.1"
+    assert (
+        results_page.pair_layout(results_page.all_seed_pairs(uneven)[1])
+        == "3 σ, 3 seeds each and 4 at σ 0.1"
+    )
     # a seed only one side ran is no pair
     lone = [point("noise", 0.1, [1, 2]), point("cem_noise", 0.1, [2, 3])]
-    assert results_page.pair_layout(lone) == "1 σ × 1 seed"
+    assert results_page.pair_layout(results_page.all_seed_pairs(lone)[1]) == "1 σ × 1 seed"

@@ -409,7 +409,7 @@ def short_answer(
     design), with the pooled line reading (:func:`pooled_line`) beside it; the verdict (``|t| > 2``)
     is the paired one, and the paragraph says so when the two readings disagree. Without two pairs
     it falls back to the pooled reading alone."""
-    pairs, _ = all_seed_pairs(records, base=base, other=other)
+    pairs, per_sigma = all_seed_pairs(records, base=base, other=other)
     paired = paired_differences(pairs, fit) if fit is not None and len(pairs) >= 2 else None
     pool = pooled_line(fit)
 
@@ -440,7 +440,7 @@ def short_answer(
     text = (
         f"**In short: at equal accuracy, {word}**, by {adj['mean']:+.4f} ± {adj['std']:.4f} "
         f"(mean ± std over the {paired['n']} pairs of runs at the same σ and seed, "
-        f"{pair_layout(records, base=base, other=other)}; "
+        f"{pair_layout(per_sigma)}; "
         f"{adj['mean'] / base_mse:+.0%} of `{base}`'s mean attack MSE "
         f"{base_mse:.4f} over those runs): t {adj['t']:+.1f} (p {adj['p']:.2g})."
     )
@@ -569,24 +569,22 @@ def same_sigma_pairs(
 
 def all_seed_pairs(
     records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
-) -> tuple[list[tuple[Any, float, float, float, float]], int]:
+) -> tuple[list[tuple[Any, float, float, float, float]], list[tuple[float, int]]]:
     """Every pair of runs of ``base`` and ``other`` at the same σ and seed (:func:`seed_pairs` over
-    :func:`same_sigma_pairs`), and how many σ have one."""
-    per_sigma = [seed_pairs(b, o) for _, b, o in same_sigma_pairs(records, base=base, other=other)]
-    return [p for pairs in per_sigma for p in pairs], sum(bool(pairs) for pairs in per_sigma)
-
-
-def pair_layout(
-    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
-) -> str:
-    """How the pairs of :func:`all_seed_pairs` fall over σ, in words: ``"4 σ × 3 seeds"`` when every
-    σ has as many, else the common count and the exceptions (``"4 σ, 3 seeds each and 4 at σ 0.1"``).
-    """
-    counts = [
-        (sigma, len(seed_pairs(b, o)))
+    :func:`same_sigma_pairs`), and ``(σ, its number of pairs)`` for each σ that has one."""
+    per_sigma = [
+        (sigma, seed_pairs(b, o))
         for sigma, b, o in same_sigma_pairs(records, base=base, other=other)
     ]
-    counts = [(sigma, n) for sigma, n in counts if n]
+    pairs = [p for _, sigma_pairs in per_sigma for p in sigma_pairs]
+    return pairs, [(sigma, len(sigma_pairs)) for sigma, sigma_pairs in per_sigma if sigma_pairs]
+
+
+def pair_layout(counts: list[tuple[float, int]]) -> str:
+    """How the pairs fall over σ (``counts`` from :func:`all_seed_pairs`), in words:
+    ``"4 σ × 3 seeds"`` when every σ has as many, else the common count and the exceptions
+    (``"4 σ, 3 seeds each and 4 at σ 0.1"``).
+    """
     if not counts:
         return "no σ"
     ns = [n for _, n in counts]
@@ -614,7 +612,7 @@ def paired_paragraph(
     """The answer read the way the study was designed: ``other`` against ``base`` at the same σ
     and seed (:func:`paired_differences` over every such pair, pooled over σ; verdicts at
     ``|t| > 2``), and with each seed as one unit (:func:`seed_units`). Empty without two pairs."""
-    pairs, sigmas = all_seed_pairs(records, base=base, other=other)
+    pairs, per_sigma = all_seed_pairs(records, base=base, other=other)
     if fit is None or len(pairs) < 2:
         return ""
     out = paired_differences(pairs, fit)
@@ -627,7 +625,7 @@ def paired_paragraph(
         f"initialisation, the batch order and every noise draw, so `{base}` and `{other}` at the "
         f"same σ and seed share most of that seed's accuracy swing"
         + (f"; their accuracies correlate {corr:.2f} over the pairs" if corr is not None else "")
-        + f"). Over the {out['n']} pairs of {sigmas} σ, adding CEM changes the attack MSE by "
+        + f"). Over the {out['n']} pairs of {len(per_sigma)} σ, adding CEM changes the attack MSE by "
         f"{mse['mean']:+.4f} ± {mse['std']:.4f} (mean ± std over pairs) and the defended accuracy "
         f"by {acc['mean']:+.4f} ± {acc['std']:.4f} (t {acc['t']:+.1f}, {acc['df']:.0f} df, "
         f"p {acc['p']:.2g}: "
