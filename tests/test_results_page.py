@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -119,6 +120,24 @@ def test_write_page_from_table_json(tmp_path):
     assert (tmp_path / "docs" / "results_pairs.png").read_bytes()[:4] == b"\x89PNG"
     assert "at 1 and a lower one at 0 of the 1 comparable points" in text and "+50%" in text
     assert "abc123" in text and "| cem_noise_0.3 |" in text
+    # the page opens with the answer table, the frontier plot and the answer; the statistics follow
+    order = [
+        "| setting | seed pairs | `noise` attack MSE |",
+        "![privacy-utility](results_privacy_utility.png)",
+        "**The answer: at equal accuracy,",
+        "## The statistics behind the answer",
+        "**In short:",
+        "## The pairs",
+        "## Which CEM",
+        "![variants](results_variants.png)",  # the frontier with cem_noise's variants
+    ]
+    assert [text.index(s) for s in order] == sorted(text.index(s) for s in order)
+    assert text.count("![privacy-utility]") == 1
+    assert text.startswith(
+        "# Results: CEM's privacy–utility frontier against noise alone\n\nDataset cifar10, preset "
+        "`quick` (vgg11_bn_sgm, 6 epochs on 5000 training images;"
+    )
+    assert (tmp_path / "docs" / "results_variants.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="table.json not found"):
         results_page.write_page(str(tmp_path / "nothing"), str(out))
     assert json.loads((root / collect.TABLE_JSON).read_text())["rows"][0]["name"] == "noise_0.4"
@@ -428,18 +447,52 @@ def test_default_decision_applies_the_readme_rule():
     assert "no variant has a pair" in results_page.default_decision([])
 
 
-def test_welch_matches_scipy():
+def test_welch_is_scipys_and_its_df_welch_satterthwaites():
     import numpy as np
     from scipy import stats
 
     a, b = [0.012, 0.021, 0.018, 0.015], [0.004, 0.011, 0.016]
     t, df, p = results_page.welch(a, b)
     ref = stats.ttest_ind(a, b, equal_var=False)
-    assert abs(t - ref.statistic) < 1e-9
-    assert abs(p - ref.pvalue) < 1e-6  # the p-value goes through float32 (jax.scipy.special)
+    assert t == pytest.approx(ref.statistic, rel=1e-12)
+    assert p == pytest.approx(ref.pvalue, rel=1e-12)
+    # the degrees of freedom, by hand: Welch–Satterthwaite
     va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    assert abs(df - (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)) < 1e-9
+    assert df == pytest.approx((va + vb) ** 2 / (va**2 / 3 + vb**2 / 2), rel=1e-12)
     assert results_page.welch(b, a)[0] == -t  # the sign follows a − b
+    # no spread on either side: no test to run (scipy would warn), the difference is certain
+    assert results_page.welch([1.0, 1.0], [0.0, 0.0]) == (math.inf, 2.0, 0.0)
+    assert results_page.welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 2.0, 1.0)
+
+
+def test_one_sample_paired_t_and_corr_are_scipys():
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    a, b = 0.3 + 0.02 * rng.standard_normal(7), 0.29 + 0.02 * rng.standard_normal(7)
+    out = results_page.one_sample_t(list(b - a))
+    ref = stats.ttest_1samp(b - a, 0.0)
+    assert out["t"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert out["p"] == pytest.approx(ref.pvalue, rel=1e-12) and out["df"] == 6
+    assert out["mean"] == pytest.approx(np.mean(b - a)) and out["std"] == pytest.approx(
+        np.std(b - a, ddof=1)
+    )
+    paired = results_page.paired_t(list(a), list(b))
+    ref = stats.ttest_rel(b, a)
+    assert paired["t"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert paired["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert paired["mean"] == pytest.approx(np.mean(b - a))
+    assert results_page._corr(list(a), list(b)) == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert results_page.t_pvalue(-2.5, 7.3) == pytest.approx(2 * stats.t.sf(2.5, 7.3), rel=1e-12)
+    # one value: no test; no spread: certain (±inf, p 0) or nothing (0, p 1), without scipy's warning
+    assert results_page.one_sample_t([0.1])["t"] is None
+    assert results_page.one_sample_t([-0.1, -0.1]) == {
+        "n": 2, "mean": -0.1, "std": 0.0, "t": -math.inf, "df": 1.0, "p": 0.0
+    }  # fmt: skip
+    assert results_page.paired_t([0.2, 0.3], [0.2, 0.3])["t"] == 0.0
+    assert results_page._corr([0.1, 0.2], [0.3, 0.4]) is None  # below 3 values
+    assert results_page._corr([0.1, 0.1, 0.1], [0.3, 0.4, 0.5]) is None  # no spread
 
 
 def _runs(defense, name, accs, mses, sigma=0.1):
@@ -529,7 +582,7 @@ def test_pooled_and_per_point_line_readings_match_numpy_and_scipy():
     assert pool["se_fit"] == pytest.approx(np.sqrt(var_fit))
     assert pool["gain"] == pytest.approx(np.mean(cy / (cy - cem_res) - 1))
     assert pool["t"] == pytest.approx(t) and pool["df"] == pytest.approx(df)
-    assert pool["p"] == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-6)
+    assert pool["p"] == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
     assert t > 2  # built with a +0.006 excess over 12 runs
     para = results_page.pooled_paragraph(fit)
     assert para.startswith("**Pooled against the noise line: `cem_noise` gives a higher attack MSE")
@@ -569,7 +622,7 @@ def test_curvature_check_matches_lstsq_and_scipy():
     f = (rss1[0] - rss2[0]) / (rss2[0] / (len(x) - 3))
     assert out["n_base"] == 15 and out["n"] == 6
     assert out["f"] == pytest.approx(f)
-    assert out["p_curvature"] == pytest.approx(stats.f.sf(f, 1, len(x) - 3), abs=1e-6)
+    assert out["p_curvature"] == pytest.approx(stats.f.sf(f, 1, len(x) - 3), rel=1e-9)
     assert out["p_curvature"] < 0.01  # the noise runs were built curved
     cx = np.concatenate([r["metrics"]["defended_acc"]["values"] for r in cem])
     cy = np.concatenate([r["metrics"][KEY]["values"] for r in cem])
@@ -583,7 +636,7 @@ def test_curvature_check_matches_lstsq_and_scipy():
     df = (var_fit + var_runs) ** 2 / (var_runs**2 / (len(res) - 1) + var_fit**2 / (len(x) - 3))
     assert out["mean"] == pytest.approx(res.mean()) and out["std"] == pytest.approx(res.std(ddof=1))
     assert out["t"] == pytest.approx(t) and out["df"] == pytest.approx(df)
-    assert out["p"] == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-6)
+    assert out["p"] == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
     text = results_page.pooled_paragraph(results_page.line_comparison([*noise, *cem]), curved=out)
     assert f"F {f:.2f}, p {out['p_curvature']:.2g}" in text and f"t {t:+.1f}" in text
     assert results_page.curvature_check([*noise[:1], *cem]) is None  # 3 noise runs: no quadratic
@@ -608,7 +661,7 @@ def test_pooled_reading_is_calibrated_under_the_null_and_sees_a_real_excess():
             mses = 0.066 - 0.15 * accs + excess + 0.006 * rng.standard_normal(2)
             recs.append(_runs("cem_noise", f"cem_noise_s{sigma}", accs, mses, sigma))
         fit = results_page.line_comparison(recs)
-        # t as pooled_line computes it (its p goes through betainc, slow in a loop of 1,000)
+        # t as pooled_line computes it, by hand (its checks are in the test above)
         (xs, _), (cx, cy) = (
             (np.asarray(v) for v in fit["xy"]),
             (np.asarray(v) for v in fit["other_xy"]),
@@ -743,10 +796,10 @@ def test_paired_differences_match_scipy_and_count_the_slope_error():
     out = results_page.paired_differences(pairs, fit)
     ref = stats.ttest_rel(mse_b, mse_a)
     assert out["mse"]["t"] == pytest.approx(ref.statistic)
-    assert out["mse"]["p"] == pytest.approx(ref.pvalue, rel=1e-4)
+    assert out["mse"]["p"] == pytest.approx(ref.pvalue, rel=1e-9)
     ref = stats.ttest_rel(acc_b, acc_a)
     assert out["acc"]["t"] == pytest.approx(ref.statistic)
-    assert out["acc"]["p"] == pytest.approx(ref.pvalue, rel=1e-4)
+    assert out["acc"]["p"] == pytest.approx(ref.pvalue, rel=1e-9)
     assert out["acc_corr"] == pytest.approx(np.corrcoef(acc_a, acc_b)[0, 1])
     # at equal accuracy: e = ΔMSE − b·Δacc, its variance s_e²/n + (mean Δacc)²·var(b) with var(b)
     # from an independent least-squares fit (numpy's polyfit covariance, unscaled → σ̂²/Sxx)
@@ -757,11 +810,12 @@ def test_paired_differences_match_scipy_and_count_the_slope_error():
     se = np.sqrt(var_pairs + var_slope)
     df = (var_pairs + var_slope) ** 2 / (var_pairs**2 / 4 + var_slope**2 / (xs.size - 2))
     adj = out["adj"]
+    assert fit["slope_se"] == pytest.approx(np.sqrt(cov[0, 0]))  # linregress's, against polyfit's
     assert adj["mean"] == pytest.approx(e.mean())
     assert adj["se"] == pytest.approx(se)
     assert adj["t"] == pytest.approx(e.mean() / se)
     assert adj["df"] == pytest.approx(df)
-    assert adj["p"] == pytest.approx(2 * stats.t.sf(abs(e.mean() / se), df), rel=1e-4)
+    assert adj["p"] == pytest.approx(2 * stats.t.sf(abs(e.mean() / se), df), rel=1e-9)
     # each seed as one unit: the mean of its pairs' e over σ, then a one-sample t over seeds
     two = pairs + [(s, a + 0.01, m, c, d) for s, a, m, c, d in pairs]
     units = results_page.seed_units(two, fit)
@@ -893,3 +947,113 @@ def test_pair_layout_names_uneven_seed_counts():
     # a seed only one side ran is no pair
     lone = [point("noise", 0.1, [1, 2]), point("cem_noise", 0.1, [2, 3])]
     assert results_page.pair_layout(results_page.all_seed_pairs(lone)[1]) == "1 σ × 1 seed"
+
+
+def _paired_study(rng, excess=0.004, seeds=(1, 2, 3)):
+    """noise and cem_noise at 4 σ, the same seeds, a shared seed swing; cem_noise ``excess`` higher
+    at equal accuracy."""
+    recs, n = [], len(seeds)
+    swing = 0.04 * rng.standard_normal(n)
+    for sigma, acc in zip((0.05, 0.1, 0.2, 0.4), (0.35, 0.33, 0.30, 0.26), strict=True):
+        for defense, extra in (("noise", 0.0), ("cem_noise", excess)):
+            accs = acc + swing + 0.004 * rng.standard_normal(n)
+            mses = 0.066 - 0.15 * accs + extra + 0.001 * rng.standard_normal(n)
+            recs.append(_seeded(defense, f"{defense}_s{sigma}", sigma, list(seeds), accs, mses))
+    return recs
+
+
+def test_answer_table_is_the_paired_reading_per_sigma_and_pooled():
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(8)
+    recs = _paired_study(rng)
+    rows = results_page.answer_rows(recs)
+    assert [r["label"] for r in rows] == ["σ 0.05", "σ 0.1", "σ 0.2", "σ 0.4", "all σ"]
+    assert [r["n"] for r in rows] == [3, 3, 3, 3, 12]
+    # independently: the pairs, the noise runs' line (numpy), scipy's paired t-test
+    noise = [r for r in recs if r["defense"] == "noise"]
+    cem = [r for r in recs if r["defense"] == "cem_noise"]
+    col = lambda rs, key: np.concatenate([r["metrics"][key]["values"] for r in rs])
+    acc_a, mse_a, acc_b, mse_b = (
+        col(noise, "defended_acc"),
+        col(noise, KEY),
+        col(cem, "defended_acc"),
+        col(cem, KEY),
+    )
+    slope, _ = np.polyfit(acc_a, mse_a, 1)
+    e = (mse_b - mse_a) - slope * (acc_b - acc_a)
+    pooled = rows[-1]
+    assert pooled["base_mse"] == pytest.approx(mse_a.mean())
+    assert pooled["adj"]["mean"] == pytest.approx(e.mean())
+    assert pooled["adj"]["std"] == pytest.approx(e.std(ddof=1))
+    assert pooled["other_mse"] == pytest.approx(mse_a.mean() + e.mean())
+    ref = stats.ttest_rel(acc_b, acc_a)
+    assert pooled["acc"]["t"] == pytest.approx(ref.statistic)
+    assert pooled["acc"]["p"] == pytest.approx(ref.pvalue)
+    for k, row in enumerate(rows[:-1]):  # each σ: its own 3 pairs, the same line
+        part = slice(3 * k, 3 * k + 3)
+        assert row["adj"]["mean"] == pytest.approx(e[part].mean())
+        assert row["acc"]["t"] == pytest.approx(stats.ttest_rel(acc_b[part], acc_a[part]).statistic)
+    # the same numbers as the statistics that follow on the page (short_answer, the per-σ table)
+    fit = results_page.line_comparison(recs)
+    short = results_page.short_answer(recs, fit)
+    adj, acc = pooled["adj"], pooled["acc"]
+    assert f"by {adj['mean']:+.4f} ± {adj['std']:.4f}" in short and f"t {adj['t']:+.1f}" in short
+    assert f"{acc['mean']:+.4f} ± {acc['std']:.4f} per pair (t {acc['t']:+.1f}" in short
+    table = results_page.answer_table(recs)
+    assert table[0].startswith(
+        "| setting | seed pairs | `noise` attack MSE | `cem_noise` attack MSE at"
+    )
+    assert next(line for line in table if "all σ" in line) == (
+        f"| **all σ** | 12 | {mse_a.mean():.4f} | {mse_a.mean() + e.mean():.4f} | "
+        f"**{adj['mean']:+.4f} ± {adj['std']:.4f} ({adj['mean'] / mse_a.mean():+.0%}), "
+        f"t {adj['t']:+.1f}** | {acc['mean']:+.4f} ± {acc['std']:.4f}, t {acc['t']:+.1f} |"
+    )
+    text = results_page.answer_sentences(recs)
+    assert text.startswith(
+        "**The answer: at equal accuracy, `cem_noise` gives a higher attack MSE than `noise` "
+        f"alone**: {adj['mean']:+.4f} ({adj['mean'] / mse_a.mean():+.0%}) over 12 seed pairs at 4 σ"
+    )
+    up = sum(r["adj"]["t"] > 2 for r in rows[:-1])
+    assert f"each σ alone reads higher at {up} and lower at 0 of the 4 σ" in text
+    # no excess: the answer says so, whichever way it goes
+    null = _paired_study(rng, excess=-0.02)
+    assert "gives a lower attack MSE than `noise` alone" in results_page.answer_sentences(null)
+    # nothing to pair: a placeholder, no sentences; one σ: no pooled row
+    assert results_page.answer_table([])[0].startswith("(No answer yet")
+    assert results_page.answer_sentences([]) == ""
+    one = [r for r in recs if r["sigma"] == 0.1] + noise
+    assert [r["label"] for r in results_page.answer_rows(one)] == ["σ 0.1"]
+    assert "over 3 seed pairs at σ 0.1 (t" in results_page.answer_sentences(one)
+
+
+def test_answer_reads_one_preset_at_a_time():
+    import numpy as np
+
+    quick = _paired_study(np.random.default_rng(9))
+    paper = _paired_study(np.random.default_rng(10), excess=0.02)
+    for r in paper:
+        r["preset"] = "paper"
+    groups = results_page.by_preset([*quick, *paper], "quick")
+    assert list(groups) == ["quick", "paper"]
+    assert groups["quick"] == quick and groups["paper"] == paper
+    assert results_page.answer_table(groups["quick"]) == results_page.answer_table(quick)
+    assert results_page.answer_rows(groups["paper"])[-1]["adj"]["mean"] == pytest.approx(
+        0.02, abs=0.003
+    )
+
+
+def test_the_committed_page_opens_with_what_the_committed_records_give():
+    """docs/results.md is generated: its answer table is the records' (regenerate the page after
+    recording a run)."""
+    spec = collect.load_study(os.path.join(ROOT, "experiments/studies/frontier_cifar10.json"))
+    by_name = {collect.run_name(p): p for p in spec["points"]}
+    recorded = collect.read_records(os.path.join(ROOT, spec["records"]))
+    rows = collect.summarize([(by_name[n], rec) for n, rec in recorded.items()])
+    with open(os.path.join(ROOT, "docs", "results.md")) as f:
+        page = f.read()
+    table = "\n".join(results_page.answer_table(rows))
+    head = page.split("\n\n", 2)[2]  # after the title and the data line
+    assert head.startswith(table + "\n\n![privacy-utility](results_privacy_utility.png)")
+    assert results_page.answer_sentences(rows) in page

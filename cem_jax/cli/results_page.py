@@ -2,18 +2,21 @@ r"""Writes the results page (``docs/results.md`` and its plot) from a finished s
 
     python -m experiments.results_page --root=runs/frontier --out=docs/results.md
 
-It reads ``<root>/table.json`` (written by ``experiments.sweep --collect_only``), draws two plots beside
-the page (the noise / cem_noise frontier; every other defense family three ways) and writes: the
-question, the answer computed from the table (at equal defended accuracy, the train-time decoder MSE
-of ``cem_noise`` against ``noise``: every run against a straight line through the noise runs at its
-own accuracy, pooled over σ with a t-test that counts the line's own error, and checked against a
-quadratic; paired by seed, the way the study is built (the two defenses at the same σ and seed,
-each pair's difference at equal accuracy along that line; also with each seed as one unit); per σ
-against that line; per σ against the noise frontier interpolated linearly in
-accuracy, its spread counting the accuracies' seed spread too; and at the same σ, unpaired and
-paired), the CEM variants (the default is decided by the paired line reading), every other family
-(``X``, ``X`` with CEM's noise, ``cem_X``) with its contrasts, the table, the commands, the scale,
-the compute and which commit produced each point.
+It reads ``<root>/table.json`` (written by ``experiments.sweep --collect_only``), draws its plots beside
+the page (the noise / cem_noise frontier, alone and with the CEM variants; the pairs; every other
+defense family three ways) and writes an opening that answers first: a table (:func:`answer_table`:
+per σ and pooled, ``cem_noise`` against ``noise`` paired by seed at equal accuracy, and the accuracy
+it costs; one preset's records), the frontier plot and the answer in words. Then the statistics
+behind it (``scipy.stats``, the ``plots`` extra; jax depends on scipy too): at equal defended
+accuracy, the train-time decoder MSE of ``cem_noise`` against ``noise``: every run against a
+straight line through the noise runs at its own accuracy, pooled over σ with a t-test that counts
+the line's own error, and checked against a quadratic; paired by seed, the way the study is built
+(the two defenses at the same σ and seed, each pair's difference at equal accuracy along that line;
+also with each seed as one unit); per σ against that line; per σ against the noise frontier
+interpolated linearly in accuracy, its spread counting the accuracies' seed spread too; and at the
+same σ, unpaired and paired. Then the CEM variants (the default is decided by the paired line
+reading), every other family (``X``, ``X`` with CEM's noise, ``cem_X``) with its contrasts, the
+table, the commands, the scale, the compute and which commit produced each point.
 """
 
 from __future__ import annotations
@@ -25,10 +28,18 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
 from absl import flags
 
 from cem_jax import storage
 from cem_jax.cli import collect, config_flags
+
+try:  # every t-test, p-value and regression on the page is scipy's (jax depends on it too)
+    from scipy import stats
+except ImportError as e:  # pragma: no cover - jax requires scipy
+    raise ImportError(
+        "the results page needs scipy for its statistics: pip install 'cem_jax[plots]'"
+    ) from e
 
 FLAGS = flags.FLAGS
 KEY = "decoder.train_time.mse"
@@ -193,28 +204,27 @@ def excess_over_fit(
     """The mean excess of runs ``(cx, cy)`` over a polynomial least-squares fit through ``(xs, ys)``,
     and its t-test, counting the fit's own uncertainty.
 
-    With ``X`` the fit's design matrix (``1, x, …, x^degree`` per base run), ``σ̂² = RSS/(n − k)``
+    The fit is :func:`numpy.polyfit`'s, with its unscaled coefficient covariance ``(XᵀX)⁻¹``
+    (``X`` the design matrix, ``1, x, …, x^degree`` per base run). With ``σ̂² = RSS/(n − k)``
     (``k = degree + 1``) and ``v`` the mean design row of the other runs, the mean residual ``ē``
     has variance ``s²/m + σ̂²·vᵀ(XᵀX)⁻¹v`` (its runs' scatter, the fit's error at their mean
     row). ``t = ē / √(…)``, with Welch–Satterthwaite degrees of freedom from ``m − 1`` and
-    ``n − k``; ``p = I_{df/(df+t²)}(df/2, 1/2)`` two-sided. Needs two other runs and ``n > k``.
+    ``n − k``; the two-sided p is Student's t's (:func:`t_pvalue`). This is not a textbook test,
+    so scipy gives its distribution, not the composition. Needs two other runs and ``n > k``.
 
     >>> out = excess_over_fit([0.2, 0.3, 0.4, 0.3], [0.03, 0.02, 0.01, 0.021], [0.3, 0.3], [0.03, 0.031])
     >>> round(out["mean"], 4), out["m"], round(out["se_fit"], 6), round(out["t"], 1)
     (0.0102, 2, 0.000306, 17.5)
     """
-    import numpy as np
-
     x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    design = np.vander(x, degree + 1, increasing=True)
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    resid = y - design @ coef
+    coef, cov = np.polyfit(x, y, degree, cov="unscaled")  # highest power first
+    resid = y - np.polyval(coef, x)
     n, k, m = len(x), degree + 1, len(cx)
     s2_fit = float(resid @ resid) / (n - k)
-    other = np.vander(np.asarray(cx, dtype=np.float64), k, increasing=True)
-    res = np.asarray(cy, dtype=np.float64) - other @ coef
-    v = other.mean(axis=0)
-    var_fit = s2_fit * float(v @ np.linalg.solve(design.T @ design, v))
+    c = np.asarray(cx, dtype=np.float64)
+    res = np.asarray(cy, dtype=np.float64) - np.polyval(coef, c)
+    v = np.vander(c, k).mean(axis=0)  # the mean design row, in polyfit's order
+    var_fit = s2_fit * float(v @ cov @ v)
     var_runs = float(res.var(ddof=1)) / m
     se2 = var_runs + var_fit
     mean = float(res.mean())
@@ -231,7 +241,7 @@ def excess_over_fit(
         "m": m,
         "res": [float(e) for e in res],
         "fit_resid": [float(e) for e in resid],
-        "coef": [float(c) for c in coef],
+        "coef": [float(a) for a in coef[::-1]],  # constant term first
         "se": math.sqrt(max(se2, 0.0)),
         "se_fit": math.sqrt(var_fit),
         "t": t,
@@ -245,7 +255,7 @@ def curvature_check(
 ) -> dict[str, Any] | None:
     """The pooled reading's straight-line assumption, checked: a quadratic least-squares fit through
     every ``base`` run instead, the F-test of its curvature term against the line
-    (``F = (RSS₁ − RSS₂) / (RSS₂/(n − 3))``, 1 and n − 3 df, ``p = I_{(n−3)/(n−3+F)}((n−3)/2, 1/2)``),
+    (``F = (RSS₁ − RSS₂) / (RSS₂/(n − 3))``, 1 and n − 3 df, p from ``scipy.stats.f.sf``),
     and the ``other`` runs' residuals against the quadratic, pooled (:func:`excess_over_fit`).
     ``None`` with fewer than 5 base runs (4 distinct accuracies) or 2 other runs.
 
@@ -257,8 +267,6 @@ def curvature_check(
     >>> round(out["mean"], 4), out["n"], out["p_curvature"] < 1e-6  # exactly quadratic
     (0.02, 2, True)
     """
-    import numpy as np
-
     xs, ys = _runs_xy(records, base)
     cx, cy = _runs_xy(records, other)
     n = len(xs)
@@ -269,7 +277,7 @@ def curvature_check(
     rss2 = float(np.sum(np.square(out["fit_resid"])))
     dof = n - 3
     f = (rss1 - rss2) / (rss2 / dof) if rss2 > 0 else math.inf
-    p_f = 0.0 if math.isinf(f) else t_pvalue(math.sqrt(max(f, 0.0)), dof)  # F(1, ν) = t(ν)²
+    p_f = 0.0 if math.isinf(f) else float(stats.f.sf(f, 1, dof))
     return {
         "n": out["m"],
         "n_base": n,
@@ -286,8 +294,10 @@ def line_comparison(
     through every ``base`` run (each seed its own point), and each ``other`` point against it.
 
     Final-epoch accuracy at a small scale moves by points from seed to seed, so neighbouring noise
-    points can cross; the line uses all of them at once. ``resid_std`` is a single noise run's
-    scatter about the line. ``None`` with fewer than 3 base runs or no spread in accuracy.
+    points can cross; the line uses all of them at once. The fit is ``scipy.stats.linregress``'s:
+    ``slope_se`` is its slope's standard error ``σ̂/√S_xx``; ``resid_std`` (``σ̂``, RSS over
+    ``n − 2``) is a single noise run's scatter about the line. ``None`` with fewer than 3 base runs
+    or no spread in accuracy.
 
     >>> rec = lambda d, accs, mses: {"defense": d, "name": d, "n": len(accs), "metrics": {
     ...     "defended_acc": {"mean": sum(accs) / len(accs), "values": accs},
@@ -301,14 +311,13 @@ def line_comparison(
     n = len(xs)
     if n < 3:
         return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx <= 0:
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if np.ptp(x) <= 0:
         return None
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    intercept = my - slope * mx
-    resid = [y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)]
-    resid_std = math.sqrt(sum(e * e for e in resid) / (n - 2)) if n > 2 else 0.0
+    reg = stats.linregress(x, y)
+    slope, intercept = float(reg.slope), float(reg.intercept)
+    resid = [float(e) for e in y - (intercept + slope * x)]
+    resid_std = math.sqrt(float(np.sum(np.square(resid))) / (n - 2))
     coef = {"intercept": intercept, "slope": slope}
     rows = []
     for r in records:
@@ -335,14 +344,15 @@ def line_comparison(
                 "inside": min(xs) <= acc <= max(xs),
                 "res": res,
                 "run_gains": gains if len(gains) == len(res) else [],
-                "res_mean": sum(res) / len(res) if res else float("nan"),
-                "res_std": collect.stats(res)["std"] if len(res) > 1 else None,
+                "res_mean": float(np.mean(res)) if res else float("nan"),
+                "res_std": float(np.std(res, ddof=1)) if len(res) > 1 else None,
                 "outside_runs": sum(not (min(xs) <= a <= max(xs)) for a in accs),
             }
         )
     return {
         "slope": slope,
         "intercept": intercept,
+        "slope_se": float(reg.stderr),
         "resid_std": resid_std,
         "resid": resid,
         "xy": (xs, ys),
@@ -465,6 +475,142 @@ def short_answer(
         "and the checks of its assumptions, follow."
     )
     return text
+
+
+def by_preset(records: list[dict[str, Any]], default: str | None) -> dict[str | None, list]:
+    """The records grouped by the preset they ran (a record's ``preset``, else ``default``: a
+    ``table.json`` names one preset for all its rows), in order of first appearance. An answer is
+    read within one group: runs of different scales are never paired or pooled.
+
+    >>> groups = by_preset([{"name": "a"}, {"name": "b", "preset": "paper"}], "quick")
+    >>> {k: [r["name"] for r in v] for k, v in groups.items()}
+    {'quick': ['a'], 'paper': ['b']}
+    """
+    groups: dict[str | None, list] = {}
+    for r in records:
+        groups.setdefault(r.get("preset") or default, []).append(r)
+    return groups
+
+
+def answer_rows(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> list[dict[str, Any]]:
+    """The answer table's rows, from one scale's records (:func:`by_preset`): one per σ at which
+    ``base`` and ``other`` have a pair of runs at the same seed, then, with more than one such σ,
+    every pair pooled (``label`` ``"all σ"``). Each row: its pairs' number ``n``, ``base``'s mean
+    attack MSE over them, ``other``'s at equal accuracy (that plus the paired excess), and
+    :func:`paired_differences`' ``adj`` (the excess at equal accuracy along the line through these
+    records' ``base`` runs) and ``acc``. Empty without that line or a pair.
+    """
+    fit = line_comparison(records, base=base, other=other)
+    if fit is None:
+        return []
+    sets = [
+        (f"σ {sigma:g}", pairs)
+        for sigma, b, o in same_sigma_pairs(records, base=base, other=other)
+        if (pairs := seed_pairs(b, o))
+    ]
+    if len(sets) > 1:
+        sets.append(("all σ", [p for _, pairs in sets for p in pairs]))
+    rows = []
+    for label, pairs in sets:
+        pd = paired_differences(pairs, fit)
+        assert pd is not None and pd["adj"] is not None
+        base_mse = float(np.mean([p[2] for p in pairs]))
+        rows.append(
+            {
+                "label": label,
+                "n": pd["n"],
+                "base_mse": base_mse,
+                "other_mse": base_mse + pd["adj"]["mean"],
+                "adj": pd["adj"],
+                "acc": pd["acc"],
+            }
+        )
+    return rows
+
+
+def answer_table(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> list[str]:
+    """The page's opening: :func:`answer_rows` of one scale's records as a markdown table and a
+    line saying what its columns are."""
+    rows = answer_rows(records, base=base, other=other)
+    if not rows:
+        return [
+            f"(No answer yet: it needs three finished `{base}` runs and a `{other}` run at the "
+            f"same σ and seed as a `{base}` run.)"
+        ]
+
+    def pm(d: dict[str, Any], rel: float | None = None) -> str:
+        text = f"{d['mean']:+.4f}" + (f" ± {d['std']:.4f}" if d["std"] is not None else "")
+        text += f" ({rel:+.0%})" if rel is not None else ""
+        return text + (f", t {d['t']:+.1f}" if d["t"] is not None else ", one pair: no t")
+
+    lines = [
+        f"| setting | seed pairs | `{base}` attack MSE | `{other}` attack MSE at equal accuracy "
+        f"| CEM's extra attack MSE | accuracy change with CEM |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bold = "**" if r["label"] == "all σ" else ""
+        extra = pm(r["adj"], r["adj"]["mean"] / r["base_mse"] if r["base_mse"] else None)
+        lines.append(
+            f"| {bold}{r['label']}{bold} | {r['n']} | {r['base_mse']:.4f} | {r['other_mse']:.4f} "
+            f"| {bold}{extra}{bold} | {pm(r['acc'])} |"
+        )
+    return lines + [
+        "",
+        f"Each pair: `{base}` and `{other}` (the same noise with CEM added) at the same σ and "
+        "seed. At equal accuracy: each pair's attack MSE change less the noise line's slope times "
+        f"its accuracy change (`{other}`'s MSE moved along the line to `{base}`'s accuracy). "
+        "± is the std over the pairs; t the paired t-test (the extra MSE's counting the line's "
+        "own error), which counts at |t| > 2.",
+    ]
+
+
+def answer_sentences(
+    records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
+) -> str:
+    """The plain answer under the opening table and plot, from the same rows (:func:`answer_rows`):
+    the pooled excess at equal accuracy and how many σ agree, then the accuracy cost."""
+    rows = answer_rows(records, base=base, other=other)
+    if not rows:
+        return ""
+    pooled, per_sigma = rows[-1], [r for r in rows if r["label"] != "all σ"]
+    adj, acc = pooled["adj"], pooled["acc"]
+    if adj["t"] is None:
+        return (
+            f"**The answer: not yet.** One pair of runs: `{other}` {adj['mean']:+.4f} attack MSE "
+            f"at equal accuracy, accuracy {acc['mean']:+.4f}; a test needs two pairs."
+        )
+    word = _t_verdict(adj["t"], "higher", "lower")
+    head = (
+        f"`{other}` gives a {word} attack MSE than `{base}` alone"
+        if word != "not distinguishable"
+        else f"`{other}`'s attack MSE is not distinguishable from `{base}` alone's"
+    )
+    where = f"{len(per_sigma)} σ" if len(per_sigma) > 1 else pooled["label"]
+    text = (
+        f"**The answer: at equal accuracy, {head}**: {adj['mean']:+.4f} "
+        f"({adj['mean'] / pooled['base_mse']:+.0%}) over {pooled['n']} seed pairs at {where} "
+        f"(t {adj['t']:+.1f})"
+    )
+    tested = [r for r in per_sigma if r["adj"]["t"] is not None]
+    if len(per_sigma) > 1 and tested:
+        up = sum(r["adj"]["t"] > 2 for r in tested)
+        down = sum(r["adj"]["t"] < -2 for r in tested)
+        text += (
+            f"; each σ alone reads higher at {up} and lower at {down} of the {len(tested)} σ "
+            "with two pairs or more"
+        )
+    acc_word = _t_verdict(acc["t"], "higher", "lower")
+    cost = (
+        f"not distinguishable from no change (t {acc['t']:+.1f})"
+        if acc_word == "not distinguishable"
+        else f"{acc_word} with CEM (t {acc['t']:+.1f})"
+    )
+    return text + f". The accuracy change, {acc['mean']:+.4f} per pair, is {cost}."
 
 
 def pooled_paragraph(
@@ -830,36 +976,29 @@ def line_residuals(record: dict[str, Any], fit: dict[str, Any]) -> list[float]:
 
 
 def t_pvalue(t: float, df: float) -> float:
-    """Two-sided p of Student's t: ``2·P(T_df > |t|) = I_{df/(df+t²)}(df/2, 1/2)``.
+    """Two-sided p of Student's t with ``df`` degrees of freedom, ``2·P(T_df > |t|)``
+    (``scipy.stats.t.sf``): for the t's the page composes itself (a fitted line's error in the
+    standard error, Welch–Satterthwaite df), whose distribution is still Student's.
 
     >>> round(t_pvalue(2.0, 10.0), 4)
     0.0734
     """
-    from jax.scipy.special import betainc
-
-    return float(betainc(df / 2, 0.5, df / (df + t * t)))
+    return float(2 * stats.t.sf(abs(t), df))
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Welch's t-test of ``mean(a) − mean(b)``: ``(t, degrees of freedom, two-sided p)``.
-
-    ``t = (ā − b̄) / √(s_a²/n_a + s_b²/n_b)``, the Welch–Satterthwaite degrees of freedom, and
-    ``p = 2·P(T_df > |t|) = I_{df/(df+t²)}(df/2, 1/2)`` (the regularized incomplete beta function).
-    Needs two values on each side.
+    """Welch's t-test of ``mean(a) − mean(b)`` (``scipy.stats.ttest_ind``, ``equal_var=False``):
+    ``(t, Welch–Satterthwaite degrees of freedom, two-sided p)``. Needs two values on each side.
 
     >>> t, df, p = welch([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
     >>> round(t, 4), round(df, 1), round(p, 3)
     (1.2247, 4.0, 0.288)
     """
-    na, nb = len(a), len(b)
-    ma, mb = sum(a) / na, sum(b) / nb
-    va = sum((x - ma) ** 2 for x in a) / (na - 1) / na
-    vb = sum((x - mb) ** 2 for x in b) / (nb - 1) / nb
-    if va + vb == 0:
-        return math.inf if ma != mb else 0.0, float(na + nb - 2), 0.0 if ma != mb else 1.0
-    t = (ma - mb) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
-    return t, df, t_pvalue(t, df)
+    if np.var(a) + np.var(b) == 0:  # no spread on either side: scipy's precision warning
+        same = np.mean(a) == np.mean(b)
+        return (0.0 if same else math.inf), float(len(a) + len(b) - 2), (1.0 if same else 0.0)
+    res = stats.ttest_ind(a, b, equal_var=False)
+    return float(res.statistic), float(res.df), float(res.pvalue)
 
 
 def by_seed(record: dict[str, Any], key: str) -> dict[Any, float]:
@@ -881,23 +1020,42 @@ def by_seed(record: dict[str, Any], key: str) -> dict[Any, float]:
 
 
 def one_sample_t(values: list[float]) -> dict[str, Any]:
-    """Mean, sample std and the one-sample t-test of ``mean = 0`` (``t = x̄/(s/√n)``, ``n − 1`` df,
-    two-sided p); ``t``/``p`` ``None`` below two values.
+    """Mean, sample std and the one-sample t-test of ``mean = 0`` (``scipy.stats.ttest_1samp``:
+    ``t = x̄/(s/√n)``, ``n − 1`` df, two-sided p); ``t``/``p`` ``None`` below two values.
 
     >>> out = one_sample_t([1.0, 2.0, 3.0])
     >>> out["mean"], out["std"], round(out["t"], 3), round(out["p"], 4)
     (2.0, 1.0, 3.464, 0.0742)
     """
+    return _t_summary(values, lambda: stats.ttest_1samp(values, 0.0))
+
+
+def paired_t(a: list[float], b: list[float]) -> dict[str, Any]:
+    """The paired t-test of ``b − a`` (``scipy.stats.ttest_rel(b, a)``), with the differences'
+    mean and sample std, as :func:`one_sample_t` returns them.
+
+    >>> out = paired_t([1.0, 2.0, 4.0], [2.0, 4.0, 7.0])
+    >>> out["mean"], out["std"], round(out["t"], 3), round(out["p"], 4)
+    (2.0, 1.0, 3.464, 0.0742)
+    """
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
+    return _t_summary(diffs, lambda: stats.ttest_rel(b, a))
+
+
+def _t_summary(values: list[float], test: Any) -> dict[str, Any]:
+    """``{n, mean, std, t, df, p}`` of ``values`` with ``test()``'s t, df and p (a scipy t-test of
+    their mean against 0); ``t``/``p`` ``None`` below two values, and without spread ``t`` is
+    ``±inf`` (``p`` 0) or 0 (``p`` 1), where scipy would warn of its precision."""
     n = len(values)
-    mean = sum(values) / n if n else float("nan")
+    mean = float(np.mean(values)) if n else float("nan")
     if n < 2:
         return {"n": n, "mean": mean, "std": None, "t": None, "df": None, "p": None}
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    std = float(np.std(values, ddof=1))
     if std == 0:
-        t, p = (math.inf if mean else 0.0), (0.0 if mean else 1.0)
+        t, p = (math.copysign(math.inf, mean) if mean else 0.0), (0.0 if mean else 1.0)
     else:
-        t = mean / (std / math.sqrt(n))
-        p = t_pvalue(t, n - 1)
+        res = test()
+        t, p = float(res.statistic), float(res.pvalue)
     return {"n": n, "mean": mean, "std": std, "t": t, "df": float(n - 1), "p": p}
 
 
@@ -909,13 +1067,15 @@ def paired_differences(
     The study's design pairs its runs: a seed fixes the training subset, the initialisation, the
     batch order and every noise draw (``train.py`` folds all keys from it), so two defenses run at
     the same seed share most of that seed's accuracy swing, and their difference seed by seed
-    removes it. Returns the attack MSE's and the accuracy's paired differences (:func:`one_sample_t`
-    each), the correlation of the two arms' accuracies over the pairs, and, with ``fit`` (the noise
-    line, :func:`line_comparison`), the difference *at equal accuracy*: each pair's MSE difference
-    less the line's slope ``b`` times its accuracy difference, ``e_k = ΔMSE_k − b·Δacc_k``. Its
-    t-test counts the slope's own error: ``var(ē) = s_e²/n + (Δacc̄)²·σ̂²/S_xx`` (``σ̂`` the noise
-    runs' scatter about the line, ``S_xx`` their accuracies' sum of squares), Welch–Satterthwaite
-    degrees of freedom from ``n − 1`` and ``N − 2``. Pairs are taken as independent: pooling pairs
+    removes it. Returns the attack MSE's and the accuracy's paired t-tests (:func:`paired_t`,
+    ``scipy.stats.ttest_rel``), the Pearson correlation of the two arms' accuracies over the pairs,
+    and, with ``fit`` (the noise line, :func:`line_comparison`), the difference *at equal
+    accuracy*: each pair's MSE difference less the line's slope ``b`` times its accuracy
+    difference, ``e_k = ΔMSE_k − b·Δacc_k``. Its t-test is not a textbook one, as it counts the
+    slope's own error: ``var(ē) = s_e²/n + (Δacc̄)²·se(b)²`` (``se(b) = σ̂/√S_xx``, the
+    regression's standard error of the slope, ``fit["slope_se"]``), Welch–Satterthwaite degrees of
+    freedom from ``n − 1`` and ``N − 2``, p from Student's t (:func:`t_pvalue`). Pairs are taken
+    as independent: pooling pairs
     of several σ that share a seed, :func:`seed_units` is the check that does not. ``None`` without
     a pair.
 
@@ -927,13 +1087,14 @@ def paired_differences(
     """
     if not pairs:
         return None
-    d_acc = [ab - aa for _, aa, _, ab, _ in pairs]
-    d_mse = [mb - ma for _, _, ma, _, mb in pairs]
+    _, acc_a, mse_a, acc_b, mse_b = (list(col) for col in zip(*pairs, strict=True))
+    d_acc = [b - a for a, b in zip(acc_a, acc_b, strict=True)]
+    d_mse = [b - a for a, b in zip(mse_a, mse_b, strict=True)]
     out: dict[str, Any] = {
         "n": len(pairs),
         "seeds": [p[0] for p in pairs],
-        "mse": one_sample_t(d_mse),
-        "acc": one_sample_t(d_acc),
+        "mse": paired_t(mse_a, mse_b),
+        "acc": paired_t(acc_a, acc_b),
         "acc_corr": _corr([p[1] for p in pairs], [p[3] for p in pairs]),
         "acc_units": _unit_means(pairs, lambda aa, ma, ab, mb: ab - aa),
         "adj": None,
@@ -942,10 +1103,7 @@ def paired_differences(
         return out
     slope = fit["slope"]
     adj = one_sample_t([m - slope * a for m, a in zip(d_mse, d_acc, strict=True)])
-    xs = fit["xy"][0]
-    mx = sum(xs) / len(xs)
-    var_b = fit["resid_std"] ** 2 / sum((x - mx) ** 2 for x in xs)
-    var_slope = (sum(d_acc) / len(d_acc)) ** 2 * var_b
+    var_slope = float(np.mean(d_acc)) ** 2 * fit["slope_se"] ** 2
     if adj["std"] is not None:
         var_pairs = adj["std"] ** 2 / adj["n"]
         se2 = var_pairs + var_slope
@@ -961,16 +1119,10 @@ def paired_differences(
 
 
 def _corr(a: list[float], b: list[float]) -> float | None:
-    """Pearson's correlation; ``None`` below 3 values or without spread."""
-    n = len(a)
-    if n < 3:
+    """Pearson's correlation (``scipy.stats.pearsonr``); ``None`` below 3 values or without spread."""
+    if len(a) < 3 or np.ptp(a) <= 0 or np.ptp(b) <= 0:
         return None
-    ma, mb = sum(a) / n, sum(b) / n
-    saa = sum((x - ma) ** 2 for x in a)
-    sbb = sum((y - mb) ** 2 for y in b)
-    if saa <= 0 or sbb <= 0:
-        return None
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True)) / math.sqrt(saa * sbb)
+    return float(stats.pearsonr(a, b).statistic)
 
 
 def seed_pairs(
@@ -1601,22 +1753,34 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
     os.makedirs(folder, exist_ok=True)
     stem = os.path.splitext(os.path.basename(out))[0]
     plot_name, families_plot = f"{stem}_privacy_utility.png", f"{stem}_families.png"
-    pairs_plot = f"{stem}_pairs.png"
-    # the frontier plot: noise, cem_noise and its variants, none (the other families get their own)
+    pairs_plot, variants_plot = f"{stem}_pairs.png", f"{stem}_variants.png"
+    preset = table.get("preset")
+    # the opening reads one scale: the records of the table's preset, never pooled with another's
+    opening = by_preset(records, preset).get(preset, [])
+    # the opening's frontier plot: noise, cem_noise and none; with cem_noise's variants for "Which
+    # CEM" (the other families get their own)
     frontier = [r for r in records if r["defense"].split(" [")[0] in ("none", "noise", "cem_noise")]
     fit = line_comparison(records)
+    line = (fit["intercept"], fit["slope"], *fit["acc_range"]) if fit else None
+    title = f"{table.get('dataset')}, preset {preset}"
     try:
         have_plot = collect.plot_privacy_utility(
-            frontier,
+            [r for r in opening if r["defense"] in ("none", "noise", "cem_noise")],
             os.path.join(folder, plot_name),
-            title=f"{table.get('dataset')}, preset {table.get('preset')}",
-            line=(fit["intercept"], fit["slope"], *fit["acc_range"]) if fit else None,
+            title=title,
+            line=line,
+        )
+        have_variants = any("[" in r["defense"] for r in frontier) and (
+            collect.plot_privacy_utility(
+                frontier, os.path.join(folder, variants_plot), title=title, line=line
+            )
         )
         have_families = plot_families(records, os.path.join(folder, families_plot))
         have_pairs = plot_pairs(records, fit, os.path.join(folder, pairs_plot))
     except ImportError:  # no matplotlib: the sweep's own plot (every family on one figure)
         src = storage.join(root, collect.PLOT_PNG)
         have_plot, have_families, have_pairs = storage.exists(src), False, False
+        have_variants = False
         if have_plot:
             with open(os.path.join(folder, plot_name), "wb") as f:
                 f.write(storage.read_bytes(src))
@@ -1632,13 +1796,27 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         if study
         else f"python -m experiments.sweep ... --root={root}"
     )
+    scale = (table.get("scale") or {}).get("config") or {}
+    num_train = ((table.get("scale") or {}).get("dataset") or {}).get("num_train")
+    at_scale = (
+        f" ({scale['arch']}, {scale.get('epochs')} epochs on {num_train} training images; "
+        'scale and compute in "How it was made")'
+        if scale.get("arch")
+        else ""
+    )
+    sentences = answer_sentences(opening)
     lines = [
         "# Results: CEM's privacy–utility frontier against noise alone",
         "",
-        f"Dataset {table.get('dataset')}, preset `{table.get('preset')}`; "
+        f"Dataset {table.get('dataset')}, preset `{preset}`{at_scale}; "
         f"{table.get('finished')} of {table.get('runs')} runs of the grid finished.",
         "",
-        "## The answer",
+        *answer_table(opening),
+        "",
+        f"![privacy-utility]({plot_name})" if have_plot else "(no plot: no finished run)",
+        "",
+        *([sentences, ""] if sentences else []),
+        "## The statistics behind the answer",
         "",
         short_answer(records, fit),
         "",
@@ -1652,16 +1830,15 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         *same_sigma,
         undefended_line(records),
         "",
-        "## The frontier",
-        "",
-        f"![privacy-utility]({plot_name})" if have_plot else "(no plot: no finished run)",
-        "",
         *(
             [
-                "Its error bars are each point's spread over seeds, which carries every seed's "
-                "accuracy swing on both sides; the readings above pair the runs by seed instead. "
-                "The pairs themselves (each dot one seed's pair; right of the dotted line: more "
-                "attack MSE than moving along the noise line gives for that accuracy change):",
+                "## The pairs",
+                "",
+                "The frontier plot at the top: its error bars are each point's spread over seeds, "
+                "which carries every seed's accuracy swing on both sides; the readings above pair "
+                "the runs by seed instead. The pairs themselves (each dot one seed's pair; right "
+                "of the dotted line: more attack MSE than moving along the noise line gives for "
+                "that accuracy change):",
                 "",
                 f"![paired by seed]({pairs_plot})",
                 "",
@@ -1676,6 +1853,7 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         'noise frontier at its own accuracy. "The default" below is the study\'s `cem_noise` as '
         f"its runs trained: {default_label(records)}.",
         "",
+        *([f"![variants]({variants_plot})", ""] if have_variants else []),
         *variants_section(records, fit),
         "",
         "## Every other defense family, with and without CEM",
