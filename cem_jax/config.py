@@ -17,8 +17,11 @@ import math
 from typing import Any
 
 from cem_jax import defenses
+from cem_jax.data import TFDS_PREFIX
 from cem_jax.models import ARCHS, default_cut_layer
 
+#: The named datasets; besides them ``tfds:NAME`` names a dataset prepared with tensorflow-datasets
+#: (:func:`cem_jax.data.load_tfds`).
 DATASETS = ("cifar10", "cifar100", "facescrub", "tinyimagenet", "synthetic")
 CEM_MODES = ("gmm", "reference")
 LAMBDA_SCHEDULES = ("constant", "inverse_lr")
@@ -122,7 +125,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first bad field and what is accepted."""
-        _check_choice("dataset", self.dataset, DATASETS)
+        _check_dataset(self.dataset)
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("cem_mode", self.cem_mode, CEM_MODES)
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
@@ -305,6 +308,18 @@ def make_config(preset: str = "paper", **overrides: Any) -> RunConfig:
     cfg = RunConfig(**values)
     cfg.validate()
     return cfg
+
+
+def _check_dataset(value: Any) -> None:
+    """One of :data:`DATASETS`, or ``tfds:NAME`` with a NAME (checked when the data are read)."""
+    if isinstance(value, str) and value.startswith(TFDS_PREFIX):
+        if not value[len(TFDS_PREFIX) :].strip():
+            raise ValueError(
+                f"dataset {value!r}: name a TFDS dataset after {TFDS_PREFIX!r}, e.g. "
+                f"{TFDS_PREFIX}mnist."
+            )
+        return
+    _check_choice("dataset", value, (*DATASETS, f"{TFDS_PREFIX}NAME"))
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:

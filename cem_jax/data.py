@@ -15,7 +15,11 @@ Sources, chosen by ``data_dir`` in :func:`load_dataset`:
 * ``cifar10`` / ``cifar100``: the official python archive (``cifar-10-python.tar.gz``), or the
   ``<name>.npz`` prepared from it by :mod:`cem_jax.download`, or a folder holding either; with
   ``data_dir=None`` they are downloaded and prepared on first use (:func:`cem_jax.download.fetch_cifar`);
-* ``"synthetic"``: class-dependent smooth patterns plus noise, generated from a seed.
+* ``"synthetic"``: class-dependent smooth patterns plus noise, generated from a seed;
+* ``"tfds:NAME"`` (``NAME`` as TFDS spells it: ``mnist``, ``my_set/config:1.0.0``): a dataset prepared
+  with tensorflow-datasets (the optional extra ``cem_jax[tfds]``) in the ``array_record`` or
+  ``parquet`` file format, read from ``data_dir`` as the TFDS data dir without TensorFlow (see
+  :func:`load_tfds`). Only this source imports ``tensorflow_datasets``.
 
 A given ``data_dir`` in none of these layouts is an error that says what it holds; nothing is ever
 downloaded into it. Class names are the sorted class folder names and labels index them
@@ -49,7 +53,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import functools
+import glob
 import hashlib
 import io
 import os
@@ -70,6 +76,8 @@ from PIL import Image
 from cem_jax import download
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "facescrub", "tinyimagenet", "synthetic")
+#: ``tfds:NAME`` names a dataset prepared with tensorflow-datasets (:func:`load_tfds`).
+TFDS_PREFIX = "tfds:"
 
 # Reference §5.4 (DS:21-30). CIFAR-100 in full precision (DS:23-24).
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -214,7 +222,8 @@ def load_dataset(
     """Loads ``name`` into memory.
 
     Args:
-      name: one of :data:`DATASETS`.
+      name: one of :data:`DATASETS`, or ``tfds:NAME`` (:func:`load_tfds`; ``data_dir`` is then the
+        TFDS data dir, ``None`` TFDS's default, and ``cache_dir`` is not used).
       data_dir: a dataset in one of the layouts of the module docstring. A given ``data_dir`` that
         holds none of them is an error (never a download). ``None``: ``cifar10``/``cifar100`` are
         read from :func:`cem_jax.download.fetch_cifar`'s folder, downloaded there on first use;
@@ -235,8 +244,13 @@ def load_dataset(
       the reference constants of that name (:data:`NORMALIZATION`), otherwise the statistics of
       the training images (after ``train_subset``).
     """
+    if is_tfds(name):
+        return load_tfds(name, data_dir, train_subset=train_subset, subset_seed=subset_seed)
     if name not in DATASETS:
-        raise ValueError(f"name={name!r}: accepted datasets are {', '.join(DATASETS)}.")
+        raise ValueError(
+            f"name={name!r}: accepted datasets are {', '.join(DATASETS)}, or {TFDS_PREFIX}NAME (a "
+            "dataset prepared with tensorflow-datasets)."
+        )
     if name == "synthetic":
         kwargs = {}
         if synthetic_shape is not None:
@@ -1225,4 +1239,304 @@ def _load_cifar(name: str, layout: _Layout | None) -> Dataset:
         mean=mean,
         std=std,
         source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# TFDS: datasets prepared with tensorflow-datasets (the optional extra cem_jax[tfds])
+
+_TFDS_INSTALL = "pip install 'cem_jax[tfds]'"
+_TFDS_FORMATS = ("array_record", "parquet")  # the formats TFDS reads without TensorFlow
+
+
+class _MissingExtraError(ImportError, ValueError):
+    """An optional dependency is missing: an ``ImportError`` that the CLI reports as a
+    ``ValueError`` (a one-line error, not a traceback)."""
+
+
+def is_tfds(name: str) -> bool:
+    """Whether ``name`` names a TFDS dataset (``tfds:NAME``; see :func:`load_tfds`).
+
+    >>> is_tfds("tfds:mnist"), is_tfds("cifar10")
+    (True, False)
+    """
+    return isinstance(name, str) and name.startswith(TFDS_PREFIX)
+
+
+def load_tfds(
+    name: str,
+    data_dir: str | None = None,
+    *,
+    train_subset: int | None = None,
+    subset_seed: int = 0,
+) -> Dataset:
+    """A dataset prepared with tensorflow-datasets, read without TensorFlow.
+
+    Needs the optional extra (``pip install 'cem_jax[tfds]'``); ``tensorflow_datasets`` is
+    imported here only, never by the other sources.
+
+    Args:
+      name: ``tfds:NAME`` or ``NAME``, as TFDS spells it: ``mnist``, ``mnist:3.0.1``,
+        ``my_set/config:1.0.0``. Read through ``tfds.builder(NAME, data_dir=data_dir)`` and
+        ``builder.as_data_source(split)``: the dataset must be prepared in ``data_dir`` in the
+        ``array_record`` or ``parquet`` file format (TFDS's ``tfrecord`` default needs TensorFlow
+        to read; the error says how to prepare or convert it).
+      data_dir: the TFDS data dir (the folder holding ``<name>/[<config>/]<version>/``);
+        ``None``: TFDS's default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+      train_subset, subset_seed: as in :func:`load_dataset` (only the subset is decoded).
+
+    Splits: ``train`` and ``test``; a dataset without ``test`` uses its ``validation`` split as
+    the test split (logged). Features: the image is the ``Image`` feature ``image`` (else the
+    supervised input, else the first ``Image`` feature), uint8; the label is the ``ClassLabel``
+    feature ``label`` (else the supervised target, else the only ``ClassLabel``), whose names
+    are the class names. Images are decoded with Pillow as in the folder source (grayscale
+    replicated to RGB, alpha dropped) and must all have one square size. Examples keep TFDS's
+    stored order.
+
+    Returns:
+      The :class:`Dataset` named ``tfds:<name>[/<config>]/<version>`` (TFDS's full name), with
+      ``source`` ``tfds:<the version's folder>`` and ``mean``/``std`` of its training images.
+
+    Raises:
+      ImportError: tensorflow-datasets is not installed (also a ``ValueError``).
+      ValueError: no such dataset prepared in ``data_dir`` (the message says what was looked
+        for, where, what is there, and how to prepare it), a malformed name, another file
+        format, no test split, no usable image or label feature, images of other sizes, or
+        damaged files.
+    """
+    spec = (name[len(TFDS_PREFIX) :] if is_tfds(name) else name).strip()
+    if not spec:
+        raise ValueError(
+            f"dataset {name!r}: name a TFDS dataset after {TFDS_PREFIX!r}, e.g. {TFDS_PREFIX}mnist."
+        )
+    tfds = _import_tfds(name)
+    builder = _tfds_builder(tfds, spec, data_dir)
+    info = builder.info
+    where = f"{TFDS_PREFIX}{info.full_name} ({builder.data_dir})"
+    formats = sorted(f.value for f in info.available_file_formats())
+    if not set(formats) & set(_TFDS_FORMATS):
+        raise ValueError(
+            f"{where}: prepared in the {', '.join(formats) or 'unknown'} file format, which TFDS "
+            f"reads only with TensorFlow; accepted: {', '.join(_TFDS_FORMATS)}. Prepare it again "
+            f"with `tfds build {_tfds_base(spec)} --file_format=array_record --data_dir=<dir>`, "
+            "or convert it in place with `tfds convert_format "
+            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record` (both need "
+            "TensorFlow, once; reading it then does not)."
+        )
+    image_key, label_key = _tfds_features(tfds, info, where)
+    splits = _tfds_splits(info, where)
+    class_names = tuple(str(c) for c in info.features[label_key].names)
+    start = time.perf_counter()
+    listed = {
+        s: _tfds_split(tfds, builder, split, image_key, label_key, class_names, where)
+        for s, split in splits.items()
+    }
+    logging.info(
+        "data: read %s (splits %s) in %.2f s",
+        where,
+        ", ".join(f"{s}={split}" for s, split in splits.items()),
+        time.perf_counter() - start,
+    )
+    train_idx = np.arange(len(listed["train"].names))
+    if train_subset is not None:  # decode only the subset: the labels are read already
+        train_idx = subset_indices(
+            listed["train"].labels, train_subset, num_classes=len(class_names), seed=subset_seed
+        )
+    arrays = _decode_layout(f"{TFDS_PREFIX}{info.full_name}", listed, train_idx, where)
+    mean, std = channel_stats(arrays["train_images"])
+    return Dataset(
+        name=f"{TFDS_PREFIX}{info.full_name}",
+        train_images=arrays["train_images"],
+        train_labels=arrays["train_labels"],
+        test_images=arrays["test_images"],
+        test_labels=arrays["test_labels"],
+        class_names=class_names,
+        mean=mean,
+        std=std,
+        source=f"{TFDS_PREFIX}{builder.data_dir}",
+    )
+
+
+def _import_tfds(name: str):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise _MissingExtraError(
+            f"dataset {name!r} needs tensorflow-datasets, which is not installed ({e}). Install "
+            f'the extra: {_TFDS_INSTALL} (from a checkout: pip install -e ".[tfds]"). TensorFlow '
+            "itself is not needed to read a prepared dataset."
+        ) from None
+    return tfds
+
+
+def _tfds_base(spec: str) -> str:
+    """The dataset (and config) part of a TFDS name: ``"a/b:1.0.0"`` -> ``"a/b"``."""
+    return spec.split(":", 1)[0]
+
+
+def _tfds_root(data_dir: str | None) -> str:
+    """The TFDS data dir that ``data_dir`` stands for (TFDS's own default rule for ``None``)."""
+    if data_dir is not None:
+        return data_dir
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(
+        os.path.expanduser("~"), "tensorflow_datasets"
+    )
+
+
+def _tfds_prepared(root: str) -> list[str]:
+    """``<name>/<version>`` and ``<name>/<config>/<version>`` prepared under a local ``root``."""
+    found = []
+    for pattern in ("*/*/dataset_info.json", "*/*/*/dataset_info.json"):
+        for path in glob.glob(os.path.join(glob.escape(root), pattern)):
+            found.append(os.path.relpath(os.path.dirname(path), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _tfds_holds(root: str) -> str:
+    """What a TFDS data dir holds, for error messages."""
+    if "://" in root:
+        return "a remote data dir"
+    if not os.path.isdir(root):
+        return "no such folder" if not os.path.exists(root) else "not a folder"
+    prepared = _tfds_prepared(root)
+    return f"prepared there: {_few(prepared)}" if prepared else "no prepared TFDS dataset there"
+
+
+def _tfds_prepare_help(spec: str, root: str) -> str:
+    return (
+        "Prepare it once in the array_record format (reading it needs no TensorFlow; preparing a "
+        "TFDS catalog dataset generally does, e.g. pip install tensorflow-cpu): "
+        f"`tfds build {_tfds_base(spec)} --file_format=array_record --data_dir={root}`, or in "
+        f"Python `tfds.builder({spec!r}, data_dir={root!r}, "
+        "file_format='array_record').download_and_prepare()`; or pass --data_dir=<the TFDS data dir "
+        "that holds it> (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)."
+    )
+
+
+def _tfds_builder(tfds, spec: str, data_dir: str | None):
+    """``tfds.builder(spec)`` of a prepared dataset, or an error saying what is missing."""
+    root = _tfds_root(data_dir)
+    kwargs = {} if data_dir is None else {"data_dir": data_dir}
+    try:
+        builder = tfds.builder(spec, **kwargs)
+    except tfds.core.DatasetNotFoundError:
+        base = _tfds_base(spec).split("/", 1)[0]
+        prepared = _tfds_prepared(root) if os.path.isdir(root) else []
+        versions = [p for p in prepared if p.startswith(f"{base}/")]
+        if versions:  # another version or config of it is there
+            hint = f" Prepared there as {_few(versions)}: name one of those."
+        else:
+            known = {p.split("/", 1)[0] for p in prepared}
+            with contextlib.suppress(Exception):  # the catalog, not the (online) community index
+                known |= set(tfds.list_builders(with_community_datasets=False))
+            close = difflib.get_close_matches(base, sorted(known), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"dataset {TFDS_PREFIX}{spec}: not prepared in {root} and not in TFDS's catalog "
+            f"(looked for {root}/{base}/[<config>/]<version>/dataset_info.json; "
+            f"{_tfds_holds(root)}).{hint} {_tfds_prepare_help(spec, root)}"
+        ) from None
+    except (ValueError, AssertionError) as e:  # a malformed name, an unknown version or config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"dataset {TFDS_PREFIX}{spec}: TFDS cannot open it in {root}: {first} "
+            f"({_tfds_holds(root)}). Accepted: {TFDS_PREFIX}<name>[/<config>][:<version>]."
+        ) from None
+    if not builder.is_prepared():
+        raise ValueError(
+            f"dataset {TFDS_PREFIX}{spec}: TFDS knows {builder.info.full_name}, but it is not "
+            f"prepared in {root} (looked for {builder.data_dir}/dataset_info.json; "
+            f"{_tfds_holds(root)}). {_tfds_prepare_help(spec, root)}"
+        )
+    return builder
+
+
+def _tfds_features(tfds, info, where: str) -> tuple[str, str]:
+    """The keys of the image and the label feature (see :func:`load_tfds`)."""
+    features = dict(info.features.items())
+    listing = ", ".join(f"{k}: {type(f).__name__}" for k, f in features.items()) or "none"
+    supervised = info.supervised_keys if isinstance(info.supervised_keys, tuple) else ()
+    supervised = tuple(k if isinstance(k, str) else None for k in supervised[:2]) + (None, None)
+
+    def pick(kind, preferred: str, sup: str | None, what: str) -> str:
+        found = [k for k, f in features.items() if isinstance(f, kind)]
+        for key in (preferred, sup):
+            if key in found:
+                return key
+        if len(found) == 1 or (found and kind is tfds.features.Image):
+            if len(found) > 1:
+                logging.info("data: %s: image feature %r of %s", where, found[0], found)
+            return found[0]
+        raise ValueError(
+            f"{where}: no {what} feature to use (features: {listing}); accepted: a "
+            f"{kind.__name__} feature named {preferred!r}, the supervised key, or the only one."
+        )
+
+    image_key = pick(tfds.features.Image, "image", supervised[0], "image")
+    label_key = pick(tfds.features.ClassLabel, "label", supervised[1], "label")
+    feature = features[image_key]
+    dtype = np.dtype(getattr(feature, "np_dtype", None) or np.uint8)
+    if dtype != np.uint8:
+        raise ValueError(
+            f"{where}: image feature {image_key!r} holds {dtype} images; accepted uint8 images."
+        )
+    return image_key, label_key
+
+
+def _tfds_splits(info, where: str) -> dict[str, str]:
+    """``{"train": "train", "test": "test" (else "validation")}`` of the TFDS splits."""
+    available = list(info.splits.keys())
+    test = next((s for s in ("test", "validation") if s in available), None)
+    if "train" not in available or test is None:
+        raise ValueError(
+            f"{where}: splits {_few(sorted(available))}; accepted a 'train' split and a 'test' "
+            "split (or, without 'test', a 'validation' split as the test split)."
+        )
+    if test != "test":
+        logging.info("data: %s has no 'test' split: its %r split is the test split", where, test)
+    return {"train": "train", "test": test}
+
+
+def _tfds_split(
+    tfds,
+    builder,
+    split: str,
+    image_key: str,
+    label_key: str,
+    class_names: tuple[str, ...],
+    where: str,
+) -> _Split:
+    """A TFDS split read (images still encoded) as a :class:`_Split` for :func:`_decode_layout`."""
+    try:
+        source = builder.as_data_source(
+            split=split, decoders={image_key: tfds.decode.SkipDecoding()}
+        )
+        n = len(source)
+        encoded: list[bytes] = []
+        labels = np.empty(n, np.int64)
+        for lo in range(0, n, 1024):
+            for j, example in enumerate(source.__getitems__(list(range(lo, min(lo + 1024, n))))):
+                encoded.append(bytes(example[image_key]))
+                labels[lo + j] = int(example[label_key])
+    except Exception as e:  # missing or damaged files, whatever the file format's error
+        raise ValueError(
+            f"{where}: cannot read split {split!r} ({type(e).__name__}: {e}); its prepared files "
+            "are missing or damaged. Prepare the dataset again."
+        ) from e
+    if n == 0:
+        raise ValueError(f"{where}: split {split!r} has no examples.")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
+    if bad.size:
+        raise ValueError(
+            f"{where}: split {split!r} example {bad[0]} has label {labels[bad[0]]} ({bad.size} "
+            f"such); accepted labels 0..{len(class_names) - 1} of {label_key!r}."
+        )
+    names = [f"{where} {split}[{i}]" for i in range(n)]
+    return _Split(
+        class_names=class_names,
+        names=names,
+        labels=labels.astype(np.int32),
+        read=lambda i: encoded[i],
+        keys=names,
+        content_id=lambda i: b"",  # no decode cache for TFDS datasets
     )
