@@ -39,6 +39,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cem_jax import storage
+from cem_jax.errors import CemError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FAULT_ENV = "CEM_FAULT_POINT"
@@ -99,7 +100,7 @@ def _drop_orphaned_deserialize_errors(record: logging.LogRecord) -> bool:
     )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CemError, RuntimeError):
     """No checkpoint of the directory restores (each step was skipped, see the message)."""
 
 

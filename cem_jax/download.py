@@ -42,6 +42,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from cem_jax.errors import DownloadError
 from cem_jax.progress import ProgressBar
 
 ROOT_ENV = "CEM_DOWNLOAD_DIR"
@@ -134,7 +135,8 @@ def fetch_cifar(
 
     Raises:
       ValueError: md5 mismatch, or an archive that is not in the official format.
-      OSError: the download failed (offline, HTTP error); the message says how to go on.
+      DownloadError: (an ``OSError``) the download failed (offline, HTTP error); the message says
+        how to go on.
     """
     spec = _archive(name)
     root = os.path.abspath(root or default_root())
@@ -218,8 +220,8 @@ def download_file(
 
     Raises:
       ValueError: md5 mismatch (the ``.part`` is deleted).
-      OSError: no connection, an HTTP error, or more than ``retries`` dropped connections (the
-        ``.part`` is kept, so calling again resumes).
+      DownloadError: (an ``OSError``) no connection, an HTTP error, or more than ``retries``
+        dropped connections (the ``.part`` is kept, so calling again resumes).
     """
     part = dest + ".part"
     drops = 0
@@ -227,16 +229,18 @@ def download_file(
         try:
             done = _download_once(url, part, stream=stream, timeout=timeout, chunk_size=chunk_size)
         except (urllib.error.HTTPError, urllib.error.URLError) as e:
-            raise OSError(
-                f"download of {url} failed ({e}). Check the connection (or set ${MIRROR_ENV} to "
-                f"a mirror of the archive), or copy the dataset to this machine and pass its "
-                f"folder as --data_dir."
+            why = e if isinstance(e, urllib.error.HTTPError) else e.reason
+            raise DownloadError(
+                f"download of {url} failed ({why}). Check the connection (or set ${MIRROR_ENV} to "
+                f"a mirror of the archive), or copy the dataset to this machine and pass it as "
+                f"--data_dir: the archive, or the .npz that `python -m cem_jax.download "
+                f"{' '.join(ARCHIVES)} --root DIR` prepares in DIR on a machine with network access."
             ) from e
         except (OSError, EOFError, http.client.HTTPException) as e:  # dropped: resume
             drops += 1
             have = os.path.getsize(part) if os.path.exists(part) else 0
             if drops > retries:
-                raise OSError(
+                raise DownloadError(
                     f"download of {url} was interrupted {drops} times ({e}); {have} bytes are "
                     f"kept in {part} and the next attempt resumes from there."
                 ) from e

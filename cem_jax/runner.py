@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 
 from cem_jax import config as config_lib
 from cem_jax import data as data_lib
-from cem_jax import parallel, storage, train
+from cem_jax import errors, parallel, storage, train
 from cem_jax.checkpoint import Checkpointer, CheckpointError, fault_point
 from cem_jax.progress import ProgressBar, format_duration
 
@@ -51,19 +51,36 @@ LEASE_S = 300.0
 LEASE_RENEW_S = 60.0
 
 
-class RunError(RuntimeError):
+class RunError(errors.CemError, RuntimeError):
     """A run cannot go on (incompatible workdir, NaN loss, unfinished run for an attack)."""
 
 
 def load_data(cfg: config_lib.RunConfig, cache_dir: str | None = None) -> data_lib.Dataset:
-    """The dataset of ``cfg`` with its train/test subsets applied."""
-    ds = data_lib.load_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        train_subset=cfg.train_subset,
-        subset_seed=cfg.seed,
-        cache_dir=cache_dir,
-    )
+    """The dataset of ``cfg`` with its train/test subsets applied.
+
+    Raises :class:`cem_jax.errors.InputError` for data that are missing, unreadable, damaged or in
+    no accepted layout (the messages of :mod:`cem_jax.data` and :mod:`cem_jax.download`), and
+    :class:`cem_jax.errors.DownloadError` when the download fails.
+    """
+    try:
+        ds = data_lib.load_dataset(
+            cfg.dataset,
+            cfg.data_dir,
+            train_subset=cfg.train_subset,
+            subset_seed=cfg.seed,
+            cache_dir=cache_dir,
+        )
+    except ValueError as e:  # cem_jax's own messages; a ValueError from numpy & co. is a bug
+        if isinstance(e, errors.CemError) or not errors.raised_by(e, "cem_jax"):
+            raise
+        raise errors.InputError(str(e)) from e
+    except OSError as e:  # a file or folder that cannot be read (or the download folder written)
+        if isinstance(e, errors.CemError) or not e.filename:
+            raise
+        raise errors.InputError(
+            f"loading the {cfg.dataset} data failed: {e.strerror or e}: {e.filename}. Check "
+            "--data_dir (or, where CIFAR is downloaded, $CEM_DOWNLOAD_DIR)."
+        ) from e
     if cfg.test_subset is not None and cfg.test_subset < ds.num_test:
         rng = np.random.default_rng(cfg.seed)
         idx = np.sort(rng.permutation(ds.num_test)[: cfg.test_subset])
@@ -418,7 +435,9 @@ def run(
     Holds the workdir's lock throughout (:func:`lock_workdir`). Refused with :class:`RunError`: a
     workdir of another configuration or other data (checkpoint or ``results.json``), one whose
     outputs have no checkpoint to resume, a damaged checkpoint with no valid one to fall back to, a
-    non-finite loss or state, an unwritable workdir.
+    non-finite loss or state, an unwritable workdir. Settings the data or the model refuse are a
+    :class:`cem_jax.errors.UsageError`, data that cannot be loaded a :class:`cem_jax.errors.InputError`
+    or :class:`~cem_jax.errors.DownloadError` (all expected failures: :class:`cem_jax.errors.CemError`).
     """
     out = stream if stream is not None else sys.stdout
     mesh = _workdir_mesh(workdir, num_devices, device_index)
@@ -557,17 +576,24 @@ def _run_locked(
         if main:  # one line per epoch, whatever happened before
             write_metrics(metrics_path, history)
 
-    result = train.train(
-        cfg,
-        ds,
-        workdir=workdir,
-        mesh=mesh,
-        on_epoch_start=on_epoch_start,
-        on_step=on_step,
-        on_epoch_end=on_epoch_end,
-        on_resume=on_resume,
-        dataset_identity=identity,
-    )
+    try:
+        result = train.train(
+            cfg,
+            ds,
+            workdir=workdir,
+            mesh=mesh,
+            on_epoch_start=on_epoch_start,
+            on_step=on_step,
+            on_epoch_end=on_epoch_end,
+            on_resume=on_resume,
+            dataset_identity=identity,
+        )
+    except ValueError as e:  # settings the data or the model refuse (a batch larger than the
+        # training set, a cut layer the architecture lacks); a ValueError from a library is a bug
+        known = (errors.CemError, train.IncompatibleCheckpointError)  # wrapped by run()
+        if isinstance(e, known) or not errors.raised_by(e, train, "cem_jax.models"):
+            raise
+        raise errors.UsageError(str(e)) from e
     if result.resumed_from_epoch:
         print(f"(resumed after epoch {result.resumed_from_epoch})", file=out)
     results = finish(cfg, result.trainer, result.state, result.history, workdir=workdir, stream=out)
@@ -748,7 +774,11 @@ def attack_workdir(
     """
     out = stream if stream is not None else sys.stdout
     mesh = _workdir_mesh(workdir, num_devices, device_index)
-    problem = _writable_problem(workdir) if storage.isdir(workdir) else None
+    if not storage.isdir(workdir):  # refused before the lock would create it
+        raise RunError(
+            f"{workdir}: no such folder; expected the --workdir of a run of experiments.run."
+        )
+    problem = _writable_problem(workdir)
     if problem is not None:
         print(
             f"note: {problem}; the attacks will run and print their results, but cannot save them.",
@@ -777,8 +807,11 @@ def _attack_locked(
         cfg, meta, ckpt = client.read_run(workdir, stream=out)
     except client.RunNotFoundError as e:
         raise RunError(str(e)) from e
-    cfg = dataclasses.replace(cfg, **(overrides or {}))
-    cfg.validate()
+    try:
+        cfg = dataclasses.replace(cfg, **(overrides or {}))
+        cfg.validate()
+    except ValueError as e:  # an override the run's config does not accept
+        raise errors.UsageError(str(e)) from e
     ds = load_data(cfg, cache_dir)
     identity = data_lib.dataset_identity(ds)
     _check_attacks(cfg, ds, mesh.shape[parallel.DATA_AXIS])

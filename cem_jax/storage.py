@@ -34,12 +34,14 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from cem_jax.errors import CemError
+
 #: URL schemes accepted for a workdir or a sweep root (besides local paths).
 REMOTE_SCHEMES = ("gs",)
 _TMP_SUFFIX = ".tmp"
 
 
-class StorageError(ValueError):
+class StorageError(CemError, ValueError):
     """A path that cannot be used (an unsupported scheme, a missing ``gcsfs``)."""
 
 

@@ -13,7 +13,6 @@ attack leaves the old file untouched).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 
@@ -57,23 +56,18 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> list[str]:
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        from absl import app
-
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # expected failures (cem_jax.errors.CemError) end in one "error:" line: config_flags.run_main
+    config_flags.check_no_arguments(argv)
     from cem_jax import runner
 
-    try:
-        config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
-        runner.attack_workdir(
-            FLAGS.workdir,
-            overrides=config_flags.config_overrides(FLAGS, CONFIG_FLAGS),
-            cache_dir=FLAGS.cache_dir or None,
-            num_devices=FLAGS.num_devices,
-            device_index=FLAGS.device_index,
-        )
-    except (ValueError, FileNotFoundError, runner.RunError) as e:
-        sys.exit(f"error: {e}")
+    config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
+    runner.attack_workdir(
+        FLAGS.workdir,
+        overrides=config_flags.config_overrides(FLAGS, CONFIG_FLAGS),
+        cache_dir=FLAGS.cache_dir or None,
+        num_devices=FLAGS.num_devices,
+        device_index=FLAGS.device_index,
+    )
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from cem_jax import storage
+from cem_jax.errors import InputError
 
 RESULTS_FILE = "results.json"  # cem_jax.runner.RESULTS_FILE (not imported: collecting needs no jax)
 TABLE_MD, TABLE_JSON, PLOT_PNG = "table.md", "table.json", "privacy_utility.png"
@@ -124,31 +125,34 @@ def load_study(path: str) -> dict[str, Any]:
     ``records``: the study's records file (:func:`add_records`), relative to where the sweep runs.
 
     Returns it with ``"points"``: every run of every group (a group's ``overrides`` go into each
-    point's ``extra`` and its ``variant`` names the points apart). Raises ``ValueError`` naming what
-    is wrong.
+    point's ``extra`` and its ``variant`` names the points apart). Raises
+    :class:`~cem_jax.errors.InputError` (a ``ValueError``) naming what is wrong.
     """
     try:
         with open(path) as f:
             spec = json.load(f)
     except OSError as e:
-        raise ValueError(f"--study={path}: cannot read it ({e.strerror}).") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--study={path}: not valid JSON ({e}).") from None
+        raise InputError(
+            f"--study={path}: cannot read it ({e.strerror}); accepted a study spec (JSON), e.g. "
+            "experiments/studies/frontier_cifar10.json."
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--study={path}: not valid JSON ({e}).") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("groups"), list) or not spec["groups"]:
-        raise ValueError(f"--study={path}: accepted an object with a non-empty list 'groups'.")
+        raise InputError(f"--study={path}: accepted an object with a non-empty list 'groups'.")
     allowed = {"defenses", "sigmas", "lambdas", "seeds", "variant", "overrides"}
     points: list[dict[str, Any]] = []
     for i, g in enumerate(spec["groups"]):
         unknown = sorted(set(g) - allowed) if isinstance(g, dict) else ["<not an object>"]
         if unknown or not g.get("defenses"):
-            raise ValueError(
+            raise InputError(
                 f"--study={path}: group {i}: unknown keys {unknown} or no 'defenses'; accepted "
                 f"keys: {sorted(allowed)}."
             )
         extra = dict(g.get("overrides") or {})
         variant = g.get("variant")
         if extra and not variant:
-            raise ValueError(f"--study={path}: group {i} has overrides: give it a 'variant' name.")
+            raise InputError(f"--study={path}: group {i} has overrides: give it a 'variant' name.")
         for p in grid(g["defenses"], g.get("sigmas", ()), g.get("lambdas", ()), g.get("seeds", ())):
             if variant:
                 p = {**p, "variant": variant, "extra": extra}
@@ -202,7 +206,8 @@ def run_record(run: str, results: dict[str, Any]) -> dict[str, Any]:
 def read_records(path: str) -> dict[str, dict[str, Any]]:
     """``{run name: record}`` of a records file (JSON lines); ``{}`` when it does not exist.
 
-    Raises ``ValueError`` naming the file and line of anything that is not a record.
+    Raises :class:`~cem_jax.errors.InputError` (a ``ValueError``) naming the file and line of
+    anything that is not a record.
     """
     try:
         text = storage.read_text(path)
@@ -215,9 +220,9 @@ def read_records(path: str) -> dict[str, dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not a JSON line ({e}).") from None
+            raise InputError(f"{path}:{i}: not a JSON line ({e}).") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("run"), str):
-            raise ValueError(f'{path}:{i}: accepted one object per line with a "run" name.')
+            raise InputError(f'{path}:{i}: accepted one object per line with a "run" name.')
         records[rec["run"]] = rec
     return records
 
@@ -269,6 +274,7 @@ def load_runs(
     """``(point, results)`` of every finished run: its workdir's ``results.json``, else its record.
 
     ``records`` (:func:`read_records`) stand in for workdirs that are gone (another machine's).
+    A damaged ``results.json`` is an :class:`~cem_jax.errors.InputError` naming it.
     """
     runs = []
     for point, workdir in workdirs:
@@ -279,6 +285,13 @@ def load_runs(
             res = (records or {}).get(run_name(point))
             if res is None:
                 continue  # not finished
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(
+                f"{path} is unreadable ({e}). Restore it, or move it away: the sweep then "
+                "resumes that run from its checkpoints (or takes it from its record)."
+            ) from None
+        if not isinstance(res, dict):
+            raise InputError(f"{path} does not hold a results object; move it away or restore it.")
         res.setdefault("workdir", workdir)
         runs.append((point, res))
     return runs
@@ -610,7 +623,7 @@ def _resolved_defense(res: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _check_one_defense(name: str, members: Sequence[tuple[dict, dict]]) -> None:
-    """A grid point pools its seeds; refuses (``ValueError``) runs trained with different defenses,
+    """A grid point pools its seeds; refuses (:class:`~cem_jax.errors.InputError`) runs trained with different defenses,
     e.g. seeds run before and after a change of the defense presets."""
     seen = {}
     for point, res in members:
@@ -619,7 +632,7 @@ def _check_one_defense(name: str, members: Sequence[tuple[dict, dict]]) -> None:
             seen.setdefault(json.dumps(d, sort_keys=True), point.get("seed"))
     if len(seen) > 1:
         kinds = "; ".join(f"seed {seed}: {d}" for d, seed in seen.items())
-        raise ValueError(
+        raise InputError(
             f"grid point {name} holds runs trained with different defenses ({kinds}), so its "
             "seeds cannot be pooled: the defense presets changed between them. Pin the study's "
             "values (e.g. its lambdas) to the recorded runs', or rerun the point."

@@ -26,12 +26,12 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 
 from cem_jax import config as config_lib
-from cem_jax import defenses
+from cem_jax import defenses, errors
 from cem_jax.models import ARCHS
 
 # str fields whose flag is an enum (absl rejects other values before anything runs). `dataset` and
@@ -343,15 +343,28 @@ def define_device_flags(
 
 def initialize_distributed_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
     """:func:`cem_jax.parallel.initialize_distributed` with the flags of
-    :func:`define_distributed_flags` (call before anything touches a JAX device)."""
+    :func:`define_distributed_flags` (call before anything touches a JAX device).
+
+    A bad value (of a flag or ``$JAX_NUM_PROCESSES`` / ``$JAX_PROCESS_ID``) is a
+    :class:`cem_jax.errors.UsageError`; a runtime that cannot be joined (an unreachable coordinator,
+    an incomplete cluster description) a :class:`cem_jax.errors.CemError`.
+    """
     from cem_jax import parallel
 
-    return parallel.initialize_distributed(
-        flag_values.distributed,
-        coordinator_address=flag_values.coordinator_address or None,
-        num_processes=flag_values.num_processes,
-        process_id=flag_values.process_id,
-    )
+    try:
+        return parallel.initialize_distributed(
+            flag_values.distributed,
+            coordinator_address=flag_values.coordinator_address or None,
+            num_processes=flag_values.num_processes,
+            process_id=flag_values.process_id,
+        )
+    except ValueError as e:
+        raise errors.UsageError(f"--distributed: {e}") from e
+    except RuntimeError as e:  # jax.distributed.initialize's, e.g. a coordinator not reached
+        raise errors.CemError(
+            f"--distributed: joining the distributed runtime failed ({e}). Check "
+            "--coordinator_address, --num_processes and --process_id (or --distributed=false)."
+        ) from e
 
 
 def register_key_flags(names: Iterable[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -361,11 +374,75 @@ def register_key_flags(names: Iterable[str], flag_values: flags.FlagValues = fla
         flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])
 
 
+# ------------------------------------------------------------------------------- failures
+# Every program ends an expected failure (cem_jax.errors.CemError, a flag absl refuses) with one line
+# "error: <message>" on stderr and a non-zero exit code (2: a usage error), without a traceback;
+# anything else is a bug and keeps its traceback.
+
+
+def fail(message: str, exit_code: int = 1, *, at: str | None = None) -> NoReturn:
+    """Ends the program: ``error: <message>`` (``error at <at>: ...``) on one line of stderr (a
+    library's multi-line text inside the message is joined), exit code ``exit_code``."""
+    one_line = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"error{f' at {at}' if at else ''}: {one_line}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
+def run_main(fn: Callable[[list[str]], Any], argv: list[str]) -> None:
+    """``fn(argv)``, ending an expected failure (:class:`cem_jax.errors.CemError`) with :func:`fail`
+    (its message, its exit code). Any other exception propagates with its traceback.
+
+    >>> def main(argv):
+    ...     raise errors.UsageError("sigma=-1: accepted values are > 0.")
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+    ...     try:
+    ...         run_main(main, ["prog"])
+    ...     except SystemExit as e:
+    ...         print(e.code, err.getvalue().strip())
+    2 error: sigma=-1: accepted values are > 0.
+    """
+    try:
+        fn(argv)
+    except errors.CemError as e:
+        fail(str(e), e.exit_code)
+
+
+def usage_errors(what: Callable[[], Any]) -> Any:
+    """``what()``, a :class:`ValueError` of config validation (naming the bad value and the accepted
+    ones) raised again as a :class:`cem_jax.errors.UsageError`."""
+    try:
+        return what()
+    except errors.CemError:
+        raise
+    except ValueError as e:
+        raise errors.UsageError(str(e)) from None
+
+
+def check_no_arguments(argv: Sequence[str]) -> None:
+    """Refuses positional arguments (every setting is a flag) with a :class:`~cem_jax.errors.UsageError`."""
+    if len(argv) > 1:
+        raise errors.UsageError(
+            f"unexpected arguments {list(argv[1:])}: every setting is a flag, --name=value "
+            "(--helpshort lists them)."
+        )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``app.run``'s ``flags_parser``); a flag it refuses (unknown, a bad value,
+    a required one missing) ends the program with :func:`fail` and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e} (--helpshort lists the flags, --helpfull all of them)", 2)
+
+
 def start(doc: str | None, names: Iterable[str], fn: Callable[[list[str]], None]) -> None:
-    """``absl.app.run(fn)`` with ``--help`` showing ``doc`` and the flags ``names`` (every entry point)."""
+    """``absl.app.run(fn)`` with ``--help`` showing ``doc`` and the flags ``names`` (every entry point);
+    flag errors and expected failures end in one ``error:`` line (:func:`parse_flags`, :func:`run_main`)."""
     main_module = sys.modules.get("__main__")
     if main_module is not None and not getattr(main_module, "__doc__", None):
         main_module.__doc__ = doc
     register_key_flags(names, flags.FLAGS)
     logging.set_verbosity(logging.WARNING)
-    app.run(fn)
+    app.run(functools.partial(run_main, fn), flags_parser=parse_flags)

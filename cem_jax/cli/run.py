@@ -15,9 +15,8 @@ defaults); a flag left unset keeps the preset's value.
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from cem_jax import config as config_lib
 from cem_jax.cli import config_flags
@@ -71,26 +70,20 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> config_lib.RunConfig:
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        cfg = config_from_flags()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    # expected failures (cem_jax.errors.CemError) end in one "error:" line: config_flags.run_main
+    config_flags.check_no_arguments(argv)
+    cfg = config_flags.usage_errors(config_from_flags)
     workdir = FLAGS.workdir or os.path.join("runs", f"{cfg.dataset}_{cfg.defense}_{FLAGS.preset}")
     from cem_jax import runner  # imported late: flags errors above come back fast
 
-    try:
-        config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
-        runner.run(
-            cfg,
-            workdir=workdir,
-            num_devices=FLAGS.num_devices,
-            device_index=FLAGS.device_index,
-            cache_dir=FLAGS.cache_dir or None,
-        )
-    except (ValueError, FileNotFoundError, runner.RunError) as e:
-        sys.exit(f"error: {e}")
+    config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
+    runner.run(
+        cfg,
+        workdir=workdir,
+        num_devices=FLAGS.num_devices,
+        device_index=FLAGS.device_index,
+        cache_dir=FLAGS.cache_dir or None,
+    )
 
 
 def main() -> None:

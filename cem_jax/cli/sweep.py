@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
 from absl import flags
 
 from cem_jax import config as config_lib
-from cem_jax import storage
+from cem_jax import errors, storage
 from cem_jax.cli import collect, config_flags
 from cem_jax.progress import format_duration
 
@@ -142,14 +141,17 @@ def workdir_of(point: dict) -> str:
 
 
 def check_grid(grid: list[dict]) -> list[config_lib.RunConfig]:
-    """Every run's validated config, before any runs: a bad σ / λ / seed fails in seconds, not hours."""
+    """Every run's validated config, before any runs: a bad σ / λ / seed fails in seconds, not hours.
+
+    Raises :class:`cem_jax.errors.UsageError` naming the bad flag (or grid point) and what is accepted.
+    """
     if not FLAGS.defenses:
-        raise ValueError("--defenses is empty: name at least one defense preset.")
+        raise errors.UsageError("--defenses is empty: name at least one defense preset.")
     storage.check(FLAGS.root, "--root")  # a local folder or gs://bucket/path
     if FLAGS.num_shards < 1:
-        raise ValueError(f"num_shards={FLAGS.num_shards}: accepted values are >= 1.")
+        raise errors.UsageError(f"num_shards={FLAGS.num_shards}: accepted values are >= 1.")
     if not 0 <= FLAGS.shard_index < FLAGS.num_shards:
-        raise ValueError(
+        raise errors.UsageError(
             f"shard_index={FLAGS.shard_index}: accepted 0..{FLAGS.num_shards - 1} "
             f"(--num_shards={FLAGS.num_shards})."
         )
@@ -158,9 +160,20 @@ def check_grid(grid: list[dict]) -> list[config_lib.RunConfig]:
         try:  # the point's own axes and a group's overrides win over the common settings
             overrides = {**common_overrides(point), **collect.overrides_of(point)}
             configs.append(config_lib.make_config(FLAGS.preset, **overrides))
-        except ValueError as e:
-            raise ValueError(f"grid point {collect.run_name(point)}: {e}") from None
+        except ValueError as e:  # config validation: names the value and the accepted ones
+            raise errors.UsageError(f"grid point {collect.run_name(point)}: {e}") from None
     return configs
+
+
+def read_records(path: str | None) -> dict[str, dict]:
+    """:func:`cem_jax.cli.collect.read_records` of ``path`` (``{}`` for none); a damaged file is an
+    :class:`cem_jax.errors.InputError` naming ``--records``."""
+    if not path:
+        return {}
+    try:
+        return collect.read_records(path)
+    except errors.InputError as e:
+        raise errors.InputError(f"--records: {e}") from None
 
 
 def records_path() -> str | None:
@@ -180,14 +193,12 @@ def collect_all(grid: list[dict]) -> None:
     recorded: dict[str, dict] = {}
     if path:
         finished = collect.load_runs((p, workdir_of(p)) for p in grid)
+        read_records(path)  # a damaged file is refused before anything is added to it
         added = collect.add_records(path, {collect.run_name(p): r for p, r in finished})
-        recorded = collect.read_records(path)
+        recorded = read_records(path)
         print(f"{path}: {len(recorded)} runs recorded ({added} added or updated now)")
     runs = collect.load_runs(((p, workdir_of(p)) for p in grid), recorded)
-    try:
-        records = collect.summarize(runs)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    records = collect.summarize(runs)  # InputError: runs of one point that cannot be pooled
     meta = {
         "dataset": FLAGS.dataset,
         "preset": FLAGS.preset,
@@ -230,31 +241,20 @@ def progress_line(done: int, total: int, run_seconds: list[float]) -> str:
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        from absl import app
-
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        grid = points()
-        configs = check_grid(grid)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    # expected failures (cem_jax.errors.CemError) end in one "error:" line: config_flags.run_main
+    config_flags.check_no_arguments(argv)
+    grid = points()
+    configs = check_grid(grid)
     from cem_jax import parallel, runner
 
-    try:
-        config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: --distributed: {e}")
+    config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
     if FLAGS.collect_only:
         if parallel.is_main_process():  # one writer of the table and the plot
             collect_all(grid)
         return
 
     path = records_path()
-    try:
-        recorded = collect.read_records(path) if path else {}
-    except ValueError as e:
-        sys.exit(f"error: --records: {e}")
+    recorded = read_records(path)
     # shards write no records (one file, many writers): --collect_only adds theirs afterwards
     record_here = path and FLAGS.num_shards == 1 and parallel.is_main_process()
     mine = list(zip(grid, configs))[FLAGS.shard_index :: FLAGS.num_shards]
@@ -274,9 +274,10 @@ def _main(argv: list[str]) -> None:
                 rec, cfg.training_fingerprint(), runner.attack_config(cfg)
             )
             if problem:
-                sys.exit(
-                    f"error at {name}: {path} records it with another configuration ({problem}). "
-                    "Repeat the recorded settings, or remove its line to run it again."
+                config_flags.fail(
+                    f"{path} records it with another configuration ({problem}). "
+                    "Repeat the recorded settings, or remove its line to run it again.",
+                    at=name,
                 )
             print(
                 f"\n### sweep run {i + 1}/{len(mine)}: {name}: finished (commit "
@@ -294,8 +295,8 @@ def _main(argv: list[str]) -> None:
                 num_devices=FLAGS.num_devices,
                 device_index=FLAGS.device_index,
             )
-        except (ValueError, FileNotFoundError, runner.RunError) as e:
-            sys.exit(f"error at {name}: {e}")
+        except errors.CemError as e:  # the run's expected failure, named
+            config_flags.fail(str(e), e.exit_code, at=name)
         if record_here and collect.add_records(path, {name: results}):
             print(f"recorded {name} in {path}", flush=True)
         if not was_finished:
