@@ -1,0 +1,180 @@
+"""The benchmarks' contracts: ``benchmarks.train_step --json`` has exactly the documented keys, and
+the PyTorch reference step (``benchmarks.torch_train_step``) runs, or says clearly why it cannot.
+
+Fast: no JAX step is compiled and timed; the PyTorch step runs once at batch 4.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
+
+
+def _have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAVE_TORCH = _have_torch()
+DEFENSES = ("none", "noise", "cem_noise", "adversarial")
+SYNCS = ("window", "step")
+
+
+def _documented_keys(text: str) -> dict[str, str]:
+    """``{key pattern: since}`` of the rows of the table under the heading 'Train step JSON keys'."""
+    section = re.search(r"^### Train step JSON keys\n(.*?)(?=^#|\Z)", text, re.S | re.M)
+    assert section, "docs/benchmarks.md has no '### Train step JSON keys' section"
+    rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| (\d+) \|", section.group(1), re.M)
+    assert rows, "no key rows in the table of 'Train step JSON keys'"
+    return {key: since for key, _, since in rows}
+
+
+def _expand(pattern: str, defenses, syncs) -> set[str]:
+    keys = {pattern}
+    if "<defense>" in pattern:
+        keys = {k.replace("<defense>", d) for k in keys for d in defenses}
+    if "<sync>" in pattern:
+        keys = {k.replace("<sync>", s) for k in keys for s in syncs}
+    return keys
+
+
+def _fake_rates(defenses, syncs) -> dict[str, float]:
+    return {
+        f"{d}/{s}": 100.0 + i for i, (d, s) in enumerate((d, s) for d in defenses for s in syncs)
+    }
+
+
+def test_json_keys_are_exactly_the_documented_ones():
+    with open(DOCS, encoding="utf-8") as f:
+        documented = _documented_keys(f.read())
+    rates = _fake_rates(DEFENSES, SYNCS)
+    out = train_step.json_result(rates, source="here @ abc", torch_rate=50.0)
+    expected = set().union(*(_expand(p, DEFENSES, SYNCS) for p in documented))
+    assert set(out) == expected
+    assert out["schema"] == train_step.JSON_SCHEMA == max(int(s) for s in documented.values())
+    assert out["source"] == "here @ abc"
+    for d in DEFENSES:  # schema 1's key is the window figure
+        assert out[d] == out[f"{d}/window"] == rates[f"{d}/window"]
+    assert out["cem_noise/torch"] == 50.0
+    assert out["cem_noise/window_over_torch"] == pytest.approx(rates["cem_noise/window"] / 50.0)
+
+
+def test_the_module_docstring_lists_the_same_keys():
+    with open(DOCS, encoding="utf-8") as f:
+        documented = _documented_keys(f.read())
+    doc = train_step.__doc__
+    listed = dict(re.findall(r"^``([^`]+)``\s+\S+\s+(\d+)\s", doc, re.M))
+    assert listed == documented
+
+
+@pytest.mark.parametrize(
+    "defenses, syncs, torch_rate, absent",
+    [
+        (("none", "noise"), ("window", "step"), None, {"cem_noise/torch"}),  # no PyTorch step
+        (("cem_noise",), ("step",), 50.0, {"cem_noise", "cem_noise/window_over_torch"}),
+    ],
+)
+def test_optional_keys_are_left_out_when_not_measured(defenses, syncs, torch_rate, absent):
+    out = train_step.json_result(_fake_rates(defenses, syncs), source="s", torch_rate=torch_rate)
+    assert not absent & set(out)
+    assert {"schema", "source"} <= set(out)
+
+
+def test_importing_train_step_defines_no_flags():
+    """Flags are defined when the program runs: importing it beside other programs (which define
+    e.g. ``defenses``) must not collide."""
+    from absl import flags
+
+    assert "rounds" not in flags.FLAGS
+    fv = flags.FlagValues()
+    train_step.define_flags(fv)
+    fv(["prog"])
+    assert fv.torch is train_step.torch_available()
+    assert fv.defenses == list(DEFENSES)
+
+
+def _import_torch_step():
+    sys.modules.pop("benchmarks.torch_train_step", None)
+    return importlib.import_module("benchmarks.torch_train_step")
+
+
+def test_torch_step_without_torch_raises_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # what ``import torch`` sees without torch
+    monkeypatch.delitem(sys.modules, "benchmarks.torch_train_step", raising=False)
+    with pytest.raises(ImportError, match=r"needs PyTorch.*pip install torch"):
+        importlib.import_module("benchmarks.torch_train_step")
+    sys.modules.pop("benchmarks.torch_train_step", None)
+
+
+def test_torch_step_runs_one_step_or_says_why_not():
+    """With torch (the ``bench`` extra): one step at batch 4 gives a finite loss and moves the
+    weights; without it (the test extra has no torch): the clear ImportError."""
+    if not HAVE_TORCH:
+        with pytest.raises(ImportError, match=r"needs PyTorch.*pip install torch"):
+            _import_torch_step()
+        return
+    import torch
+
+    tts = _import_torch_step()
+    torch.set_num_threads(1)
+    for separate in (True, False):
+        step = tts.make_step(4, separate_backward=separate, num_train=8)
+        loss = step()
+        assert loss.shape == () and np.isfinite(float(loss))
+        assert np.isfinite(float(step()))  # the second batch wraps around the 8 images
+
+
+def test_torch_cem_term_equals_cem_loss_reference_mode():
+    """The official loops and cem_jax's batch-space ``cem_loss(mode="reference")`` agree, value
+    and gradient, on the same features, labels and mixture."""
+    if not HAVE_TORCH:
+        with pytest.raises(ImportError, match=r"needs PyTorch"):
+            _import_torch_step()
+        return
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from cem_jax import entropy
+
+    tts = _import_torch_step()
+    c, k, d, b = 10, 5, 512, 32
+    centroids, weights, variances = tts.random_mixture(c, k, d, seed=1)
+    rng = np.random.default_rng(0)
+    z = rng.uniform(0, 1, (b, d)).astype(np.float32)
+    y = rng.integers(0, c, b)
+    zt = torch.from_numpy(z).requires_grad_()
+    loss_t = tts.cem_loss_reference(
+        zt,
+        torch.from_numpy(y),
+        [torch.from_numpy(x) for x in centroids],
+        [torch.from_numpy(x) for x in weights],
+        [torch.from_numpy(x.mean(-1)) for x in variances],
+        5000.0,
+        0.1,
+    )
+    loss_t.backward()
+    state = entropy.MixtureState(
+        centroids=jnp.asarray(centroids),
+        weights=jnp.asarray(weights),
+        variances=jnp.asarray(variances),
+        counts=jnp.full((c,), 5000),
+    )
+    loss_j, grad_j = jax.value_and_grad(
+        lambda f: entropy.cem_loss(f, jnp.asarray(y), state, sigma=0.1, mode="reference")
+    )(jnp.asarray(z))
+    assert float(loss_t.detach()) == pytest.approx(float(loss_j), rel=1e-5)
+    np.testing.assert_allclose(zt.grad.numpy(), np.asarray(grad_j), rtol=1e-4, atol=1e-9)
