@@ -34,6 +34,8 @@ DISTRIBUTION = {
     "etils": "etils",
     "fsspec": "fsspec",  # gs:// only (cem_jax.storage imports it on first use of a gs:// path)
     "gcsfs": "gcsfs",
+    "scipy": "scipy",  # the results page's statistics (plots extra; jax requires it too)
+    "tensorflow_datasets": "tensorflow-datasets",  # --dataset=tfds:NAME only (tfds extra)
 }
 
 
@@ -71,6 +73,7 @@ def test_every_third_party_import_is_declared():
     deps = _requirements(PROJECT["dependencies"])
     extras = _requirements(PROJECT["optional-dependencies"]["plots"])
     extras |= _requirements(PROJECT["optional-dependencies"]["gcs"])
+    extras |= _requirements(PROJECT["optional-dependencies"]["tfds"])
     for name in sorted(_third_party_imports()):
         assert name in DISTRIBUTION, f"cem_jax imports {name}: map it to its distribution here"
         dist = DISTRIBUTION[name]

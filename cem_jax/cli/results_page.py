@@ -25,7 +25,6 @@ import io
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -1905,12 +1904,27 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
 
 
 def _main(argv: list[str]) -> None:
+    # expected failures (cem_jax.errors.CemError) end in one "error:" line: config_flags.run_main;
+    # the input is checked here, so an error inside write_page keeps its traceback (a bug)
+    from cem_jax import errors
+
+    config_flags.check_no_arguments(argv)
     if not FLAGS.root:
-        sys.exit("error: --root is required (the sweep's root folder).")
+        raise errors.UsageError("--root is required (the sweep's root folder).")
+    storage.check(FLAGS.root, "--root")
+    path = storage.join(FLAGS.root, collect.TABLE_JSON)
+    again = "write it again with the sweep's command and --collect_only"
     try:
-        write_page(FLAGS.root, FLAGS.out, FLAGS.command, FLAGS.machine)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        table = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise errors.InputError(
+            f"{path} not found: run the sweep, then the same command with --collect_only first."
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.InputError(f"{path} is unreadable ({e}); {again}.") from None
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+        raise errors.InputError(f"{path} holds no table (an object with 'rows'); {again}.")
+    write_page(FLAGS.root, FLAGS.out, FLAGS.command, FLAGS.machine)
     print(f"wrote {FLAGS.out}")
 
 
