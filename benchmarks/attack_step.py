@@ -203,6 +203,8 @@ def main() -> None:
         "backend": jax.default_backend(),
         "batch": args.batch,
         "auto_impl": ConvTranspose2x(1, 1, rngs=nnx.Rngs(0)).resolved_impl(),
+        # what XLA ran with: cem_jax adds its XLA:CPU flags on import (cem_jax.xla_cpu)
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     out.update(bench_jax_vs_torch(args.batch, args.steps, args.repeats))
     if args.extras:
@@ -211,6 +213,7 @@ def main() -> None:
         print(json.dumps(out))
         return
     print(f"backend {out['backend']}, batch {args.batch}, upsampling auto -> {out['auto_impl']}")
+    print(f"XLA_FLAGS: {out['xla_flags'] or '(none)'}")
     print(
         f"  decoder attack step, JAX:     {out['step_s_jax'] * 1e3:8.1f} ms "
         f"({out['images_per_s_jax']:7.1f} images/s)"

@@ -19,6 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# XLA:CPU flags the steps were measured with (cem_jax.xla_cpu), set before any backend starts; a
+# user's own XLA_FLAGS are kept, CEM_JAX_XLA_CPU_FLAGS=0 turns this off.
+from cem_jax import xla_cpu as _xla_cpu  # noqa: E402  (after __version__, imports nothing heavy)
+
+_xla_cpu.apply()
+
 # name -> module it lives in (PEP 562 lazy attributes: jax is imported on first use, not by
 # `import cem_jax`; the console scripts' flag errors come back before jax starts)
 _API = {

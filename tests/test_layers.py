@@ -154,10 +154,23 @@ def test_use_matmul_rule():
     assert not layers.use_matmul((32, 32), (3, 3), 32, 32, (1, 1), backend="cpu")
     assert not layers.use_matmul((16, 16), (3, 3), 64, 8, (1, 1), backend="cpu")
     assert not layers.use_matmul((8, 8), (3, 3), 256, 256, (1, 1), backend="cpu")
-    # kernels of at most 2x2 at stride 1 (1x1 shortcut, sub-pixel upsampling): a cheap im2col
-    assert layers.use_matmul((32, 32), (1, 1), 64, 3, (1, 1), backend="cpu")
-    assert layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu")
+    # kernels of at most 2x2 at stride 1 (1x1 shortcut, sub-pixel upsampling): a cheap im2col,
+    # unless XLA hands them to YNNPACK (cem_jax.xla_cpu), which is faster there, at any map size
+    assert layers.use_matmul((32, 32), (1, 1), 64, 3, (1, 1), backend="cpu", ynn=False)
+    assert layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu", ynn=False)
+    assert not layers.use_matmul((32, 32), (1, 1), 64, 3, (1, 1), backend="cpu", ynn=True)
+    assert not layers.use_matmul((16, 16), (2, 2), 64, 256, (1, 1), backend="cpu", ynn=True)
+    assert layers.use_matmul((16, 16), (2, 2), 64, 256, (2, 2), backend="cpu", ynn=True)  # (b)
     assert not layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="gpu")
+
+
+def test_ynn_rule_follows_xla_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
+    assert not layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=eltwise")
+    assert layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu")
 
 
 def test_use_col2im_rule():

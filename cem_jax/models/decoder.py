@@ -235,7 +235,11 @@ class InversionDecoder(nnx.Module):
             raise ValueError(f"z.shape={z.shape}: expected [B, {s}, {s}, {c}].")
         h = jax.nn.relu(self.stem(z))
         for block in self.blocks:
-            h = jax.nn.relu(block(h))
+            # The barrier (an identity) keeps the residual stream materialised: without it XLA:CPU
+            # fuses each block's sum back into every later consumer, so the kernel gradients of the
+            # later blocks recompute the whole stream (up to 8 sums deep, in the transposes feeding
+            # them). Decoder attack step, batch 256, interleaved: 201 -> 211 images/s.
+            h = lax.optimization_barrier(jax.nn.relu(block(h)))
         for up, bn in zip(self.ups, self.up_bns):
             h = jax.nn.relu(bn(up(h)))
         return jax.nn.sigmoid(self.head(h))

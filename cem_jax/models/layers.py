@@ -11,6 +11,7 @@ Everything is NHWC; kernels are ``[kh, kw, c_in, c_out]`` exactly like ``nnx.Con
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -105,6 +106,7 @@ def use_matmul(
     c_out: int,
     strides: tuple[int, int],
     backend: str | None = None,
+    ynn: bool | None = None,
 ) -> bool:
     """The rule: im2col + matmul instead of XLA's conv, decided per shape at trace time.
 
@@ -129,6 +131,12 @@ def use_matmul(
         client conv has such a kernel. The decoder attack step (batch 256) gains x1.14 (two
         interleaved runs on a loaded machine).
 
+    With XLA's YNNPACK fusions on (``ynn``; default: whether ``XLA_FLAGS`` enables them, as
+    ``import cem_jax`` does, see :mod:`cem_jax.xla_cpu`), (d) is reversed: a stride-1 kernel of at
+    most 2x2 stays on XLA, whatever (c) says. The decoder attack step (batch 256, interleaved in one
+    process, 5 rounds twice): 213 -> 220 images/s with its 1x1 shortcuts and 2x2 sub-pixel
+    upsamplings on XLA.
+
     Everything else stays on XLA, which is as fast or faster there: 32x32 32->32: 141 vs 157;
     8x8 128->128: 46 vs 56; 4x4 512->512: 128 vs 125 (a tie); thin outputs lose badly as a
     matmul (16x16 64->8: 19 vs 91; 8x8 128->8: 9 vs 38).
@@ -142,10 +150,20 @@ def use_matmul(
     if max(strides) > 1:
         return True
     if max(kernel_hw) <= 2:
-        return True
+        return not (_ynn_enabled() if ynn is None else ynn)
     if in_hw[0] * in_hw[1] >= 256 and c_in >= 32 and c_out >= 64:
         return True
     return in_hw[0] < kernel_hw[0] or in_hw[1] < kernel_hw[1]
+
+
+def _ynn_enabled() -> bool:
+    """Whether ``XLA_FLAGS`` hands dots to YNNPACK (``--xla_cpu_experimental_ynn_fusion_type``
+    naming ``dot``), as :mod:`cem_jax.xla_cpu` sets it."""
+    for tok in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = tok.lstrip("-").partition("=")
+        if name == "xla_cpu_experimental_ynn_fusion_type":
+            return "dot" in value.split(",")
+    return False
 
 
 def use_col2im(

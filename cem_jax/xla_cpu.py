@@ -1,0 +1,67 @@
+"""XLA:CPU flags the package's steps run faster with, added to ``XLA_FLAGS`` when ``cem_jax`` is imported.
+
+XLA reads ``XLA_FLAGS`` once, when its first backend starts, so they are set on ``import cem_jax``
+(before any computation) and only where the user has not set the same flag. The one flag today:
+
+* ``--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce``: lets XLA:CPU hand matmuls,
+  elementwise chains and reductions to YNNPACK (its default list is empty in jaxlib 0.10). On the
+  2-core CI CPU the decoder attack step (batch 256, ``python -m benchmarks.attack_step``) ran at
+  150 images/s without it and 178 with it, PyTorch's same step at 219-226 in the same runs; the
+  flag changes no function, only how XLA schedules the same operations (``tests/test_xla_cpu.py``
+  compares a decoder step and a client step with and without it).
+
+The flags are added only for the jaxlib versions they were measured on (:data:`TESTED_JAXLIB`):
+an unknown flag is a fatal error in XLA, so a newer jaxlib gets none of them. Set
+``CEM_JAX_XLA_CPU_FLAGS=0`` to leave ``XLA_FLAGS`` alone. The flags only concern XLA's CPU backend;
+GPU and TPU computations are unaffected.
+
+>>> recommended_xla_flags("--xla_force_host_platform_device_count=8", "0.10.2")
+'--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce'
+>>> recommended_xla_flags("--xla_cpu_experimental_ynn_fusion_type=dot", "0.10.2")  # the user's wins
+'--xla_cpu_experimental_ynn_fusion_type=dot'
+>>> recommended_xla_flags("", "0.11.0")  # not measured there: nothing added
+''
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from importlib import metadata
+
+#: flag name -> value added to ``XLA_FLAGS``.
+FLAGS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce"}
+#: jaxlib version prefixes the flags were measured on (and that know them).
+TESTED_JAXLIB: tuple[str, ...] = ("0.10.",)
+#: Environment variable that turns the flags off (``0``).
+OPT_OUT = "CEM_JAX_XLA_CPU_FLAGS"
+
+
+def recommended_xla_flags(xla_flags: str, jaxlib_version: str | None) -> str:
+    """``xla_flags`` with every flag of :data:`FLAGS` it does not set already appended (none when
+    ``jaxlib_version`` is not one of :data:`TESTED_JAXLIB`)."""
+    if jaxlib_version is None or not jaxlib_version.startswith(TESTED_JAXLIB):
+        return xla_flags
+    given = {tok.lstrip("-").split("=", 1)[0] for tok in xla_flags.split()}
+    extra = [f"--{name}={value}" for name, value in FLAGS.items() if name not in given]
+    return " ".join([xla_flags.strip(), *extra]).strip()
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        return metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def apply(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Adds the recommended flags to ``environ['XLA_FLAGS']`` (default ``os.environ``) unless
+    ``CEM_JAX_XLA_CPU_FLAGS=0``; returns the flags added. Has an effect only before XLA starts."""
+    env = os.environ if environ is None else environ
+    if env.get(OPT_OUT, "1").strip() == "0":
+        return []
+    old = env.get("XLA_FLAGS", "")
+    new = recommended_xla_flags(old, _jaxlib_version())
+    if new != old:
+        env["XLA_FLAGS"] = new
+    return new.split()[len(old.split()) :]

@@ -1,0 +1,96 @@
+"""cem_jax.xla_cpu: the XLA:CPU flags set on import, and that they change no function."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from cem_jax import xla_cpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+
+
+def test_flags_are_added_once_and_the_users_own_are_kept():
+    assert xla_cpu.recommended_xla_flags("", "0.10.2") == FLAG
+    assert xla_cpu.recommended_xla_flags(FLAG, "0.10.2") == FLAG
+    mine = "--xla_cpu_experimental_ynn_fusion_type=eltwise"
+    assert xla_cpu.recommended_xla_flags(f"--a=1 {mine}", "0.10.7") == f"--a=1 {mine}"
+    assert xla_cpu.recommended_xla_flags("--a=1", "0.10.2") == f"--a=1 {FLAG}"
+    # a jaxlib the flags were not measured on (and may not know them: fatal in XLA) gets none
+    assert xla_cpu.recommended_xla_flags("--a=1", "0.11.0") == "--a=1"
+    assert xla_cpu.recommended_xla_flags("", None) == ""
+
+
+def test_apply_sets_the_environment_unless_opted_out(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: "0.10.2")
+    env = {"XLA_FLAGS": "--a=1"}
+    assert xla_cpu.apply(env) == [FLAG]
+    assert env["XLA_FLAGS"] == f"--a=1 {FLAG}"
+    assert xla_cpu.apply(env) == []  # idempotent
+    env = {xla_cpu.OPT_OUT: "0"}
+    assert xla_cpu.apply(env) == [] and "XLA_FLAGS" not in env
+
+
+_STEP = r"""
+import json, os, sys
+import cem_jax  # sets the flags (or not, CEM_JAX_XLA_CPU_FLAGS=0)
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from cem_jax.models.decoder import InversionDecoder
+from cem_jax.models import vgg
+
+out = {"xla_flags": os.environ.get("XLA_FLAGS", "")}
+# the decoder attack's step: loss and gradients of a res_normN2C64 decoder (its 2x2 sub-pixel
+# upsamplings and 1x1 shortcut take XLA or the im2col matmul depending on the flags)
+dec = InversionDecoder(in_channels=8, feature_size=8, image_size=32, num_blocks=2, width=64,
+                       rngs=nnx.Rngs(0))
+z = jax.random.uniform(jax.random.key(1), (8, 8, 8, 8))
+x = jax.random.uniform(jax.random.key(2), (8, 32, 32, 3))
+g, s = nnx.split(dec)
+def loss(s):
+    return jnp.mean((nnx.merge(g, s)(z) - x) ** 2)
+l, gr = jax.jit(jax.value_and_grad(loss))(s)
+out["decoder_loss"] = float(l)
+out["decoder_grads"] = np.concatenate([np.ravel(a) for a in jax.tree.leaves(gr)]).tolist()
+# the split client's features and their gradient
+client = vgg.VGGClient(4, 8, rngs=nnx.Rngs(3))
+gc, sc = nnx.split(client)
+xi = jax.random.normal(jax.random.key(4), (8, 32, 32, 3))
+def closs(sc):
+    return jnp.sum(nnx.merge(gc, sc)(xi) ** 2)
+lc, grc = jax.jit(jax.value_and_grad(closs))(sc)
+out["client_loss"] = float(lc)
+out["client_grads"] = np.concatenate([np.ravel(a) for a in jax.tree.leaves(grc)]).tolist()
+print(json.dumps(out))
+"""
+
+
+def _run(opt_out: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    env[xla_cpu.OPT_OUT] = "0" if opt_out else "1"
+    res = subprocess.run(
+        [sys.executable, "-c", _STEP], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_the_flags_change_no_function():
+    """A decoder step and a client step with the flags (and the conv rule they switch) against the
+    same steps without them: same losses and gradients to float32 rounding."""
+    with_flags, without = _run(opt_out=False), _run(opt_out=True)
+    if xla_cpu.recommended_xla_flags("", xla_cpu._jaxlib_version()):
+        assert FLAG in with_flags["xla_flags"]
+    assert FLAG not in without["xla_flags"]
+    for key in ("decoder_loss", "client_loss"):
+        np.testing.assert_allclose(with_flags[key], without[key], rtol=1e-5)
+    for key in ("decoder_grads", "client_grads"):
+        a, b = np.asarray(with_flags[key]), np.asarray(without[key])
+        assert a.shape == b.shape and np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5 * np.abs(b).max())
