@@ -174,21 +174,21 @@ def init_mixture(num_classes: int, clusters_per_class: int, dim: int) -> Mixture
 
 
 @jax.jit
-def _mixture_from_kmeans(z, labels, centroids, assignments, cluster_sizes):
-    num_classes, k, d = centroids.shape
-    labels = labels.astype(jnp.int32)
-    group = labels * k + assignments.astype(jnp.int32)
-    counts = jax.ops.segment_sum(jnp.ones_like(labels), labels, num_segments=num_classes)
+def _mixture_from_kmeans(centroids, cluster_sizes, variances):
+    """The :class:`MixtureState` of a k-means result: ``[C, K, D], [C, K], [C, K, D]``.
+
+    ``N_c`` is the sum of the class's cluster sizes (every member is in exactly one cluster; padding
+    rows in none), so nothing here reads the ``N`` samples again: k-means already returned the
+    per-cluster variances.
+    """
+    counts = jnp.sum(cluster_sizes.astype(jnp.int32), axis=1)  # [C]
     sizes = cluster_sizes.astype(jnp.float32)
     weights = sizes / jnp.maximum(counts, 1).astype(jnp.float32)[:, None]
-    own = centroids.reshape(num_classes * k, d)[group]  # [N, D]
-    sq = jax.ops.segment_sum((z - own) ** 2, group, num_segments=num_classes * k)
-    variances = sq.reshape(num_classes, k, d) / jnp.maximum(sizes, 1.0)[..., None]
     return MixtureState(
         centroids=centroids.astype(jnp.float32),
         weights=weights,
-        variances=variances,
-        counts=counts.astype(jnp.int32),
+        variances=variances.astype(jnp.float32),
+        counts=counts,
     )
 
 
@@ -220,7 +220,8 @@ def fit_mixture(
       their previous centroid and get ``π = 0``, ``v̄ = 0``.
 
     Called on the host (it sizes a padded per-class layout from the concrete labels); the k-means
-    and the statistics are jitted and compile once per shape.
+    (which returns the variances too) and the statistics are jitted and compile once per shape, and
+    the first (k-means++) call and the warm starts after it share the compiled Lloyd steps.
 
     >>> z = jnp.concatenate([jnp.zeros((4, 2)), jnp.ones((4, 2))])
     >>> s = fit_mixture(z, jnp.zeros(8, jnp.int32), num_classes=1, clusters_per_class=2,
@@ -258,9 +259,7 @@ def fit_mixture(
         init_centroids=init,
         iterations=iterations,
     )
-    return _mixture_from_kmeans(
-        z, labels, result.centroids, result.assignments, result.cluster_sizes
-    )
+    return _mixture_from_kmeans(result.centroids, result.cluster_sizes, result.variances)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,12 +34,21 @@ Algorithm (per class, ``x`` its members):
    Warm start (``init_centroids`` given): the given centroids, no seeding.
 2. ``iterations`` Lloyd steps: assign each member to its nearest centroid (ties → lowest id), move each
    non-empty cluster's centroid to the mean of its members; an **empty cluster keeps its previous
-   centroid** (as the reference does). There is no early stop: the number of steps is static.
-3. A last assignment to the returned centroids gives ``assignments``, ``cluster_sizes`` and ``inertia``.
+   centroid** (as the reference does). The loop (a ``lax.while_loop``, static shapes) ends early
+   when a step leaves the assignment unchanged: the next step would recompute the same means, so
+   every later one is a no-op and the result is exactly that of the ``iterations`` steps. A warm
+   start from the previous epoch usually settles in a few steps.
+3. A last assignment to the returned centroids gives ``assignments``, ``cluster_sizes``, ``inertia``
+   and the per-dimension within-cluster ``variances`` (the mixture's ``v̄``), all in the same pass
+   over each class.
 
 Assignment distances use ``‖x‖² − 2·x·c + ‖c‖²`` (matmuls, clamped at 0) on each class centred at its
-mean; seeding and the inertia use the direct ``Σ(x − c)²`` (O(M·D) per centroid), so that duplicates of
-a chosen member have distance exactly 0.
+mean; seeding, the inertia and the variances use the direct ``Σ(x − c)²`` (O(M·D) per centroid), so
+that duplicates of a chosen member have distance exactly 0.
+
+k-means++ seeding is its own jitted program (``_seed_jit``); the Lloyd steps and statistics are one
+program for a given start (``_kmeans_jit``), so the first call of a training run (k-means++) and every
+warm start after it share one compilation.
 
 >>> import jax, jax.numpy as jnp
 >>> x = jnp.array([[0.0], [0.1], [10.0], [10.1], [5.0], [5.2]])
@@ -86,12 +95,15 @@ class KMeansResult(NamedTuple):
       assignments: ``[N]`` int32, the cluster id (``0..K-1``) of each sample within its own class.
       cluster_sizes: ``[C, K]`` int32, the number of members of each cluster.
       inertia: ``[]`` float32, the sum over samples of the squared distance to the assigned centroid.
+      variances: ``[C, K, D]`` float32, the per-dimension mean squared deviation of each cluster's
+        members from its centroid (0 for an empty cluster): the mixture's ``v̄`` (DESIGN §1).
     """
 
     centroids: jax.Array
     assignments: jax.Array
     cluster_sizes: jax.Array
     inertia: jax.Array
+    variances: jax.Array
 
 
 def group_by_class(labels: jax.Array, num_classes: int, max_class_size: int) -> ClassLayout:
@@ -157,13 +169,6 @@ def _class_counts(labels, num_classes: int) -> jax.Array:
     return jnp.bincount(jnp.where(valid, labels, num_classes), length=num_classes + 1)[:num_classes]
 
 
-def _sq_dists(x: jax.Array, x_sq: jax.Array, c: jax.Array) -> jax.Array:
-    """``[M, D], [M], [K, D] -> [M, K]`` squared distances ``‖x‖² − 2x·c + ‖c‖²``, clamped at 0."""
-    c_sq = jnp.sum(c * c, axis=-1)
-    cross = jnp.matmul(x, c.T, precision=_HIGHEST)
-    return jnp.maximum(x_sq[:, None] - 2.0 * cross + c_sq[None, :], 0.0)
-
-
 def _row_gumbel(key: jax.Array, n: int, k: int, dtype) -> jax.Array:
     """``[N, K]`` Gumbel noise for the k-means++ draws; row ``i``'s comes from ``fold_in(key, i)``,
     so it depends neither on the sharding, nor on the method, nor on padding rows after the samples."""
@@ -194,37 +199,69 @@ def _seed(x: jax.Array, mask: jax.Array, gumbel: jax.Array, k: int) -> jax.Array
     return jnp.where(jnp.any(mask), centroids, 0.0)
 
 
-def _assign(xc, xc_sq, centroids, mu):
-    """Nearest centroid (ties → lowest id), ``[M]`` int32; ``xc = x − mu`` is the centred class."""
-    return jnp.argmin(_sq_dists(xc, xc_sq, centroids - mu), axis=-1).astype(jnp.int32)
+def _padded_k(k: int) -> int:
+    """The number of centroid rows the distance matmul ``[M, D]·[D, K']`` is given: for ``K > 4``,
+    ``K`` rounded up to a multiple of 8 (zero rows, whose columns are dropped). XLA:CPU's kernel is
+    ~20% faster at K' = 8 than at K = 5 and at K' = 16 than at K = 15, and slower at K' = 8 than at
+    K = 3 (D = 512, a 2-core CPU)."""
+    return k if k <= 4 else -(-k // 8) * 8
 
 
 def _lloyd(x, mask, centroids, iterations: int):
-    """Lloyd iterations for one class; returns ``(centroids [K, D], assign [M], sizes [K], d2 [M])``.
+    """Lloyd iterations for one class, stopping early at a fixed point.
+
+    ``x [M, D]`` (0 on padding), ``mask [M]``, ``centroids [K, D]`` -> ``(centroids [K, D],
+    assign [M], sizes [K], sq_sums [K, D])``: the final centroids, each member's nearest one
+    (ties → lowest id; 0 on padding), the cluster sizes, and per cluster the per-dimension sums of
+    the members' squared deviations from the centroid (their total is the inertia).
 
     Distances are computed on the class centred at its mean (less cancellation in the matmul form);
     the centroids stay in the original coordinates, so an empty cluster keeps its centroid exactly.
+
+    Each step moves the centroids to the means of the current assignment, then reassigns. When the
+    assignment comes back unchanged the next step would recompute the same means (and an empty
+    cluster keeps its centroid), so every later step changes nothing: the loop stops there, with the
+    result of all ``iterations`` steps.
     """
     k = centroids.shape[0]
     maskf = mask.astype(x.dtype)
     count = jnp.maximum(jnp.sum(maskf), 1.0)
     # The class mean [D] as a matvec: a column sum is ~20x slower on XLA:CPU.
     mu = jnp.matmul(maskf, x, precision=_HIGHEST) / count
-    xc = (x - mu) * maskf[:, None]
-    xc_sq = jnp.sum(xc * xc, axis=-1)
+    xc = (x - mu) * maskf[:, None]  # [M, D]
+    xc_sq = jnp.sum(xc * xc, axis=-1)  # [M]
 
-    def step(_, c):
-        onehot = jax.nn.one_hot(_assign(xc, xc_sq, c, mu), k, dtype=x.dtype) * maskf[:, None]
-        sizes = jnp.sum(onehot, axis=0)  # [K]
-        sums = jnp.matmul(onehot.T, xc, precision=_HIGHEST)  # [K, D]
+    def assign(c):  # [K, D] -> [M], nearest centroid by ‖x‖² − 2·x·c + ‖c‖² (clamped at 0)
+        cc = c - mu
+        padded = jnp.zeros((_padded_k(k), cc.shape[1]), cc.dtype).at[:k].set(cc)
+        cross = jnp.matmul(xc, padded.T, precision=_HIGHEST)[:, :k]  # [M, K]
+        d2 = jnp.maximum(xc_sq[:, None] - 2.0 * cross + jnp.sum(cc * cc, axis=-1)[None, :], 0.0)
+        return jnp.argmin(d2, axis=-1).astype(jnp.int32)
+
+    def onehot(a):  # [M, K], zero rows on padding
+        return jax.nn.one_hot(a, k, dtype=x.dtype) * maskf[:, None]
+
+    def step(carry):
+        i, c, a, _ = carry
+        hot = onehot(a)
+        sizes = jnp.sum(hot, axis=0)  # [K]
+        sums = jnp.matmul(hot.T, xc, precision=_HIGHEST)  # [K, D]
         means = sums / jnp.maximum(sizes, 1.0)[:, None] + mu
-        return jnp.where(sizes[:, None] > 0, means, c)
+        c = jnp.where(sizes[:, None] > 0, means, c)
+        new = assign(c)
+        return i + 1, c, new, jnp.all((new == a) | ~mask)
 
-    centroids = jax.lax.fori_loop(0, iterations, step, centroids)
-    assign = _assign(xc, xc_sq, centroids, mu)
-    d2 = jnp.where(mask, jnp.sum((x - centroids[assign]) ** 2, axis=-1), 0.0)  # direct, for inertia
-    sizes = jnp.sum(jax.nn.one_hot(assign, k, dtype=jnp.int32) * mask[:, None], axis=0)
-    return centroids, assign, sizes.astype(jnp.int32), d2
+    def running(carry):
+        i, _, _, fixed = carry
+        return (i < iterations) & ~fixed
+
+    start = (jnp.zeros((), jnp.int32), centroids, assign(centroids), jnp.zeros((), bool))
+    _, centroids, assign_, _ = jax.lax.while_loop(running, step, start)
+    hot = onehot(assign_)
+    dev2 = (xc - (centroids - mu)[assign_]) ** 2  # [M, D], direct (x − c)²; hot drops padding
+    sq_sums = jnp.matmul(hot.T, dev2, precision=_HIGHEST)  # [K, D]
+    sizes = jnp.sum(jax.nn.one_hot(assign_, k, dtype=jnp.int32) * mask[:, None], axis=0)
+    return centroids, assign_, sizes, sq_sums
 
 
 def _one_class(features, gumbel, index, mask, init, *, k: int, iterations: int):
@@ -241,17 +278,36 @@ def _kmeans_impl(
     layout = group_by_class(labels, num_classes, m)
     gumbel = _row_gumbel(key, n, k, features.dtype) if init_centroids is None else None
     per_class = lambda a: _one_class(features, gumbel, *a, k=k, iterations=iterations)
-    centroids, assign, sizes, d2 = jax.lax.map(
+    centroids, assign, sizes, sq_sums = jax.lax.map(
         per_class, (layout.index, layout.mask, init_centroids), batch_size=class_batch
     )
     target = jnp.where(layout.mask, layout.index, n)  # padding scatters out of range -> dropped
     assignments = jnp.zeros((n,), jnp.int32).at[target.ravel()].set(assign.ravel(), mode="drop")
-    return KMeansResult(centroids, assignments, sizes, jnp.sum(d2))
+    variances = sq_sums / jnp.maximum(sizes, 1).astype(sq_sums.dtype)[..., None]
+    return KMeansResult(centroids, assignments, sizes, jnp.sum(sq_sums), variances)
 
 
 _kmeans_jit = jax.jit(
     _kmeans_impl, static_argnames=("num_classes", "k", "iterations", "m", "class_batch")
 )
+
+
+def _seed_impl(features, labels, key, *, num_classes, k, m, class_batch):
+    """The k-means++ seeds ``[C, K, D]`` of every class (what :func:`_kmeans_impl` seeds with)."""
+    layout = group_by_class(labels, num_classes, m)
+    gumbel = _row_gumbel(key, features.shape[0], k, features.dtype)
+
+    def per_class(a):
+        index, mask = a
+        x = jnp.where(mask[:, None], features[index], 0.0)
+        return _seed(x, mask, gumbel[index], k)
+
+    return jax.lax.map(per_class, (layout.index, layout.mask), batch_size=class_batch)
+
+
+# kmeans_per_class seeds with this program, then runs the warm-start program: the Lloyd steps are
+# compiled once for the first (k-means++) call and every later (warm) one.
+_seed_jit = jax.jit(_seed_impl, static_argnames=("num_classes", "k", "m", "class_batch"))
 
 # On CPU, classes are processed a few at a time so that their features stay in cache across the Lloyd
 # iterations (about 2x faster than one vmap over all classes); on accelerators, one vmap.
@@ -335,21 +391,36 @@ def _segments_impl(features, labels, key, init_centroids, *, num_classes, k, ite
     def groups(c):
         return labels * k + _segment_assign(xc, xc_sq, onehot, c, mu)  # negative on padding
 
-    def step(_, c):
-        hot = jax.nn.one_hot(groups(c), num, dtype=x.dtype)  # [N, C·K]; padding rows are zero
+    def step(carry):  # as in _lloyd: means of the current groups, regroup, stop at a fixed point
+        i, c, g, _ = carry
+        hot = jax.nn.one_hot(g, num, dtype=x.dtype)  # [N, C·K]; padding rows are zero
         sizes = jnp.sum(hot, axis=0)
         sums = jnp.matmul(hot.T, xc, precision=_HIGHEST).reshape(num_classes, k, -1)
         means = sums / jnp.maximum(sizes, 1.0).reshape(num_classes, k, 1) + mu[:, None, :]
-        return jnp.where(sizes.reshape(num_classes, k, 1) > 0, means, c)
+        c = jnp.where(sizes.reshape(num_classes, k, 1) > 0, means, c)
+        new = groups(c)
+        return i + 1, c, new, jnp.all((new == g) | ~member)
 
-    centroids = jax.lax.fori_loop(0, iterations, step, centroids)
-    group = jnp.where(member, groups(centroids), 0)
+    def running(carry):
+        i, _, _, fixed = carry
+        return (i < iterations) & ~fixed
+
+    start = (jnp.zeros((), jnp.int32), centroids, groups(centroids), jnp.zeros((), bool))
+    _, centroids, group, _ = jax.lax.while_loop(running, step, start)
+    group = jnp.where(member, group, 0)
     own = centroids.reshape(num, -1)[group]
-    d2 = jnp.where(member, jnp.sum((x - own) ** 2, axis=-1), 0.0)
+    dev2 = (x - own) ** 2 * member[:, None]  # [N, D]
+    hot = jax.nn.one_hot(group, num, dtype=x.dtype) * member[:, None]
+    sq_sums = jnp.matmul(hot.T, dev2, precision=_HIGHEST)  # [C·K, D], an all-reduce when sharded
     sizes = jnp.sum(jax.nn.one_hot(group, num, dtype=jnp.int32) * member[:, None], axis=0)
+    variances = (sq_sums / jnp.maximum(sizes, 1).astype(x.dtype)[:, None]).reshape(centroids.shape)
     assignments = jnp.where(member, group - jnp.where(member, labels, 0) * k, 0)
     return KMeansResult(
-        centroids, assignments.astype(jnp.int32), sizes.reshape(num_classes, k), jnp.sum(d2)
+        centroids,
+        assignments.astype(jnp.int32),
+        sizes.reshape(num_classes, k),
+        jnp.sum(dev2),
+        variances,
     )
 
 
@@ -410,7 +481,8 @@ def kmeans_per_class(
       clusters_per_class: ``K`` >= 1.
       key: PRNG key for the k-means++ seeding (unused, may be None, when ``init_centroids`` is given).
       init_centroids: optional ``[C, K, D]`` warm start (e.g. the previous epoch's centroids).
-      iterations: number of Lloyd iterations (>= 0; no early stop).
+      iterations: number of Lloyd iterations (>= 0); the loop ends early once the assignment stops
+        changing, which gives the same result as running all of them.
       max_class_size: padded class size ``M``; None computes it on the host with
         :func:`max_class_size` (labels must then be concrete). Must be at least the largest class count.
         Not used by ``method="segments"``.
@@ -421,10 +493,12 @@ def kmeans_per_class(
 
     Returns:
       A :class:`KMeansResult` (centroids ``[C, K, D]``, assignments ``[N]``, cluster_sizes ``[C, K]``,
-      inertia ``[]``). The assignments, sizes and inertia belong to the returned centroids.
+      inertia ``[]``, variances ``[C, K, D]``). The assignments, sizes, inertia and variances belong
+      to the returned centroids.
 
-    The work is one ``jax.jit`` (static ``C``, ``K``, ``iterations``, ``M``): calls with equal shapes
-    compile once.
+    The work is a ``jax.jit`` of the Lloyd steps (static ``C``, ``K``, ``iterations``, ``M``), after
+    one of the k-means++ seeding when ``init_centroids`` is None: calls with equal shapes compile
+    once, warm-started or not.
     """
     if method is None:
         method = "segments" if is_sharded(features) else "classes"
@@ -490,11 +564,8 @@ def kmeans_per_class(
                     f"max_class_size={m}: accepted an int >= the largest class count ({largest}) "
                     "or None."
                 )
-    return _kmeans_jit(
-        *args,
-        num_classes=num_classes,
-        k=k,
-        iterations=iterations,
-        m=m,
-        class_batch=_class_batch(num_classes, m, d),
-    )
+    shape = dict(num_classes=num_classes, k=k, m=m, class_batch=_class_batch(num_classes, m, d))
+    features, labels, key, init_centroids = args
+    if init_centroids is None:
+        init_centroids = _seed_jit(features, labels, key, **shape)
+    return _kmeans_jit(features, labels, None, init_centroids, iterations=iterations, **shape)

@@ -518,15 +518,38 @@ def test_fit_mixture_compiles_once_for_new_values():
     z, labels = _blobs(rng, [60, 40], 2, 4)
     kw = dict(num_classes=2, clusters_per_class=2, iterations=5)
     state = entropy.fit_mixture(z, labels, key=jax.random.key(0), **kw)
+    jits = (entropy._mixture_from_kmeans, kmeans._kmeans_jit, kmeans._seed_jit)
+    sizes = [f._cache_size() for f in jits]
+    # The warm start (every epoch after the first) runs the program the first call compiled.
     state = entropy.fit_mixture(z, labels, key=jax.random.key(0), previous=state, **kw)
-    sizes = (entropy._mixture_from_kmeans._cache_size(), kmeans._kmeans_jit._cache_size())
+    assert [f._cache_size() for f in jits] == sizes
     for i in range(3):
         perm = rng.permutation(len(labels))
         state = entropy.fit_mixture(z[perm] * (1 + i), labels[perm], key=jax.random.key(i), **kw)
         state = entropy.fit_mixture(
             z[perm] + i, labels[perm], key=jax.random.key(i), previous=state, **kw
         )
-    assert (entropy._mixture_from_kmeans._cache_size(), kmeans._kmeans_jit._cache_size()) == sizes
+    assert [f._cache_size() for f in jits] == sizes
+
+
+def test_fit_mixture_traces_each_program_once(monkeypatch):
+    # As the training loop calls it: k-means++ once, then warm starts on new features every epoch.
+    lloyd = chex.assert_max_traces(kmeans._kmeans_impl, n=1)
+    seed = chex.assert_max_traces(kmeans._seed_impl, n=1)
+    static = ("num_classes", "k", "iterations", "m", "class_batch")
+    monkeypatch.setattr(kmeans, "_kmeans_jit", jax.jit(lloyd, static_argnames=static))
+    monkeypatch.setattr(kmeans, "_seed_jit", jax.jit(seed, static_argnames=static[:2] + static[3:]))
+    rng = np.random.default_rng(3)
+    z, labels = _blobs(rng, [70, 50, 30], 3, 8)
+    kw = dict(num_classes=3, clusters_per_class=3, iterations=20)
+    state = None
+    try:
+        for epoch in range(4):
+            z = z + rng.normal(size=z.shape).astype(np.float32) * 0.1  # the encoder moves
+            state = entropy.fit_mixture(z, labels, key=jax.random.key(epoch), previous=state, **kw)
+            np.testing.assert_array_equal(np.asarray(state.counts), [70, 50, 30])
+    finally:
+        chex.clear_trace_counter()
 
 
 # --------------------------------------------------------------------------------------------------

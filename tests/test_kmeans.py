@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import chex
 import jax
@@ -159,6 +160,79 @@ def test_lloyd_matches_numpy_reference_from_same_init(method):
     np.testing.assert_array_equal(np.asarray(r.cluster_sizes), expected_sizes)
     assert int(r.cluster_sizes[1, 2]) == 0
     np.testing.assert_array_equal(np.asarray(r.centroids[1, 2]), [50.0] * d)
+
+
+def _np_kmeans(x, labels, init, iterations):
+    """Plain NumPy k-means (float64, vectorised, every one of ``iterations`` Lloyd steps, no early
+    stop): centroids, assignments, cluster sizes and per-dimension variances around the centroids."""
+    x = np.asarray(x, np.float64)
+    centroids = np.array(init, np.float64)
+    num_classes, k, d = centroids.shape
+    assignments = np.zeros(len(x), np.int64)
+    sizes = np.zeros((num_classes, k), np.int64)
+    variances = np.zeros((num_classes, k, d))
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        xc, cent = x[members], centroids[c]
+        for _ in range(iterations + 1):  # the last pass only assigns
+            assign = np.argmin(((xc[:, None, :] - cent[None]) ** 2).sum(-1), axis=1)
+            if _ == iterations:
+                break
+            for j in range(k):
+                if np.any(assign == j):
+                    cent[j] = xc[assign == j].mean(axis=0)
+        assignments[members] = assign
+        for j in range(k):
+            group = xc[assign == j]
+            sizes[c, j] = len(group)
+            if len(group):
+                variances[c, j] = ((group - cent[j]) ** 2).mean(axis=0)
+    return centroids, assignments, sizes, variances
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [3, 5])  # K = 5: the distance matmul pads the centroids to 8 rows
+def test_fast_path_matches_plain_numpy_kmeans(method, k):
+    # Blobs that k-means settles on within the iterations: the loop stops early at the fixed point,
+    # and the result is that of all `iterations` NumPy steps (same initial centroids).
+    rng = np.random.default_rng(14)
+    num_classes, d, iterations = 3, 16, 60
+    y = rng.integers(0, num_classes, 900)
+    centres = rng.normal(size=(num_classes, 7, d)) * 3.0
+    x = (centres[y, rng.integers(0, 7, 900)] + rng.normal(size=(900, d))).astype(np.float32)
+    init = np.stack([x[rng.choice(np.flatnonzero(y == c), k, replace=False)] for c in range(3)])
+    init[2, 0] = 100.0  # a centroid no member is nearest to: an empty cluster, kept
+    ref_centroids, ref_assign, ref_sizes, ref_var = _np_kmeans(x, y, init, iterations)
+    r = kmeans_per_class(
+        x, y, num_classes=num_classes, clusters_per_class=k, key=None, init_centroids=init,
+        iterations=iterations, method=method,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(r.assignments), ref_assign)
+    np.testing.assert_array_equal(np.asarray(r.cluster_sizes), ref_sizes)
+    np.testing.assert_allclose(np.asarray(r.centroids), ref_centroids, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(r.centroids[2, 0]), [100.0] * d)
+    np.testing.assert_allclose(np.asarray(r.variances), ref_var, rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(r.variances[2, 0]) == 0)
+    ref_inertia = float(np.sum(ref_var * ref_sizes[..., None]))
+    np.testing.assert_allclose(float(r.inertia), ref_inertia, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lloyd_stops_at_the_fixed_point(method):
+    # 10^9 Lloyd steps would take days: the loop ends once an assignment repeats, with the
+    # result of the full count (the same as 200 steps, long after convergence).
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    init = np.stack([x[np.flatnonzero(y == c)[:4]] for c in range(3)])
+    common = dict(num_classes=3, clusters_per_class=4, key=None, init_centroids=init, method=method)
+    settled = kmeans_per_class(x, y, iterations=200, **common)
+    start = time.perf_counter()
+    many = kmeans_per_class(x, y, iterations=10**9, **common)
+    jax.block_until_ready(many)
+    assert time.perf_counter() - start < 60
+    for a, b in zip(settled, many):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("method", METHODS)
