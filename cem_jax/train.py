@@ -91,12 +91,109 @@ def multistep_schedule(
     return optax.piecewise_constant_schedule(lr, scales)
 
 
-def lr_schedule(cfg: RunConfig, steps_per_epoch: int) -> optax.Schedule:
-    """``lr · decay^(#milestones passed)``, milestones at fractions of the epochs (60/120/180/210 of 240).
+def onecycle_steps(warmup_fraction: float, epochs: int, steps_per_epoch: int) -> tuple[int, int]:
+    """``(W, T)`` of :func:`onecycle_schedule`: the warm-up's steps ``W = round(f·T)`` (kept in
+    ``[1, T − 1]``) and the run's ``T = epochs · steps_per_epoch``."""
+    total = int(epochs) * int(steps_per_epoch)
+    warm = min(max(1, int(math.floor(warmup_fraction * total + 0.5))), max(1, total - 1))
+    return warm, total
 
-    Epoch 1 trains at the base rate (the reference's warm-up leaves it at 0, DESIGN §6).
+
+def onecycle_schedule(
+    lr: float, warmup_fraction: float, epochs: int, steps_per_epoch: int
+) -> optax.Schedule:
+    """A triangular one-cycle, per optimizer step ``t`` of ``T = epochs · steps_per_epoch``:
+
+        lr(t) = lr · min(t / W, (T − t) / (T − W)),  clipped to [0, lr],  W = round(warmup_fraction · T)
+
+    a linear warm-up from 0 to the peak ``lr`` over the first ``W`` steps, then a linear decay to 0
+    at step ``T`` (the last step taken, ``T − 1``, runs at ``lr / (T − W)``). The first step runs at
+    0 and moves only the batch-norm statistics and the momentum (one step of ~2,000 at the
+    ``cifar_full`` preset). airbench's schedule has this shape; its ends at 0.2 and 0.07 of the peak
+    rest on its averaging of the weights, which this package does not do.
     """
-    return multistep_schedule(cfg.lr, cfg.lr_milestones, cfg.lr_decay, cfg.epochs, steps_per_epoch)
+    warm, total = onecycle_steps(warmup_fraction, epochs, steps_per_epoch)
+    down = float(max(1, total - warm))
+
+    def schedule(count: Any) -> jax.Array:
+        t = jnp.asarray(count, jnp.float32)
+        return lr * jnp.clip(jnp.minimum(t / warm, (total - t) / down), 0.0, 1.0)
+
+    return schedule
+
+
+#: Under ``lr_schedule="onecycle"``, the most the ``inverse_lr`` λ schedule multiplies λ by
+#: (:func:`inverse_lr_lambda`): ×25, the range of the quick preset's two ×0.2 decays, in which the
+#: package's default λ was chosen (the frontier study: ×1, ×5, ×25).
+INVERSE_LR_MAX_FACTOR = 25.0
+
+
+def schedule_of(
+    kind: str,
+    lr: float,
+    *,
+    milestones: tuple[float, ...],
+    decay: float,
+    warmup_fraction: float,
+    epochs: int,
+    steps_per_epoch: int,
+) -> optax.Schedule:
+    """The learning-rate schedule named ``kind`` (``RunConfig.lr_schedule``): ``multistep``
+    (:func:`multistep_schedule`) or ``onecycle`` (:func:`onecycle_schedule`)."""
+    if kind == "onecycle":
+        return onecycle_schedule(lr, warmup_fraction, epochs, steps_per_epoch)
+    if kind != "multistep":
+        raise ValueError(f"unknown lr_schedule {kind!r}; accepted: multistep, onecycle.")
+    return multistep_schedule(lr, milestones, decay, epochs, steps_per_epoch)
+
+
+def inverse_lr_lambda(
+    lambd: float,
+    kind: str,
+    lr: float,
+    schedule: optax.Schedule,
+    step: Any,
+    *,
+    warmup_fraction: float,
+    epochs: int,
+    steps_per_epoch: int,
+) -> jax.Array:
+    """The CEM weight at ``step`` under the ``inverse_lr`` λ schedule: ``λ`` times a factor of the
+    learning-rate schedule ``kind`` (``schedule``, peak or base rate ``lr`` = lr₀).
+
+    ``multistep``: ``lr₀ / lr(t)`` (the reference's ``0.001/lr`` up to a constant: ×5 at every ×0.2
+    decay, so the CEM term's step ``lr(t)·λ·lr₀/lr(t)`` stays ``λ·lr₀``). ``onecycle``: ``lr₀ / lr(t)``
+    read on the decay alone and capped, ``1 / max(min(1, (T − t)/(T − W)), 1/25)``: 1 through the
+    warm-up (the reference raises λ when the rate decays, never when it rises: its warm-up epoch has
+    CEM off), then growing as the rate falls, up to :data:`INVERSE_LR_MAX_FACTOR` (×25, from the last
+    1/25 of the decay on). Uncapped, ``lr₀/lr(t)`` would grow without bound as the rate reaches 0 and
+    the CEM term alone would set the last steps; the reference caps its own factor too (``s = 1``
+    below lr 0.00041: ×50 at its lr₀ 0.05).
+    """
+    if kind != "onecycle":
+        return lambd * lr / schedule(step)
+    warm, total = onecycle_steps(warmup_fraction, epochs, steps_per_epoch)
+    t = jnp.asarray(step, jnp.float32)
+    decayed = jnp.minimum(1.0, (total - t) / float(max(1, total - warm)))
+    return lambd / jnp.maximum(decayed, 1.0 / INVERSE_LR_MAX_FACTOR)
+
+
+def lr_schedule(cfg: RunConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The config's learning rate per optimizer step (``cfg.lr_schedule``).
+
+    ``multistep`` (the default): ``lr · decay^(#milestones passed)``, milestones at fractions of the
+    epochs (60/120/180/210 of 240); epoch 1 trains at the base rate (the reference's warm-up leaves it
+    at 0, DESIGN §6). ``onecycle``: :func:`onecycle_schedule` with peak ``cfg.lr``.
+    """
+    return schedule_of(
+        cfg.lr_schedule,
+        cfg.lr,
+        milestones=cfg.lr_milestones,
+        decay=cfg.lr_decay,
+        warmup_fraction=cfg.warmup_fraction,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def _adversary_schedule(epochs: int, steps_per_epoch: int) -> optax.Schedule:
@@ -116,17 +213,31 @@ def adversary_optimizer(epochs: int, steps_per_epoch: int) -> optax.GradientTran
 
 
 def sgd_optimizer(
-    schedule: optax.Schedule, weight_decay: float, momentum: float
+    schedule: optax.Schedule, weight_decay: float, momentum: float, nesterov: bool = False
 ) -> optax.GradientTransformation:
-    """PyTorch-style SGD: coupled weight decay, then momentum, then the schedule (reference §5.1)."""
+    """PyTorch-style SGD: coupled weight decay, then momentum (Nesterov's, as PyTorch's, with
+    ``nesterov``), then the schedule (reference §5.1; the reference has no Nesterov)."""
     return optax.chain(
-        optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(schedule, momentum=momentum, nesterov=nesterov),
     )
 
 
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """:func:`sgd_optimizer` on :func:`lr_schedule` with the config's weight decay and momentum."""
-    return sgd_optimizer(lr_schedule(cfg, steps_per_epoch), cfg.weight_decay, cfg.momentum)
+    return sgd_optimizer(
+        lr_schedule(cfg, steps_per_epoch), cfg.weight_decay, cfg.momentum, cfg.nesterov
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean cross-entropy of ``logits [B, C]`` against integer ``labels [B]``; with
+    ``label_smoothing`` ε > 0 against the smoothed targets ``(1 − ε)·one_hot + ε/C``
+    (``optax.smooth_labels``; PyTorch's ``CrossEntropyLoss(label_smoothing=ε)``)."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 @dataclasses.dataclass
@@ -300,6 +411,10 @@ class StepSpec:
     std: tuple[float, ...]
     adv_graphdef: Any = None  # the adversarial defense's local decoder (train mode), or None
     adv_graphdef_eval: Any = None
+    lr_schedule: str = "multistep"
+    warmup_fraction: float = 0.2
+    nesterov: bool = False
+    label_smoothing: float = 0.0
 
     @classmethod
     def create(
@@ -329,16 +444,40 @@ class StepSpec:
             std=tuple(float(s) for s in std),
             adv_graphdef=None if adversary is None else adversary.graphdef,
             adv_graphdef_eval=None if adversary is None else adversary.graphdef_eval,
+            lr_schedule=cfg.lr_schedule,
+            warmup_fraction=float(cfg.warmup_fraction),
+            nesterov=bool(cfg.nesterov),
+            label_smoothing=float(cfg.label_smoothing),
         )
 
     def schedule(self) -> optax.Schedule:
-        return multistep_schedule(
-            self.lr, self.lr_milestones, self.lr_decay, self.epochs, self.steps_per_epoch
+        """:func:`lr_schedule` of the config this spec was built from."""
+        return schedule_of(
+            self.lr_schedule,
+            self.lr,
+            milestones=self.lr_milestones,
+            decay=self.lr_decay,
+            warmup_fraction=self.warmup_fraction,
+            epochs=self.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+
+    def inverse_lr_lambda(self, lambd: float, schedule: optax.Schedule, step: Any) -> jax.Array:
+        """:func:`inverse_lr_lambda` of this spec's schedule at ``step``."""
+        return inverse_lr_lambda(
+            lambd,
+            self.lr_schedule,
+            self.lr,
+            schedule,
+            step,
+            warmup_fraction=self.warmup_fraction,
+            epochs=self.epochs,
+            steps_per_epoch=self.steps_per_epoch,
         )
 
     def tx(self) -> optax.GradientTransformation:
         """:func:`make_optimizer` of the config this spec was built from."""
-        return sgd_optimizer(self.schedule(), self.weight_decay, self.momentum)
+        return sgd_optimizer(self.schedule(), self.weight_decay, self.momentum, self.nesterov)
 
     def adversary_tx(self) -> optax.GradientTransformation:
         return adversary_optimizer(self.epochs, self.steps_per_epoch)
@@ -404,14 +543,14 @@ def train_step(
         z = model.encode(x)
         z_sent = d.obfuscate(k_def, z)
         logits = model.classify(z_sent, rngs=nnx.Rngs(dropout=k_drop))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        ce = cross_entropy(logits, labels, spec.label_smoothing)
         total = ce
         aux = {"ce": ce, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
         if d.cem:
             lc = entropy.cem_loss(z, labels, state.mixture, sigma=d.sigma, mode=spec.cem_mode)
             lambd = d.lambd
             if spec.lambda_schedule == "inverse_lr":  # the reference's λ·0.001/lr, DESIGN §6
-                lambd = lambd * spec.lr / schedule(state.step)
+                lambd = spec.inverse_lr_lambda(lambd, schedule, state.step)
             total = total + lambd * state.mixture_ready * lc
             aux["cem"] = lc
         if d.nopeek_alpha > 0:

@@ -70,3 +70,107 @@ def test_a_checkpoint_from_before_a_preset_change_is_refused(monkeypatch):
         match=rf"resolved_defense\.lambd: checkpoint {defenses.DEFAULT_LAMBDA} vs requested 3\.0",
     ):
         train.check_compatible(meta, cfg, "ckpt")
+
+
+# ------------------------------------------------------------------- schedule and loss fields (issue 36)
+NEW_FIELDS = (*config_lib.ADDED_TRAINING_FIELDS, "warmup_fraction")
+
+
+def _old_fingerprint(cfg):
+    """The fingerprint as it was built before the schedule and loss fields existed."""
+    import dataclasses
+    import json
+
+    ignore = {"data_dir", "eval_batch_size", "attack_seed", "threat_model", "attack_train_subset"}
+    d = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ignore and not k.startswith(config_lib.ATTACK_PREFIXES) and k not in NEW_FIELDS
+    }
+    d[RD] = dataclasses.asdict(cfg.defense_spec())
+    return json.loads(json.dumps(d))
+
+
+@pytest.mark.parametrize("preset", ["paper", "quick"])
+@pytest.mark.parametrize("defense", ["none", "noise", "cem_noise", "cem_topk"])
+def test_existing_presets_keep_their_fingerprint(preset, defense):
+    cfg = config_lib.make_config(preset, defense=defense)
+    assert (cfg.lr_schedule, cfg.nesterov, cfg.label_smoothing) == ("multistep", False, 0.0)
+    fp = cfg.training_fingerprint()
+    assert not set(NEW_FIELDS) & set(fp)  # the new fields at their old values are left out
+    assert fp == _old_fingerprint(cfg)
+
+
+def test_a_recorded_run_still_matches_its_config():
+    """A run recorded before the new fields (docs/results_runs.jsonl) is the same run today."""
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "results_runs.jsonl")) as f:
+        rec = json.loads(f.readline())
+    assert not set(NEW_FIELDS) & set(rec["config"])  # written before them
+    cfg = config_lib.config_from_dict(rec["config"])
+    assert config_lib.fingerprint_diff(rec["fingerprint"], cfg.training_fingerprint()) == {}
+
+
+def test_new_fields_away_from_their_old_values_enter_the_fingerprint():
+    base = _fp()
+    assert config_lib.fingerprint_diff(base, _fp(nesterov=True)) == {"nesterov": (None, True)}
+    assert config_lib.fingerprint_diff(base, _fp(label_smoothing=0.1)) == {
+        "label_smoothing": (None, 0.1)
+    }
+    # onecycle reads warmup_fraction and not the milestones: the fingerprint holds what it reads
+    one = _fp(lr_schedule="onecycle")
+    assert one["lr_schedule"] == "onecycle" and one["warmup_fraction"] == 0.2
+    assert "lr_milestones" not in one and "lr_decay" not in one
+    assert _fp(lr_schedule="onecycle", lr_milestones=(0.5,)) == one
+    assert config_lib.fingerprint_diff(one, _fp(lr_schedule="onecycle", warmup_fraction=0.3)) == {
+        "warmup_fraction": (0.2, 0.3)
+    }
+    # ... and multistep does not read warmup_fraction
+    assert "warmup_fraction" not in _fp(warmup_fraction=0.3)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr_schedule", "cosine", "unknown lr_schedule 'cosine'; accepted: multistep, onecycle"),
+        ("lr_schedule", "one_cycle", "Did you mean 'onecycle'"),
+        ("label_smoothing", 1.0, r"label_smoothing=1\.0: accepted a value in \[0, 1\)"),
+        ("label_smoothing", -0.1, r"label_smoothing=-0\.1"),
+        ("label_smoothing", True, r"label_smoothing=True"),
+        ("warmup_fraction", 0.0, r"warmup_fraction=0\.0: accepted a fraction .* in \(0, 1\)"),
+        ("warmup_fraction", 1.0, r"warmup_fraction=1\.0"),
+        ("nesterov", "yes", r"nesterov='yes': accepted True or False"),
+    ],
+)
+def test_schedule_and_loss_fields_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.make_config("quick", **{field: value})
+
+
+def test_cifar_full_preset_is_the_papers_split_on_all_the_data():
+    cfg = config_lib.make_config("cifar_full", defense="cem_noise")
+    paper = config_lib.make_config("paper")
+    # the paper's split and data: VGG11-BN, cut 4, bottleneck 8, every training and test image
+    assert (cfg.arch, cfg.resolved_cut_layer, cfg.bottleneck_channels) == ("vgg11_bn_sgm", 4, 8)
+    assert cfg.train_subset is None and cfg.test_subset is None
+    # the short schedule
+    assert cfg.lr_schedule == "onecycle" and cfg.nesterov and 0 < cfg.label_smoothing < 1
+    assert cfg.epochs <= 12 and cfg.batch_size <= 512
+    # the decoder attack alone, under the paper preset's stopping rule at its batch
+    assert cfg.attacks == ("decoder",)
+    assert set(cfg.attack_settings) == {"train_time", "inference_time"}
+    for name in (
+        "attack_steps",
+        "attack_batch_size",
+        "attack_eval_every",
+        "attack_patience",
+        "attack_min_improvement",
+        "attack_lr_decays",
+    ):
+        assert getattr(cfg, name) == getattr(paper, name), name
+    assert cfg.attack_train_subset == 10_000
+    # the default CEM loss and λ schedule, as the other presets
+    assert (cfg.cem_mode, cfg.lambda_schedule) == (paper.cem_mode, paper.lambda_schedule)

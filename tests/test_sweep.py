@@ -556,3 +556,63 @@ def test_summarize_records_each_value_s_seed_so_points_pair_by_seed():
     assert mse["values"] == [runs[0][1]["attacks"]["decoder"]["train_time"]["mse"],
                              runs[2][1]["attacks"]["decoder"]["train_time"]["mse"]]  # fmt: skip
     assert [r["seed"] for r in row["runs"]] == [1, 2, 3]
+
+
+def test_full_cifar_study_spec_orders_its_pairs_and_pins_the_default_loss():
+    """experiments/studies/full_cifar10.json (issue 36): none x 3 seeds, noise at 3 σ and cem_noise
+    at 2 σ x 3 seeds each, at the cifar_full preset; ordered so that a study stopped part way has
+    the undefended check, then the first pair, then whole pairs seed by seed."""
+    from cem_jax import runner
+
+    spec = collect.load_study(os.path.join(ROOT, "experiments/studies/full_cifar10.json"))
+    assert (spec["preset"], spec["dataset"]) == ("cifar_full", "cifar10")
+    assert spec["records"] == "docs/results_full_runs.jsonl"  # its own, not the frontier's
+    pts = spec["points"]
+    order = [collect.run_name(p) for p in pts]
+    assert len(set(order)) == len(order)  # every run has its own workdir
+    # every point at >= 3 seeds: none; noise at 3 σ; cem_noise at 2 σ
+    seeds: dict[str, set] = {}
+    for p in pts:
+        seeds.setdefault(collect.point_name(p), set()).add(p["seed"])
+    assert seeds == {
+        "none": {1, 2, 3},
+        **{f"noise_s{s:g}": {1, 2, 3} for s in (0.05, 0.1, 0.2)},
+        **{f"cem_noise_s{s:g}": {1, 2, 3} for s in (0.1, 0.2)},
+    }
+    # the promised order: the undefended check, the first pair, then seed by seed with each
+    # seed's noise / cem_noise pairs side by side, the other undefended seeds last
+    assert order[:3] == ["none_seed1", "noise_s0.1_seed1", "cem_noise_s0.1_seed1"]
+    for k in (1, 2, 3):
+        block = [f"{d}_s{s:g}_seed{k}" for s in (0.1, 0.2) for d in ("noise", "cem_noise")]
+        block.append(f"noise_s0.05_seed{k}")
+        at = order.index(f"noise_s0.1_seed{k}")
+        assert order[at : at + 5] == block
+        assert at == 1 + 5 * (k - 1)
+    assert order[-2:] == ["none_seed2", "none_seed3"]
+    # every run validates at the preset; the CEM runs pin the default loss (reference hinge,
+    # λ 0.32 x lr0/lr), every run attacks with the train-time decoder only
+    for p in pts:
+        overrides = {**collect.study_common(spec, p), **collect.overrides_of(p)}
+        cfg = config_lib.make_config(spec["preset"], dataset=spec["dataset"], **overrides)
+        assert cfg.train_subset is None and cfg.lr_schedule == "onecycle"
+        assert cfg.attacks == ("decoder",) and cfg.attack_settings == ("train_time",)
+        if p["defense"] == "cem_noise":
+            d = cfg.defense_spec()
+            assert (cfg.cem_mode, cfg.lambda_schedule, d.lambd) == ("reference", "inverse_lr", 0.32)
+        else:
+            assert cfg.lambd is None  # cem_common reaches the CEM runs only
+    # the pins are today's defaults: the study measures what a user's run trains
+    defaults = config_lib.RunConfig()
+    assert spec["common"]["cem_mode"] == defaults.cem_mode
+    assert spec["common"]["lambda_schedule"] == defaults.lambda_schedule
+    assert spec["cem_common"]["lambd"] == defenses.DEFAULT_LAMBDA
+    # a committed records file holds only the study's runs, with the configuration it gives them
+    by_name = {collect.run_name(p): p for p in pts}
+    for name, rec in collect.read_records(os.path.join(ROOT, spec["records"])).items():
+        assert name in by_name, f"{name} is recorded but not a run of the study"
+        point = by_name[name]
+        overrides = {**collect.study_common(spec, point), **collect.overrides_of(point)}
+        cfg = config_lib.make_config(spec["preset"], dataset=spec["dataset"], **overrides)
+        assert not collect.record_mismatch(
+            rec, cfg.training_fingerprint(), runner.attack_config(cfg)
+        ), name

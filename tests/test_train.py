@@ -347,3 +347,139 @@ def test_init_state_is_a_fresh_copy_the_step_may_donate(tiny_data):
             state, m = tr.step(tr.init_state(), idx)
             losses.append(float(m["loss"]))
     assert losses[0] == losses[1]
+
+
+# ------------------------------------------------------------ one-cycle, Nesterov, label smoothing
+def _onecycle_numpy(lr, warmup_fraction, epochs, steps_per_epoch, t):
+    """The closed form: lr·min(t/W, (T − t)/(T − W)) clipped to [0, lr], W = round(f·T)."""
+    total = epochs * steps_per_epoch
+    warm = int(np.floor(warmup_fraction * total + 0.5))
+    t = np.asarray(t, np.float64)
+    return lr * np.clip(np.minimum(t / warm, (total - t) / (total - warm)), 0.0, 1.0)
+
+
+def test_onecycle_schedule_matches_its_closed_form():
+    cfg = config_lib.make_config("cifar_full", epochs=10, lr=0.2, warmup_fraction=0.2, attacks=())
+    spe = 196  # 50,000 images at batch 256 (the last partial batch dropped)
+    sched = train.lr_schedule(cfg, steps_per_epoch=spe)
+    total, warm = 1960, 392
+    steps = [0, 1, 100, 391, 392, 393, 1000, 1959, 1960, 2500]
+    got = np.array([float(sched(t)) for t in steps])
+    np.testing.assert_allclose(got, _onecycle_numpy(0.2, 0.2, 10, spe, steps), rtol=1e-6, atol=1e-9)
+    assert got[0] == 0.0 and got[4] == pytest.approx(0.2)  # from 0, peak at the end of warm-up
+    assert got[-3] == pytest.approx(0.2 / (total - warm)) and got[-2] == got[-1] == 0.0
+    assert train.onecycle_steps(0.2, 10, spe) == (warm, total)
+    # jitted and vectorised like an optax schedule
+    ts = jnp.arange(0, total + 1, 7)
+    np.testing.assert_allclose(
+        jax.jit(sched)(ts), _onecycle_numpy(0.2, 0.2, 10, spe, np.asarray(ts)), rtol=1e-5, atol=1e-8
+    )
+    # the optimizer built from the config follows it (SGD without momentum or decay: Δw = −lr(t)·g)
+    flat = dataclasses.replace(cfg, momentum=0.0, weight_decay=0.0, nesterov=False)
+    tx = train.make_optimizer(flat, steps_per_epoch=spe)
+    w, g = {"w": jnp.array([1.0])}, {"w": jnp.array([2.0])}
+    state = tx.init(w)
+    for t in range(3):
+        upd, state = tx.update(g, state, w)
+        np.testing.assert_allclose(
+            upd["w"], -2.0 * _onecycle_numpy(0.2, 0.2, 10, spe, t), rtol=1e-6, atol=1e-12
+        )
+
+
+def test_nesterov_momentum_is_pytorchs():
+    """PyTorch SGD(nesterov=True) with coupled weight decay: d = g + wd·w; b = m·b + d;
+    w -= lr·(d + m·b)."""
+    lr, m, wd = 0.1, 0.9, 5e-4
+    tx = train.sgd_optimizer(lambda t: lr, wd, m, nesterov=True)
+    w = {"w": jnp.array([1.0, -2.0])}
+    state = tx.init(w)
+    w_np, buf = np.array([1.0, -2.0]), np.zeros(2)
+    for g in ([0.5, 0.25], [-1.0, 0.5], [0.3, 0.3]):
+        upd, state = tx.update({"w": jnp.array(g)}, state, w)
+        w = {"w": w["w"] + upd["w"]}
+        d = np.array(g) + wd * w_np
+        buf = m * buf + d
+        w_np = w_np - lr * (d + m * buf)
+        np.testing.assert_allclose(w["w"], w_np, rtol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.2])
+def test_label_smoothing_cross_entropy_matches_numpy(eps):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 10)).astype(np.float32) * 3
+    labels = rng.integers(0, 10, 6)
+    targets = (1 - eps) * np.eye(10)[labels] + eps / 10
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+    logp -= logits.max(1, keepdims=True)
+    want = -(targets * logp).sum(1).mean()
+    got = train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_inverse_lr_lambda_under_onecycle_is_capped_and_flat_in_the_warm_up():
+    lr, f, epochs, spe = 0.2, 0.2, 10, 100  # T = 1000, W = 200
+    sched = train.onecycle_schedule(lr, f, epochs, spe)
+
+    def lam(t):
+        return float(
+            train.inverse_lr_lambda(
+                0.32,
+                "onecycle",
+                lr,
+                sched,
+                t,
+                warmup_fraction=f,
+                epochs=epochs,
+                steps_per_epoch=spe,
+            )
+        )
+
+    for t in (0, 1, 100, 199, 200):  # the warm-up: λ itself (λ rises with decays, not warm-ups)
+        assert lam(t) == pytest.approx(0.32)
+    for t in (300, 600, 900, 960):  # the decay: λ·lr₀/lr(t)
+        assert lam(t) == pytest.approx(0.32 * lr / float(sched(t)), rel=1e-5)
+    cap = train.INVERSE_LR_MAX_FACTOR
+    for t in (969, 990, 999, 1000, 1500):  # the last 1/25 of the decay and beyond: ×25
+        assert lam(t) == pytest.approx(0.32 * cap, rel=1e-5)
+    # multistep keeps λ·lr₀/lr(t), uncapped
+    ms = train.multistep_schedule(0.05, (0.5, 0.75), 0.2, 4, 10)
+    for t, factor in ((0, 1), (20, 5), (35, 25)):
+        got = train.inverse_lr_lambda(
+            0.32, "multistep", 0.05, ms, t, warmup_fraction=f, epochs=4, steps_per_epoch=10
+        )
+        assert float(got) == pytest.approx(0.32 * factor, rel=1e-5)
+
+
+def test_onecycle_step_scales_the_cem_term_and_smooths_the_labels(tiny_data):
+    """The train step reads the one-cycle rate, its capped λ factor and the label smoothing."""
+    lambd, f = 0.5, 0.25
+    cfg = small_config(
+        defense="cem_noise",
+        lambd=lambd,
+        batch_size=16,
+        epochs=2,
+        lr=0.1,
+        lr_schedule="onecycle",
+        warmup_fraction=f,
+        nesterov=True,
+        label_smoothing=0.1,
+        lambda_schedule="inverse_lr",
+    )
+    tr = train.Trainer(cfg, tiny_data)
+    spe = tr.steps_per_epoch
+    warm, total = train.onecycle_steps(f, 2, spe)
+    state, _ = tr.refresh_mixture(tr.init_state(), 1)
+    idx = tr.epoch_order(1)[0]
+    with jax.set_mesh(tr.mesh):
+        for step in (1, warm + (total - warm) // 2, total):
+            s = jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # the step donates it
+            s = s.replace(step=jnp.asarray(step, state.step.dtype))
+            _, m = tr.step(s, idx)
+            lr_t = float(_onecycle_numpy(0.1, f, 2, spe, step))
+            np.testing.assert_allclose(float(m["lr"]), lr_t, rtol=1e-5, atol=1e-9)
+            factor = 1.0 if step < warm else min(0.1 / lr_t if lr_t else np.inf, 25.0)
+            np.testing.assert_allclose(
+                float(m["loss"]), float(m["ce"]) + lambd * factor * float(m["cem"]), rtol=1e-5
+            )
+    # the step's cross-entropy is train.cross_entropy (tested above) with the config's ε
+    assert (tr.spec.label_smoothing, tr.spec.nesterov) == (0.1, True)

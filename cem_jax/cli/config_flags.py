@@ -90,6 +90,14 @@ HELP: dict[str, str] = {
     "weight_decay": "SGD weight decay.",
     "lr_milestones": "Fractions of the run at which the learning rate is multiplied by --lr_decay.",
     "lr_decay": "Learning-rate factor at each milestone.",
+    "lr_schedule": "multistep: x --lr_decay at --lr_milestones (the reference); onecycle: linear "
+    "warm-up from 0 to --lr (the peak) over --warmup_fraction of the steps, then linear decay to 0 at the end "
+    "(under --lambda_schedule=inverse_lr, lambd then grows with the decay, at most x25).",
+    "warmup_fraction": "Fraction of the steps over which --lr_schedule=onecycle warms up to --lr "
+    "(read by onecycle only).",
+    "nesterov": "Nesterov momentum (PyTorch's form; off in the reference).",
+    "label_smoothing": "Label smoothing eps of the cross-entropy: targets (1 - eps) * one_hot + "
+    "eps / num_classes (0: none, as the reference).",
     "seed": "Random seed of training (the reference's 125).",
     "eval_batch_size": "Batch size of the test-set evaluations.",
     # attacks
