@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from cem_jax import data as data_lib
 from cem_jax import defenses, entropy, kmeans, parallel
 from cem_jax import metrics as metrics_lib
+from cem_jax.attacks import SplitEncode
 from cem_jax.checkpoint import Checkpointer, fault_point
 from cem_jax.config import RunConfig, fingerprint_diff
 from cem_jax.models import build_split_model, feature_shape
@@ -294,7 +295,8 @@ def initial_state(
 def make_encode(
     model: Any, defense: defenses.Defense, mean: Any, std: Any
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``encode(key, images uint8 | [0,1] float) -> defense.obfuscate(key, client(images))``.
+    """``encode(key, images uint8 | [0,1] float) -> defense.obfuscate(key, client(images))``, a
+    :class:`cem_jax.attacks.SplitEncode` (``.features`` the client, ``.obfuscate`` the defense's).
 
     ``model`` is a SplitModel in eval mode; it is split here, so the function is pure and traceable.
     """
@@ -302,11 +304,11 @@ def make_encode(
     mean = tuple(float(m) for m in mean)
     std = tuple(float(s) for s in std)
 
-    def encode(key: jax.Array, images: jax.Array) -> jax.Array:
-        z = nnx.merge(graphdef, params).encode(data_lib.normalize(images, mean, std))
-        return defense.obfuscate(key, z)
+    def features(images: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params).encode(data_lib.normalize(images, mean, std))
 
-    return encode
+    # callable as encode(key, images); its two parts let the decoder attack run the client once
+    return SplitEncode(features, defense.obfuscate)
 
 
 class Adversary:

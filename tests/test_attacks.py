@@ -232,6 +232,45 @@ def test_decoder_attack_on_images_learns_and_reports_metrics_in_range(image_atta
     assert m["mse"] < np.mean((x01 - 0.5) ** 2) * 1.5
 
 
+def test_split_encode_trains_the_same_decoder_as_the_plain_encode(image_attack):
+    """The decoder attack with a SplitEncode (the client run once on the training images, only the
+    noise drawn per step) equals the attack on the same encode as one function: same curve, same
+    final decoder up to float32 rounding of the batched features."""
+    encode, train, test, plain = image_attack
+    w = jnp.asarray(np.random.default_rng(5).normal(size=(48, CH)).astype(np.float32) / 7.0)
+
+    def features(x):
+        x = x.astype(jnp.float32) / 255.0
+        b = x.shape[0]
+        patches = x.reshape(b, FEAT, 4, FEAT, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+        return jax.nn.sigmoid(patches.reshape(b, FEAT, FEAT, 48) @ w - 0.5)
+
+    def obfuscate(key, z):
+        return z + 0.05 * jax.random.normal(key, z.shape)
+
+    split = attacks.SplitEncode(features, obfuscate)
+    calls = []
+    counted = attacks.SplitEncode(lambda x: calls.append(x.shape) or features(x), obfuscate)
+    run = lambda enc: attacks.decoder_attack(  # noqa: E731
+        enc, train, test, config=IMG_CONFIG, key=jax.random.key(0), feature_shape=(FEAT, FEAT, CH)
+    )
+    a, b = run(lambda key, x: obfuscate(key, features(x))), run(counted)
+    assert [h["step"] for h in a.history] == [h["step"] for h in b.history]
+    np.testing.assert_allclose(
+        [h["val_mse"] for h in a.history], [h["val_mse"] for h in b.history], rtol=1e-4
+    )
+    np.testing.assert_allclose(a.metrics["mse"], b.metrics["mse"], rtol=1e-4)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
+        jax.tree.map(np.asarray, nnx.state(a.decoder)),
+        jax.tree.map(np.asarray, nnx.state(b.decoder)),
+    )
+    # the training steps never ran the client: it was traced for the precomputation (one batch
+    # shape), the validation and the evaluation only, not once per step shape in the step
+    assert split(jax.random.key(1), train[:2]).shape == (2, FEAT, FEAT, CH)
+    assert len(calls) <= 4
+
+
 def test_evaluate_decoder_matches_a_direct_computation(image_attack):
     from cem_jax import metrics
 
