@@ -44,7 +44,7 @@ name                sigma   dropout   top-k  NoPeek  adversarial  CEM   λ
 * λ = 0.32 under the run's default loss, the official hinge (``cem_mode="reference"``) with its
   ``λ·lr₀/lr`` schedule (``lambda_schedule="inverse_lr"``): the official code's λ = 16 times its
   hidden ``0.001/lr`` factor at lr 0.05, rising ×5 at each learning-rate decay. The frontier study
-  chose it (README "Default CEM loss"): of six variants at σ = 0.1, 3 seeds each, it led the
+  chose it (docs/default_cem_loss.md): of six variants at σ = 0.1, 3 seeds each, it led the
   previous default (the paper's Gaussian-mixture bound at a constant λ 1) by the most at equal
   accuracy, beyond twice the spread of its paired seeds. With ``cem_mode="gmm"`` and a constant λ
   (DESIGN §6: λ multiplies ``L_C`` directly) pass ``lambd`` explicitly: λ 1 keeps ``λ·L_C``

@@ -48,8 +48,9 @@ CHOICES: dict[str, Sequence[str]] = {
 # Help of every RunConfig field without metadata["help"] (tests/test_cli.py checks the coverage).
 HELP: dict[str, str] = {
     # data
-    "dataset": "Dataset: " + ", ".join(config_lib.DATASETS) + " (a folder dataset of another "
-    "kind is named after its folder; see the README's Data).",
+    "dataset": "Dataset: " + ", ".join(config_lib.DATASETS) + ", or tfds:NAME for a TensorFlow "
+    "Datasets image classification set prepared under --data_dir or $TFDS_DATA_DIR (a folder dataset "
+    "of another kind is named after its folder; see docs/data.md).",
     "data_dir": "Where the data are: a folder or zip with train/<class>/* + test/<class>/*, Tiny "
     "ImageNet's folder or zip, or a prepared cifar10.npz / official CIFAR archive (or its folder). "
     "Default: $CEM_DATA_DIR; unset: CIFAR is downloaded once into $CEM_DOWNLOAD_DIR.",
@@ -74,7 +75,7 @@ HELP: dict[str, str] = {
     "ssim_threshold": "SSIM above which the adversarial defense penalises (default: the defense's).",
     "cem_mode": (
         "reference: the official code's hinge loss (the default, chosen by the frontier study: "
-        "README 'Default CEM loss'); gmm: the paper's Gaussian-mixture bound."
+        "docs/default_cem_loss.md); gmm: the paper's Gaussian-mixture bound."
     ),
     "lambda_schedule": (
         "constant: lambd throughout; inverse_lr: lambd * lr0 / lr(t) (x5 at every lr decay), the "

@@ -15,6 +15,7 @@ defaults); a flag left unset keeps the preset's value.
 from __future__ import annotations
 
 import os
+import re
 
 from absl import flags
 
@@ -69,11 +70,20 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> config_lib.RunConfig:
     return config_lib.make_config(fv.preset, **overrides)
 
 
+def default_workdir(dataset: str, defense: str, preset: str) -> str:
+    """``runs/<dataset>_<defense>_<preset>``, the dataset's name made a plain folder name.
+
+    >>> default_workdir("tfds:my_set/config:1.0.0", "noise", "quick")
+    'runs/tfds_my_set_config_1.0.0_noise_quick'
+    """
+    return os.path.join("runs", f"{re.sub(r'[^A-Za-z0-9._-]+', '_', dataset)}_{defense}_{preset}")
+
+
 def _main(argv: list[str]) -> None:
     # expected failures (cem_jax.errors.CemError) end in one "error:" line: config_flags.run_main
     config_flags.check_no_arguments(argv)
     cfg = config_flags.usage_errors(config_from_flags)
-    workdir = FLAGS.workdir or os.path.join("runs", f"{cfg.dataset}_{cfg.defense}_{FLAGS.preset}")
+    workdir = FLAGS.workdir or default_workdir(cfg.dataset, cfg.defense, FLAGS.preset)
     from cem_jax import runner  # imported late: flags errors above come back fast
 
     config_flags.initialize_distributed_from_flags(FLAGS)  # before any device is touched
