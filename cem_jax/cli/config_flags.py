@@ -41,6 +41,7 @@ CHOICES: dict[str, Sequence[str]] = {
     "arch": ARCHS,
     "cem_mode": config_lib.CEM_MODES,
     "lambda_schedule": config_lib.LAMBDA_SCHEDULES,
+    "lr_schedule": config_lib.LR_SCHEDULES,
     "topk_scope": defenses.TOPK_SCOPES,
     "threat_model": config_lib.THREAT_MODELS,
 }
