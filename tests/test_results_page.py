@@ -1057,3 +1057,121 @@ def test_the_committed_page_opens_with_what_the_committed_records_give():
     head = page.split("\n\n", 2)[2]  # after the title and the data line
     assert head.startswith(table + "\n\n![privacy-utility](results_privacy_utility.png)")
     assert results_page.answer_sentences(rows) in page
+
+
+def _scale_root(path, recs, preset, finished, runs, study=None):
+    """A sweep root at ``path`` whose table.json holds ``recs`` of one preset (as the sweep writes)."""
+    scale = {
+        "config": {"arch": "vgg11_bn_sgm", "epochs": 10 if preset == "cifar_full" else 6},
+        "dataset": {"num_train": 50000 if preset == "cifar_full" else 5000, "num_test": 10000},
+    }
+    meta = {"dataset": "cifar10", "preset": preset, "finished": finished, "runs": runs}
+    meta.update(scale=scale, **({"study": study} if study else {}))
+    collect.write_table(str(path), recs, meta)
+    return str(path)
+
+
+def _undefended(n):
+    """A ``none`` point with its clean accuracy and mean-image baseline, as a collected table has."""
+    r = _arm("none", 0.87, 0.006, n=n)
+    r["metrics"]["clean_acc"] = {"mean": 0.871, "std": 0.004 if n > 1 else None, "n": n}
+    for m in r["metrics"].values():
+        m["flagged"] = 0
+    return r
+
+
+def test_a_scale_root_gets_its_own_answer_beside_the_opening(tmp_path):
+    import numpy as np
+
+    quick = _paired_study(np.random.default_rng(9))
+    full = _paired_study(np.random.default_rng(10), excess=0.02)[2:]  # σ 0.1, 0.2, 0.4
+    full.append(_undefended(3))
+    root = _scale_root(tmp_path / "frontier", quick, "quick", 24, 24)
+    study = "experiments/studies/full_cifar10.json"
+    big = _scale_root(tmp_path / "full", full, "cifar_full", 19, 21, study=study)
+    out = tmp_path / "docs" / "results.md"
+    alone = results_page.write_page(root, str(out))
+    text = results_page.write_page(root, str(out), scale_roots=[big])
+    assert out.read_text() == text
+    head = "## At scale: preset `cifar_full` (vgg11_bn_sgm, 10 epochs on 50000 training images)"
+    section = text[text.index(head) : text.index("## The statistics behind the answer")]
+    # right after the opening's answer; the opening and the statistics are the quick scale's alone
+    opening = text[: text.index(head)]
+    assert opening == alone[: alone.index("## The statistics behind the answer")]
+    assert opening.rstrip().endswith(results_page.answer_sentences(quick))
+    stats = slice(text.index("## The statistics behind the answer"), text.index("## How it was"))
+    assert text[stats] == alone[alone.index("## The statistics behind") : alone.index("## How it")]
+    # the section's table and answer are the full scale's records' own, not pooled with quick's
+    table = results_page.answer_table(full)
+    assert "\n".join(table) in section and results_page.answer_sentences(full) in section
+    own = results_page.answer_rows(full)[-1]
+    assert own["label"] == "all σ" and own["n"] == 9
+    assert f"| **all σ** | 9 | {own['base_mse']:.4f} | {own['other_mse']:.4f} |" in section
+    pooled = results_page.answer_rows(quick + full)[-1]
+    assert pooled["n"] == 21 and f"{pooled['adj']['mean']:+.4f}" not in section
+    assert f"{own['adj']['mean']:+.4f}" in section
+    assert "Undefended (`none`, n=3): clean test accuracy 0.871 ± 0.004, defended 0.870" in section
+    assert "Undefended check (`none`, n=3)" in section  # its attack against the mean image
+    assert "19 of 21 runs of its grid finished." in section
+    # its plot, beside the page, embedded in the section
+    assert "![privacy-utility at cifar_full](results_cifar_full_privacy_utility.png)" in section
+    drawn = (tmp_path / "docs" / "results_cifar_full_privacy_utility.png").read_bytes()
+    assert drawn[:4] == b"\x89PNG" and len(drawn) > 1000
+    # how it was made: both studies' sweeps, the page's command with its --scale_root
+    how = text[text.index("```bash") :]
+    assert f"python -m experiments.sweep --study={study} --root={big} --collect_only\n" in how
+    assert f"python -m experiments.sweep ... --root={root} --collect_only\n" in how
+    assert f"python -m experiments.results_page --root={root} --scale_root={big} --out={out}" in how
+    assert f"At preset `cifar_full` (`{big}`):" in text
+
+
+def test_a_scale_root_with_no_pair_yet_says_so(tmp_path):
+    import numpy as np
+
+    root = _scale_root(
+        tmp_path / "frontier", _paired_study(np.random.default_rng(9)), "quick", 24, 24
+    )
+    big = _scale_root(tmp_path / "full", [_undefended(1)], "cifar_full", 1, 21)
+    text = results_page.write_page(root, str(tmp_path / "results.md"), scale_roots=[big])
+    head = text.index("## At scale: preset `cifar_full`")
+    section = text[head : text.index("## The statistics behind the answer")]
+    assert "no noise/cem_noise seed pair finished yet: 1 of 21 runs" in section
+    assert "| setting |" not in section and "(No answer yet" not in section
+    assert "clean test accuracy 0.871, defended 0.870 (one seed)" in section
+    # a study not started: no run, no plot, still a page
+    empty = _scale_root(tmp_path / "empty", [], "cifar_full", 0, 21)
+    text = results_page.write_page(root, str(tmp_path / "results.md"), scale_roots=[empty])
+    assert "no noise/cem_noise seed pair finished yet: 0 of 21 runs" in text
+    assert "Undefended (`none`): no run finished yet." in text
+    assert "![privacy-utility at cifar_full]" not in text
+
+
+def test_a_missing_scale_table_is_an_input_error_naming_it(tmp_path, monkeypatch):
+    import re
+    import types
+
+    import numpy as np
+
+    from cem_jax import errors
+
+    root = _scale_root(
+        tmp_path / "frontier", _paired_study(np.random.default_rng(9)), "quick", 24, 24
+    )
+    out = tmp_path / "docs" / "results.md"
+    missing = os.path.join(str(tmp_path / "full"), collect.TABLE_JSON)
+    with pytest.raises(errors.InputError, match=re.escape(f"{missing} not found")) as e:
+        results_page.write_page(root, str(out), scale_roots=[str(tmp_path / "full")])
+    assert "--collect_only" in str(e.value)
+    assert not out.exists()  # every table is read before anything is written
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / collect.TABLE_JSON).write_text("[1, 2]")
+    with pytest.raises(errors.InputError, match="holds no table"):
+        results_page.write_page(root, str(out), scale_roots=[str(tmp_path / "full")])
+    nothing = os.path.join(str(tmp_path / "nothing"), collect.TABLE_JSON)
+    # the command line checks --scale_root as it checks --root, before write_page
+    argv = dict(root=root, out=str(out), command=None, machine=None)
+    fv = types.SimpleNamespace(**argv, scale_root=[str(tmp_path / "nothing")])
+    monkeypatch.setattr(results_page, "FLAGS", fv)
+    monkeypatch.setattr(results_page, "write_page", lambda *a: pytest.fail("wrote a page"))
+    with pytest.raises(errors.InputError, match=re.escape(f"{nothing} not found")):
+        results_page._main(["prog"])

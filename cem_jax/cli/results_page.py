@@ -1,6 +1,11 @@
 r"""Writes the results page (``docs/results.md`` and its plot) from a finished sweep or study.
 
     python -m experiments.results_page --root=runs/frontier --out=docs/results.md
+    python -m experiments.results_page --root=runs/frontier --scale_root=runs/full --out=docs/results.md
+
+Each ``--scale_root`` (repeatable: a study at another scale, e.g. preset ``cifar_full``) gets its
+own section right after the opening's answer (:func:`scale_section`): that scale's answer table,
+plot and answer from its own records, beside the opening's and never pooled with it.
 
 It reads ``<root>/table.json`` (written by ``experiments.sweep --collect_only``), draws its plots beside
 the page (the noise / cem_noise frontier, alone and with the CEM variants; the pairs; every other
@@ -25,6 +30,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -53,7 +59,13 @@ def define_flags() -> list[str]:
     flags.DEFINE_string(
         "machine", None, "What ran the study, in words, for the compute line (e.g. '2-core CPU')."
     )
-    return ["root", "out", "command", "machine"]
+    flags.DEFINE_multi_string(
+        "scale_root",
+        [],
+        "Repeatable: the --root of a study at another scale (e.g. runs/full, preset cifar_full); "
+        "its own preset's answer gets its own section beside the opening's, never pooled with it.",
+    )
+    return ["root", "out", "command", "machine", "scale_root"]
 
 
 def frontier_comparison(
@@ -1228,7 +1240,7 @@ def variants_line_verdict(
     )
     if paired_rows:
         text += (
-            '\n\n**The reading that decides the default** (the README\'s "Default CEM loss"): '
+            "\n\n**The reading that decides the default** (docs/default_cem_loss.md): "
             "the same line reading paired by seed, each seed's difference from the default at "
             "that seed, at equal accuracy (the attack MSE difference less the noise line's slope "
             "times the accuracy difference), mean ± std over the pairs. The study pairs its runs "
@@ -1284,7 +1296,7 @@ def default_decision(
         return (
             f"**The default, by that rule:** every variant has {needed} pairs or more; {lead} "
             f"leads the default by the most, so it replaces {default} as the package's default "
-            '(the README\'s "Default CEM loss"). A study that pins its CEM runs keeps comparing '
+            "(docs/default_cem_loss.md). A study that pins its CEM runs keeps comparing "
             "the same runs."
         )
     return (
@@ -1739,14 +1751,130 @@ def compute_section(
     ]
 
 
-def write_page(root: str, out: str, command: str | None = None, machine: str | None = None) -> str:
-    storage.check(root, "--root")
+def _read_table(root: str, flag: str = "--root") -> dict[str, Any]:
+    """``<root>/table.json``, checked: returns the table (an object whose ``rows`` is a list).
+
+    Raises :class:`cem_jax.errors.InputError` naming the file when it is missing, unreadable or
+    holds no table, and storage's error (naming ``flag``) for a URL it cannot serve.
+    """
+    from cem_jax import errors
+
+    storage.check(root, flag)
     path = storage.join(root, collect.TABLE_JSON)
-    if not storage.exists(path):
-        raise ValueError(
+    again = "write it again with the sweep's command and --collect_only"
+    try:
+        table = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise errors.InputError(
             f"{path} not found: run the sweep, then the same command with --collect_only first."
-        )
-    table = json.loads(storage.read_text(path))
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.InputError(f"{path} is unreadable ({e}); {again}.") from None
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+        raise errors.InputError(f"{path} holds no table (an object with 'rows'); {again}.")
+    return table
+
+
+def sweep_command(table: dict[str, Any], root: str) -> str:
+    """Returns the sweep command that fills ``root``: ``python -m experiments.sweep
+    --study=<the table's study> --root=<root>``, with ``...`` for the study when the table names
+    none."""
+    study = table.get("study")
+    return f"python -m experiments.sweep {f'--study={study}' if study else '...'} --root={root}"
+
+
+def undefended_accuracy_line(records: list[dict[str, Any]]) -> str:
+    """Returns one sentence: the clean and defended test accuracy of one scale's undefended
+    (``none``) runs, mean ± std over their seeds, and their number (or that none finished yet).
+
+    >>> acc = lambda mean, std: {"mean": mean, "std": std}
+    >>> m = {"clean_acc": acc(0.871, 0.004), "defended_acc": acc(0.87, 0.005)}
+    >>> print(undefended_accuracy_line([{"defense": "none", "n": 3, "metrics": m}]))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    Undefended (`none`, n=3): clean test accuracy 0.871 ± 0.004, defended 0.870 ± 0.005
+    (mean ± std over seeds).
+    """
+    none = [r for r in records if r["defense"] == "none" and "defended_acc" in r["metrics"]]
+    if not none:
+        return "Undefended (`none`): no run finished yet."
+    n, m = none[0]["n"], none[0]["metrics"]
+
+    def pm(key: str) -> str:
+        d = m.get(key) or {}
+        if d.get("mean") is None:
+            return "not recorded"
+        spread = d.get("std") is not None and n >= 2
+        return f"{d['mean']:.3f}" + (f" ± {d['std']:.3f}" if spread else "")
+
+    return (
+        f"Undefended (`none`, n={n}): clean test accuracy {pm('clean_acc')}, defended "
+        f"{pm('defended_acc')} (" + ("mean ± std over seeds" if n >= 2 else "one seed") + ")."
+    )
+
+
+def scale_section(
+    root: str, table: dict[str, Any], records: list[dict[str, Any]], plot_name: str | None
+) -> list[str]:
+    """The answer at another scale, beside the opening's and never pooled with it: returns the
+    lines of its section, from ``records`` (the ``table``'s own preset's, :func:`by_preset`)
+    alone. A heading naming the preset, architecture, epochs and training images; the undefended
+    accuracy (:func:`undefended_accuracy_line`) and attack check (:func:`undefended_line`); then
+    :func:`answer_table`, the plot ``plot_name`` (if drawn) and :func:`answer_sentences` with how
+    many of its grid's runs finished, or, with no ``noise`` / ``cem_noise`` seed pair yet, one
+    sentence saying so in place of the table."""
+    preset = table.get("preset")
+    cfg = (table.get("scale") or {}).get("config") or {}
+    num_train = ((table.get("scale") or {}).get("dataset") or {}).get("num_train")
+    size = (
+        f" ({cfg['arch']}, {cfg.get('epochs')} epochs on {num_train} training images)"
+        if cfg.get("arch")
+        else ""
+    )
+    progress = f"{table.get('finished')} of {table.get('runs')} runs"
+    study = f" (study `{table['study']}`)" if table.get("study") else ""
+    undefended = undefended_accuracy_line(records)
+    if any(r["defense"] == "none" and KEY in r["metrics"] for r in records):
+        undefended += " " + undefended_line(records)
+    lines = [
+        f"## At scale: preset `{preset}`{size}",
+        "",
+        f"Read from `{root}`{study} alone: these runs are never paired or pooled with the runs "
+        "above.",
+        "",
+        undefended,
+        "",
+    ]
+    plot = [f"![privacy-utility at {preset}]({plot_name})", ""] if plot_name else []
+    if not all_seed_pairs(records)[0]:
+        return lines + [
+            f"At this scale, no noise/cem_noise seed pair finished yet: {progress} of its grid "
+            "finished.",
+            "",
+            *plot,
+        ]
+    sentences = answer_sentences(records)
+    return lines + [
+        *answer_table(records),
+        "",
+        *plot,
+        *([sentences, ""] if sentences else []),
+        f"{progress} of its grid finished.",
+        "",
+    ]
+
+
+def write_page(
+    root: str,
+    out: str,
+    command: str | None = None,
+    machine: str | None = None,
+    scale_roots: Sequence[str] = (),
+) -> str:
+    """Writes the page ``out`` and its plots beside it from ``<root>/table.json`` and, for each of
+    ``scale_roots``, one more scale's section (:func:`scale_section`); returns the page's text.
+    Every table is read (:func:`_read_table`) before anything is written."""
+    table = _read_table(root)
+    scales = [(r, _read_table(r, "--scale_root")) for r in scale_roots]
     records = table["rows"]
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
@@ -1783,17 +1911,55 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         if have_plot:
             with open(os.path.join(folder, plot_name), "wb") as f:
                 f.write(storage.read_bytes(src))
+    scale_lines: list[str] = []
+    scale_how: list[str] = []
+    for sroot, stable in scales:
+        spreset = stable.get("preset")
+        srecords = by_preset(stable["rows"], spreset).get(spreset, [])
+        splot = f"{stem}_{spreset}_privacy_utility.png"
+        have_splot = False
+        if srecords:  # finished runs: their frontier plot, this scale's records only
+            sfit = line_comparison(srecords)
+            try:
+                have_splot = collect.plot_privacy_utility(
+                    [r for r in srecords if r["defense"] in ("none", "noise", "cem_noise")],
+                    os.path.join(folder, splot),
+                    title=f"{stable.get('dataset')}, preset {spreset}",
+                    line=(sfit["intercept"], sfit["slope"], *sfit["acc_range"]) if sfit else None,
+                )
+            except ImportError:  # no matplotlib: that sweep's own plot
+                src = storage.join(sroot, collect.PLOT_PNG)
+                have_splot = storage.exists(src)
+                if have_splot:
+                    with open(os.path.join(folder, splot), "wb") as f:
+                        f.write(storage.read_bytes(src))
+        scale_lines += scale_section(sroot, stable, srecords, splot if have_splot else None)
+        scommits = sorted(
+            {run.get("commit") or "unrecorded" for r in srecords for run in r.get("runs", [])}
+        )
+        scale_how += [
+            "",
+            f"At preset `{spreset}` (`{sroot}`):",
+            "",
+            *compute_section(srecords, None, stable.get("scale")),
+            *([f"- Commits that produced its points: {', '.join(scommits)}."] if scommits else []),
+            *(
+                [f"- Its finished runs are recorded in `{stable['records']}`, committed too."]
+                if stable.get("records")
+                else []
+            ),
+        ]
     rows = frontier_comparison(records)
     same_sigma = same_sigma_section(records, fit=fit)
     if same_sigma:
         same_sigma.append("")
     runs = [run for r in records for run in r.get("runs", [])]
     commits = sorted({run.get("commit") or "unrecorded" for run in runs})
-    study = table.get("study")
-    command = command or (
-        f"python -m experiments.sweep --study={study} --root={root}"
-        if study
-        else f"python -m experiments.sweep ... --root={root}"
+    command = command or sweep_command(table, root)
+    page_command = (
+        f"python -m experiments.results_page --root={root}"
+        + "".join(f" --scale_root={r}" for r, _ in scales)
+        + f" --out={out}"
     )
     scale = (table.get("scale") or {}).get("config") or {}
     num_train = ((table.get("scale") or {}).get("dataset") or {}).get("num_train")
@@ -1815,6 +1981,7 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         f"![privacy-utility]({plot_name})" if have_plot else "(no plot: no finished run)",
         "",
         *([sentences, ""] if sentences else []),
+        *scale_lines,
         "## The statistics behind the answer",
         "",
         short_answer(records, fit),
@@ -1866,11 +2033,17 @@ def write_page(root: str, out: str, command: str | None = None, machine: str | N
         "## How it was made",
         "",
         *compute_section(records, machine, table.get("scale")),
+        *scale_how,
         "",
         "```bash",
         command,
         command + " --collect_only",
-        f"python -m experiments.results_page --root={root} --out={out}",
+        *(
+            line
+            for c in (sweep_command(stable, sroot) for sroot, stable in scales)
+            for line in (c, c + " --collect_only")
+        ),
+        page_command,
         "```",
         "",
         f"Commits that produced the points: {', '.join(commits)}.",
@@ -1911,20 +2084,10 @@ def _main(argv: list[str]) -> None:
     config_flags.check_no_arguments(argv)
     if not FLAGS.root:
         raise errors.UsageError("--root is required (the sweep's root folder).")
-    storage.check(FLAGS.root, "--root")
-    path = storage.join(FLAGS.root, collect.TABLE_JSON)
-    again = "write it again with the sweep's command and --collect_only"
-    try:
-        table = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        raise errors.InputError(
-            f"{path} not found: run the sweep, then the same command with --collect_only first."
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise errors.InputError(f"{path} is unreadable ({e}); {again}.") from None
-    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
-        raise errors.InputError(f"{path} holds no table (an object with 'rows'); {again}.")
-    write_page(FLAGS.root, FLAGS.out, FLAGS.command, FLAGS.machine)
+    _read_table(FLAGS.root)
+    for scale_root in FLAGS.scale_root:
+        _read_table(scale_root, "--scale_root")
+    write_page(FLAGS.root, FLAGS.out, FLAGS.command, FLAGS.machine, FLAGS.scale_root)
     print(f"wrote {FLAGS.out}")
 
 
