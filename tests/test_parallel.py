@@ -107,7 +107,12 @@ def test_train_step_on_8_fake_devices_matches_1_device():
     assert out["param_devices_8"] == 8 and out["param_devices_1"] == 1
     # same step, same numbers (up to float reordering of the all-reduce)
     assert abs(out["loss_1"] - out["loss_8"]) < 1e-4 * max(1.0, abs(out["loss_1"]))
-    assert out["max_abs_diff"] < 1e-4 * max(1.0, out["max_abs_param"])
+    # Measured: 2.1e-7 with XLA's own CPU kernels, 1.17e-4 with YNNPACK's matmuls and reductions
+    # (cem_jax.xla_cpu, set on import on jaxlib 0.10; the subprocess inherits them), which block
+    # their sums differently at a per-device batch of 8 than of 64. Open: whether YNN accumulates
+    # at full float32 precision (issue 37 note). A wrong all-reduce (a mean over one device's rows, a
+    # missing psum) moves parameters by ~lr x grad, orders of magnitude more.
+    assert out["max_abs_diff"] < 3e-4 * max(1.0, out["max_abs_param"])
 
 
 # ------------------------------------------------------------------------- several processes
