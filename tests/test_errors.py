@@ -280,3 +280,28 @@ def test_error_types_keep_the_builtins_callers_catch():
     assert issubclass(runner.RunError, RuntimeError) and issubclass(
         storage.StorageError, ValueError
     )
+
+
+def _raise_in(module: str, error: BaseException):
+    """A function whose ``raise`` runs in a frame of ``module`` (as a library's own raise would)."""
+    ns: dict = {"__name__": module, "error": error}
+    exec("def boom(argv):\n    raise error\n", ns)
+    return ns["boom"]
+
+
+def test_an_unreachable_remote_store_is_one_error_line(capsys):
+    """gs:// with no network: the OSError comes from inside the network stack (aiohttp under gcsfs,
+    measured: ClientConnectorDNSError while locking a gs:// workdir) and ends in one line."""
+    boom = _raise_in(
+        "aiohttp.connector", OSError("Cannot connect to host storage.googleapis.com:443")
+    )
+    with pytest.raises(SystemExit) as exit_:
+        config_flags.run_main(boom, ["prog"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot reach the remote storage (OSError:")
+    assert "storage.googleapis.com" in err[0] and "local --workdir" in err[0]
+    # an OSError of the package's own code or of another library is not that: it keeps its traceback
+    for module in ("cem_jax.train", "numpy.lib"):
+        with pytest.raises(OSError):
+            config_flags.run_main(_raise_in(module, OSError("disk full")), ["prog"])

@@ -412,10 +412,26 @@ def run_main(fn: Callable[[list[str]], Any], argv: list[str]) -> None:
     ...         print(e.code, err.getvalue().strip())
     2 error: sigma=-1: accepted values are > 0.
     """
+    # gcsfs logs each exhausted retry with its traceback before raising; the raise ends below
+    import logging as std_logging
+
+    std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
     try:
         fn(argv)
     except errors.CemError as e:
         fail(str(e), e.exit_code)
+    except OSError as e:
+        # a remote store (gs://) that cannot be reached: raised inside the network stack, not a bug
+        if not errors.raised_by(e, *NETWORK_MODULES):
+            raise
+        fail(
+            f"cannot reach the remote storage ({type(e).__name__}: {e}). Check the network and the "
+            "bucket's name and credentials, or use a local --workdir / --root."
+        )
+
+
+#: Packages whose ``OSError`` means an unreachable remote store (:func:`run_main`).
+NETWORK_MODULES = ("aiohttp", "gcsfs", "fsspec", "google", "requests", "urllib3", "socket", "ssl")
 
 
 def usage_errors(what: Callable[[], Any]) -> Any:
