@@ -56,6 +56,7 @@ ADDED_TRAINING_FIELDS: dict[str, Any] = {
     "lr_schedule": "multistep",
     "nesterov": False,
     "label_smoothing": 0.0,
+    "augment_padding": 4,
 }
 #: The fields each learning-rate schedule reads; the fingerprint leaves out the other schedule's.
 SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -109,6 +110,7 @@ class RunConfig:
     warmup_fraction: float = 0.2  # read by lr_schedule="onecycle" only
     nesterov: bool = False  # Nesterov momentum (PyTorch's form, optax.sgd(nesterov=True))
     label_smoothing: float = 0.0  # ε: cross-entropy against (1 − ε)·one_hot + ε/C
+    augment_padding: int = 4  # random crop after zero padding by this many pixels (0: no crop)
     seed: int = 125
     eval_batch_size: int = 500
     # attacks (DESIGN §2 step 4): budgets in optimizer steps, stopped on a validation plateau
@@ -225,6 +227,15 @@ class RunConfig:
             )
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov={self.nesterov!r}: accepted True or False.")
+        if not (
+            isinstance(self.augment_padding, int)
+            and not isinstance(self.augment_padding, bool)
+            and 0 <= self.augment_padding <= 16
+        ):
+            raise ValueError(
+                f"augment_padding={self.augment_padding!r}: accepted an int in [0, 16] (pixels of "
+                "zero padding before the random crop; 0: flips only)."
+            )
         if not (
             isinstance(self.label_smoothing, (int, float))
             and not isinstance(self.label_smoothing, bool)

@@ -417,6 +417,7 @@ class StepSpec:
     warmup_fraction: float = 0.2
     nesterov: bool = False
     label_smoothing: float = 0.0
+    augment_padding: int = 4
 
     @classmethod
     def create(
@@ -450,6 +451,7 @@ class StepSpec:
             warmup_fraction=float(cfg.warmup_fraction),
             nesterov=bool(cfg.nesterov),
             label_smoothing=float(cfg.label_smoothing),
+            augment_padding=int(cfg.augment_padding),
         )
 
     def schedule(self) -> optax.Schedule:
@@ -535,7 +537,7 @@ def train_step(
     images, labels = batch["images"], batch["labels"]
     key = jax.random.fold_in(key, state.step)
     k_aug, k_def, k_drop = jax.random.split(key, 3)
-    x01 = data_lib.augment(k_aug, images)
+    x01 = data_lib.augment(k_aug, images, padding=spec.augment_padding)
     x = data_lib.normalize(x01, spec.mean, spec.std)
     model = spec.model(state, rest, train=True)
     schedule = spec.schedule()

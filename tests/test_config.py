@@ -120,6 +120,9 @@ def test_new_fields_away_from_their_old_values_enter_the_fingerprint():
     assert config_lib.fingerprint_diff(base, _fp(label_smoothing=0.1)) == {
         "label_smoothing": (None, 0.1)
     }
+    assert config_lib.fingerprint_diff(base, _fp(augment_padding=2)) == {
+        "augment_padding": (None, 2)
+    }
     # onecycle reads warmup_fraction and not the milestones: the fingerprint holds what it reads
     one = _fp(lr_schedule="onecycle")
     assert one["lr_schedule"] == "onecycle" and one["warmup_fraction"] == 0.2
@@ -143,6 +146,9 @@ def test_new_fields_away_from_their_old_values_enter_the_fingerprint():
         ("warmup_fraction", 0.0, r"warmup_fraction=0\.0: accepted a fraction .* in \(0, 1\)"),
         ("warmup_fraction", 1.0, r"warmup_fraction=1\.0"),
         ("nesterov", "yes", r"nesterov='yes': accepted True or False"),
+        ("augment_padding", -1, r"augment_padding=-1: accepted an int in \[0, 16\]"),
+        ("augment_padding", 2.0, r"augment_padding=2\.0"),
+        ("augment_padding", True, r"augment_padding=True"),
     ],
 )
 def test_schedule_and_loss_fields_are_validated(field, value, message):

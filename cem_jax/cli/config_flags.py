@@ -97,6 +97,8 @@ HELP: dict[str, str] = {
     "(under --lambda_schedule=inverse_lr, lambd then grows with the decay, at most x25).",
     "warmup_fraction": "Fraction of the steps over which --lr_schedule=onecycle warms up to --lr "
     "(read by onecycle only).",
+    "augment_padding": "Training augmentation: zero padding (pixels) before the random crop, with a "
+    "random horizontal flip (4: the reference; 0: flips only).",
     "nesterov": "Nesterov momentum (PyTorch's form; off in the reference).",
     "label_smoothing": "Label smoothing eps of the cross-entropy: targets (1 - eps) * one_hot + "
     "eps / num_classes (0: none, as the reference).",
