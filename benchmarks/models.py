@@ -14,6 +14,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,14 @@ RESNET_CONVS_64 = [
     (16, 64, 128, 3, 2),
     (8, 128, 128, 3, 1),
 ]
+# The decoder attack's 3x3 convs (res_normN8C64 from 8x8x8 features to 32 px): its first ResBlock,
+# the eight 64->64 ResBlocks at 8x8 (18 of its 22 convs, most of its FLOPs), and the head at 32x32.
+DECODER_CONVS_32 = [
+    (8, 8, 64, 3, 1),
+    (8, 64, 64, 3, 1),
+    (32, 64, 3, 3, 1),
+    (32, 3, 3, 3, 1),
+]
 VGG_POOLS_32 = [(32, 64), (16, 128), (8, 256), (4, 512), (2, 512)]
 
 
@@ -69,12 +78,16 @@ def round_robin(fns: dict, n: int, cpu: dict | None = None) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_convs(batch: int, n: int) -> None:
+CONV_SETS = {
+    "vgg": ("VGG11 cut 4, 32 px", VGG_CONVS_32),
+    "resnet": ("ResNet20, 64 px", RESNET_CONVS_64),
+    "decoder": ("decoder res_normN8C64, 8x8 features -> 32 px", DECODER_CONVS_32),
+}
+
+
+def bench_convs(batch: int, n: int, sets: Sequence[str] = tuple(CONV_SETS)) -> None:
     key = jax.random.key(0)
-    for title, shapes in (
-        ("VGG11 cut 4, 32 px", VGG_CONVS_32),
-        ("ResNet20, 64 px", RESNET_CONVS_64),
-    ):
+    for title, shapes in (CONV_SETS[name] for name in sets):
         print(f"\nconv forward+backward (d/dx, d/dkernel), B={batch}, {title}  [ms]")
         for h, ci, co, k, s in shapes:
             x = jax.random.normal(key, (batch, h, h, ci))
@@ -175,10 +188,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layers", action="store_true", help="also time each conv / pool / BN shape")
+    p.add_argument(
+        "--conv_sets",
+        default=",".join(CONV_SETS),
+        help=f"with --layers: which conv shape lists, comma-separated, of {sorted(CONV_SETS)}",
+    )
     a = p.parse_args()
+    sets = [s for s in a.conv_sets.split(",") if s]
+    if unknown := sorted(set(sets) - set(CONV_SETS)):
+        p.error(f"--conv_sets: unknown {unknown}; accepted: {sorted(CONV_SETS)}")
     print(f"backend {jax.default_backend()}, devices {jax.devices()}")
     if a.layers:
-        bench_convs(a.batch, a.repeats)
+        bench_convs(a.batch, a.repeats, sets)
     bench_step(a.arch, a.image_size, a.batch, a.repeats)
 
 
