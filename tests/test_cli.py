@@ -161,7 +161,7 @@ def test_help_of_each_program_lists_its_flags_and_the_defense_presets():
         assert preset in flat
         for k, v in values.items():
             assert (k if v is True else f"{k}={v}") in flat, (preset, k)
-    assert "[preset quick: 6; cifar_full: 10]" in flat  # --epochs: what each preset changes
+    assert "[preset quick: 6; cifar_full: 15]" in flat  # --epochs: what each preset changes
 
 
 def test_flag_kinds_follow_the_type_annotations():

@@ -164,7 +164,7 @@ def test_cifar_full_preset_is_the_papers_split_on_all_the_data():
     assert cfg.train_subset is None and cfg.test_subset is None
     # the short schedule
     assert cfg.lr_schedule == "onecycle" and cfg.nesterov and 0 < cfg.label_smoothing < 1
-    assert cfg.epochs <= 12 and cfg.batch_size <= 512
+    assert cfg.epochs <= 16 and cfg.batch_size <= 512 and cfg.augment_padding == 2
     # the decoder attack alone, under the paper preset's stopping rule
     assert cfg.attacks == ("decoder",)
     assert set(cfg.attack_settings) == {"train_time", "inference_time"}
