@@ -371,7 +371,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # accuracy after the last epoch:
     #   10 epochs, crop padding 4: 0.822 (train loss 0.91 with smoothed targets: under-fitted);
     #   12 epochs, crop padding 2: 0.844 (0.796 at 10, 0.812 at 11; train loss 0.80);
-    #   15 epochs, crop padding 2: this preset (the study's run 1; docs/results_full_runs.jsonl).
+    #   15 epochs, crop padding 2: 0.853 (0.799 at 12, 0.838 at 14; train loss 0.73): this preset.
     # The 90-min budget per run is not kept at 15 epochs: ~91 min of training (6.1 min per epoch
     # with the test evaluation) plus the train-time decoder attack under the paper preset's stopping
     # rule (patience 3, 0.5 %, two decays; 2,600 steps in 16:00 at the 10-epoch client) is ~1 h 50
