@@ -47,7 +47,7 @@ RESNET_CONVS_64 = [
     (8, 128, 128, 3, 1),
 ]
 # The decoder attack's 3x3 convs (res_normN8C64 from 8x8x8 features to 32 px): its first ResBlock,
-# the eight 64->64 ResBlocks at 8x8 (18 of its 22 convs, most of its FLOPs), and the head at 32x32.
+# the eight 64->64 ResBlocks at 8x8 (17 of its 20 3x3 convs, most of its FLOPs), the head at 32x32.
 DECODER_CONVS_32 = [
     (8, 8, 64, 3, 1),
     (8, 64, 64, 3, 1),

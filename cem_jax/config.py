@@ -332,7 +332,7 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
 
 # Presets: "paper" is the reference schedule (240 epochs on the full training set); "quick" is a short
 # schedule on a subset that runs end to end (train + attacks) in a few minutes on a 2-core laptop;
-# "cifar_full" trains on the full training set in a 15-epoch one-cycle schedule (about 1.7 h on one).
+# "cifar_full" trains on the full training set in a 15-epoch one-cycle schedule (about 1 h 50 min on one).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "quick": {
