@@ -34,7 +34,11 @@ SHAPES = [
 
 
 def _impls(s, auto=True):
-    return ("xla", "matmul") + (("col2im",) if s == 1 else ()) + (("auto",) if auto else ())
+    return (
+        ("xla", "matmul", "xla_dotgrad")
+        + (("col2im",) if s == 1 else ())
+        + (("auto",) if auto else ())
+    )
 
 
 def _pads(padding, h, k, s):
@@ -115,7 +119,7 @@ def test_conv2d_second_derivatives_equal(h, ci, co, k, s, padding):
         )
 
     ref = jax.grad(penalty, argnums=1)(lax_conv, w, x)
-    for impl in ("xla", "matmul", "auto"):
+    for impl in ("xla", "matmul", "xla_dotgrad", "auto"):
         conv = lambda x, w, impl=impl: layers.conv2d(x, w, strides=s, padding=padding, impl=impl)
         got = jax.grad(penalty, argnums=1)(conv, w, x)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
@@ -171,6 +175,35 @@ def test_ynn_rule_follows_xla_flags(monkeypatch):
     assert layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert layers.use_matmul((8, 8), (2, 2), 64, 256, (1, 1), backend="cpu")
+
+
+def test_use_dotgrad_rule():
+    # stride-1 kernels of at most 2x2 left on XLA (the decoder's 1x1 shortcuts and sub-pixel
+    # upsamplings): XLA's forward and input gradient, the kernel gradient as one matmul
+    assert layers.use_dotgrad((32, 32), (1, 1), 64, 3, (1, 1), backend="cpu")
+    assert layers.use_dotgrad((16, 16), (2, 2), 64, 256, (1, 1), backend="cpu")
+    assert not layers.use_dotgrad((8, 8), (3, 3), 64, 64, (1, 1), backend="cpu")
+    assert not layers.use_dotgrad((16, 16), (2, 2), 64, 256, (2, 2), backend="cpu")
+    assert not layers.use_dotgrad((32, 32), (1, 1), 64, 3, (1, 1), backend="gpu")
+
+
+def test_auto_takes_the_kernel_gradient_as_a_dot(monkeypatch):
+    # under YNN, 'auto' leaves a 1x1 stride-1 conv on XLA (its forward is XLA's conv) but takes
+    # its kernel gradient as a dot_general; plain 'xla' has no dot anywhere
+    monkeypatch.setattr(layers, "_ynn_enabled", lambda: True)
+    x, w = _xw(8, 6, 3, 1)
+
+    def jaxprs(impl):
+        conv = lambda x, w: layers.conv2d(x, w, padding=0, impl=impl)  # noqa: E731
+        fwd = str(jax.make_jaxpr(conv)(x, w))
+        grad = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(conv(x, w) ** 2)))(w))
+        return fwd, grad
+
+    fwd, grad = jaxprs("auto")
+    assert "conv_general_dilated" in fwd and "dot_general" not in fwd
+    assert "dot_general" in grad
+    fwd, grad = jaxprs("xla")
+    assert "dot_general" not in fwd + grad
 
 
 def test_use_col2im_rule():

@@ -3,7 +3,8 @@
 XLA's CPU convolution is very slow on some shapes (a 3x3 conv on a 2x2 map takes seconds at batch
 128), so :class:`Conv` computes the same function either with ``lax.conv_general_dilated`` or as
 im2col patches times one matmul, or (thin outputs) one matmul to every tap's output then a
-shifted sum, choosing per shape at trace time (:func:`use_matmul`, :func:`use_col2im`).
+shifted sum, or XLA's conv with its kernel gradient as one matmul, choosing per shape at trace time
+(:func:`use_col2im`, :func:`use_matmul`, :func:`use_dotgrad`).
 
 Everything is NHWC; kernels are ``[kh, kw, c_in, c_out]`` exactly like ``nnx.Conv``.
 """
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-Impl = Literal["auto", "xla", "matmul", "col2im"]
+Impl = Literal["auto", "xla", "matmul", "col2im", "xla_dotgrad"]
+_IMPLS = ("auto", "xla", "matmul", "col2im", "xla_dotgrad")
 Padding = str | int | Sequence[tuple[int, int]]
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -194,6 +196,64 @@ def use_col2im(
     )
 
 
+def use_dotgrad(
+    in_hw: tuple[int, int],
+    kernel_hw: tuple[int, int],
+    c_in: int,
+    c_out: int,
+    strides: tuple[int, int],
+    backend: str | None = None,
+) -> bool:
+    """The rule for ``'xla_dotgrad'`` (checked after :func:`use_col2im` and :func:`use_matmul`, so
+    only for convs left on XLA): CPU, stride 1, a kernel of at most 2x2.
+
+    XLA:CPU computes a kernel gradient as a convolution over the batch, which needs the input
+    transposed to ``[C, H, W, B]``; it fuses that transpose with the input's producers (BatchNorm,
+    ReLU, the residual sums), a strided loop that is slow on large maps. For a kernel of at most
+    2x2 the im2col copy is cheap (at most 4x the input, none for 1x1), so the kernel gradient is
+    one ``patches^T @ grad`` matmul instead; the forward and the input gradient stay on XLA.
+    Kernel gradient of the decoder head's 1x1 64->3 shortcut at 32x32, batch 256: XLA 141 ms,
+    matmul 33 ms. The decoder attack step (batch 256, interleaved in one process on a quiet CPU):
+    see docs/benchmarks.md.
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return False
+    return max(strides) == 1 and max(kernel_hw) <= 2
+
+
+def _conv_xla_dotgrad(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """``lax.conv_general_dilated`` whose kernel gradient is ``patches^T @ g`` (same function)."""
+
+    def conv(x, kernel):
+        return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
+
+    @jax.custom_vjp
+    def f(x, kernel):
+        return conv(x, kernel)
+
+    def fwd(x, kernel):
+        return conv(x, kernel), (x, kernel)
+
+    def bwd(res, g):
+        x, kernel = res
+        _, vjp_x = jax.vjp(lambda x: conv(x, kernel), x)
+        kh, kw, ci, co = kernel.shape
+        pt = _patches(x, (kh, kw), strides, pads)
+        n = pt.shape[0] * pt.shape[1] * pt.shape[2]
+        dk = lax.dot_general(
+            pt.reshape(n, kh * kw * ci), g.reshape(n, co), (((0,), (0,)), ((), ()))
+        )
+        return vjp_x(g)[0], dk.reshape(kernel.shape).astype(kernel.dtype)
+
+    f.defvjp(fwd, bwd)
+    return f(x, kernel)
+
+
 def _col2im(
     x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], tuple[int, int]]
 ) -> jax.Array:
@@ -253,8 +313,10 @@ def conv2d(
       strides: int or pair.
       padding: ``'SAME'``, ``'VALID'``, int (symmetric, PyTorch style) or ``((t, b), (l, r))``.
       impl: ``'xla'`` (``lax.conv_general_dilated``), ``'matmul'`` (im2col + one dot),
-        ``'col2im'`` (one dot to every tap's output, then a shifted sum; stride 1 only) or
-        ``'auto'`` (:func:`use_col2im`, then :func:`use_matmul`). All compute the same function.
+        ``'col2im'`` (one dot to every tap's output, then a shifted sum; stride 1 only),
+        ``'xla_dotgrad'`` (XLA's conv, its kernel gradient as im2col + one dot) or ``'auto'``
+        (:func:`use_col2im`, then :func:`use_matmul`, then :func:`use_dotgrad`). All compute the
+        same function.
 
     Returns:
       ``[B, Ho, Wo, C_out]``.
@@ -264,8 +326,8 @@ def conv2d(
     >>> bool(jnp.allclose(conv2d(x, k, impl="xla"), conv2d(x, k, impl="matmul")))
     True
     """
-    if impl not in ("auto", "xla", "matmul", "col2im"):
-        raise ValueError(f"impl must be 'auto', 'xla', 'matmul' or 'col2im', got {impl!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, _IMPLS))}, got {impl!r}")
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
         raise ValueError(
             f"x must be [B, H, W, C] and kernel [kh, kw, C, C_out] with matching C, got "
@@ -277,7 +339,17 @@ def conv2d(
     pads = resolve_padding(padding, in_hw, khw, st)
     shape = (in_hw, khw, x.shape[-1], kernel.shape[-1], st)
     if impl == "auto":
-        impl = "col2im" if use_col2im(*shape) else "matmul" if use_matmul(*shape) else "xla"
+        impl = (
+            "col2im"
+            if use_col2im(*shape)
+            else "matmul"
+            if use_matmul(*shape)
+            else "xla_dotgrad"
+            if use_dotgrad(*shape)
+            else "xla"
+        )
+    if impl == "xla_dotgrad":
+        return _conv_xla_dotgrad(x, kernel, st, pads)
     if impl == "xla":
         return lax.conv_general_dilated(x, kernel, st, pads, dimension_numbers=_DN)
     if impl == "col2im":
@@ -319,8 +391,8 @@ class Conv(nnx.Module):
             raise ValueError(
                 f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
             )
-        if impl not in ("auto", "xla", "matmul", "col2im"):
-            raise ValueError(f"impl must be 'auto', 'xla', 'matmul' or 'col2im', got {impl!r}")
+        if impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(map(repr, _IMPLS))}, got {impl!r}")
         kh, kw = _pair(kernel_size, "kernel_size")
         self.strides = _pair(strides, "strides")
         if not isinstance(padding, str | int):
