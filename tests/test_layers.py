@@ -319,3 +319,16 @@ def test_xavier_and_he_inits():
     np.testing.assert_allclose(float(jnp.std(w)), math.sqrt(2.0 / (9 * 128)), rtol=0.02)
     # untruncated normal: some samples beyond 2 std
     assert float(jnp.max(jnp.abs(w))) > 2.5 * math.sqrt(2.0 / (9 * 128))
+
+
+def test_materialize_is_the_identity_bit_for_bit():
+    # every value but subnormals, which XLA:CPU flushes to zero in any arithmetic op
+    assert float(jax.jit(lambda v: v * 1.5)(jnp.float32(3e-39))) == 0.0
+    x = jnp.array([1.5, -0.0, 0.0, jnp.inf, -jnp.inf, jnp.nan, 2e-38, -1e38, 7.0], jnp.float32)
+    for anchor in (jnp.ones((2, 3)), jnp.full((2, 3), jnp.nan), jnp.full((1,), -jnp.inf)):
+        out = layers.materialize(x, anchor)
+        np.testing.assert_array_equal(
+            np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32)
+        )
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(layers.materialize(x, x)) * 3.0))(jnp.arange(4.0))
+    np.testing.assert_array_equal(g, 3.0 * np.cos(np.arange(4.0, dtype=np.float32)))

@@ -416,6 +416,34 @@ class Conv(nnx.Module):
         return y
 
 
+def materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
+    """``x`` itself, kept as one computed array on XLA:CPU instead of recomputed in every consumer.
+
+    XLA:CPU fuses cheap elementwise producers into each of their consumers, recomputing them, and
+    it drops ``lax.optimization_barrier`` before fusion. In a residual stack that recomputes the
+    whole stream (``h_k = relu(c_k + h_{k-1})``, up to 8 sums deep in the decoder) inside the
+    transposes that feed the kernel gradients. A divide by a value the compiler cannot fold is
+    not duplicated there, so on CPU this returns ``x / one`` with
+    ``one = 1 + 0 * nan_to_num(anchor[0, ..., 0])`` (``nan_to_num`` keeps it at 1 whatever
+    ``anchor`` holds). ``x / 1 == x`` in IEEE arithmetic for every value, NaN and infinities
+    included, and so is the gradient; the one exception, a subnormal ``x``, XLA:CPU flushes to zero
+    in every arithmetic op anyway (flush-to-zero), so no consumer sees a difference. Elsewhere
+    (GPU, TPU) it returns ``x`` untouched. ``anchor`` is any array computed in the same program
+    (the layer's input). In the decoder attack's compiled step the ReLUs drop from 395 to 160
+    (``tests/test_decoder.py``), and the step (batch 256, one quiet process) runs at 188 -> 229
+    images/s (docs/benchmarks.md).
+
+    >>> x = jnp.array([1.5, -0.0, jnp.inf, -2.0])
+    >>> bool(jnp.all(materialize(x, jnp.ones(3)) == x))
+    True
+    """
+    if jax.default_backend() != "cpu":
+        return x
+    first = lax.stop_gradient(anchor.reshape(-1)[0])
+    one = 1.0 + 0.0 * jnp.nan_to_num(first).astype(x.dtype)
+    return x / one
+
+
 # --------------------------------------------------------------------------------------------------
 # The client side of a split model
 # --------------------------------------------------------------------------------------------------
