@@ -599,7 +599,9 @@ def _run_locked(
     results = finish(cfg, result.trainer, result.state, result.history, workdir=workdir, stream=out)
     results["dataset"] = {**(results.get("dataset") or {}), **identity}
     results["train_wall_time_s"] = result.wall_time_s
-    results["wall_time_s"] = time.perf_counter() - t_start
+    # a resumed run counts the training done before the resume too (the attacks' own partial
+    # time before a resume is not counted: an attack restarts from its last checkpoint)
+    results["wall_time_s"] = time.perf_counter() - t_start + result.prior_wall_time_s
     if main:
         write_json_atomic(results_path, results)
         _clear_attack_checkpoints(workdir)  # needed only to resume the attacks

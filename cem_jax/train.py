@@ -1072,8 +1072,9 @@ class TrainResult:
     state: TrainState
     history: list[dict[str, float]]
     final: dict[str, float]
-    wall_time_s: float
+    wall_time_s: float  # training's wall time in all, the processes before a resume included
     resumed_from_epoch: int
+    prior_wall_time_s: float = 0.0  # the part spent before this process resumed the run
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -1165,12 +1166,15 @@ def checkpoint_meta(
     epoch: int,
     history: list[dict[str, float]],
     dataset: dict[str, Any],
+    wall_time_s: float | None = None,
 ) -> dict[str, Any]:
-    """The JSON item saved beside the state of ``epoch`` (what :mod:`cem_jax.client` reads back)."""
+    """The JSON item saved beside the state of ``epoch`` (what :mod:`cem_jax.client` reads back);
+    ``wall_time_s``: the training's wall time up to this checkpoint, every process counted."""
     ds = trainer.dataset
     return {
         "format_version": FORMAT_VERSION,
         "epoch": epoch,
+        "train_wall_time_s": wall_time_s,
         "finished": epoch == cfg.epochs,
         "config": cfg.to_dict(),
         "fingerprint": cfg.training_fingerprint(),
@@ -1212,6 +1216,7 @@ def train(
     state = trainer.init_state()
     history: list[dict[str, float]] = []
     first_epoch = 1
+    prior_s = 0.0
     ckpt = None
     if workdir is not None:
         ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=max_to_keep)
@@ -1227,6 +1232,7 @@ def train(
                     ckpt.set_aside_skipped()
             history = list(meta["history"])
             first_epoch = int(meta["epoch"]) + 1
+            prior_s = previous_wall_time_s(meta)
             logging.info("resuming %s after epoch %d", workdir, first_epoch - 1)
             if on_resume is not None:
                 on_resume(history)
@@ -1245,7 +1251,10 @@ def train(
         trainer.check_finite(state, metrics, epoch)  # nothing non-finite reaches a checkpoint
         history.append(metrics)
         if ckpt is not None:
-            ckpt.save(epoch, state, checkpoint_meta(cfg, trainer, epoch, history, identity))
+            elapsed = prior_s + time.perf_counter() - start
+            ckpt.save(
+                epoch, state, checkpoint_meta(cfg, trainer, epoch, history, identity, elapsed)
+            )
             fault_point("after_checkpoint", epoch)
         if on_epoch_end is not None:
             on_epoch_end(metrics)
@@ -1257,6 +1266,17 @@ def train(
         state=state,
         history=history,
         final=final,
-        wall_time_s=time.perf_counter() - start,
+        wall_time_s=prior_s + time.perf_counter() - start,
         resumed_from_epoch=resumed_from,
+        prior_wall_time_s=prior_s,
     )
+
+
+def previous_wall_time_s(meta: dict[str, Any]) -> float:
+    """Training wall time before the checkpoint ``meta`` was written, every process counted: its
+    ``train_wall_time_s``, or for a checkpoint written without it the sum of its history's
+    ``epoch_time_s`` (the train steps alone: a lower bound, evaluations left out)."""
+    recorded = meta.get("train_wall_time_s")
+    if isinstance(recorded, int | float):
+        return float(recorded)
+    return float(sum(float(h.get("epoch_time_s", 0.0)) for h in meta.get("history", [])))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -145,11 +146,27 @@ def test_resume_gives_same_result_as_uninterrupted(tiny_data, tmp_path):
         if epoch == 2:
             raise Killed  # as if the process died mid-way through epoch 2
 
+    t0 = time.perf_counter()
     with pytest.raises(Killed):
         train.train(cfg, tiny_data, workdir=str(tmp_path / "part"), on_epoch_start=kill_in_epoch_2)
-    assert Checkpointer(str(tmp_path / "part" / "checkpoints")).latest_step() == 1
+    first_process_s = time.perf_counter() - t0
+    ckpt = Checkpointer(str(tmp_path / "part" / "checkpoints"))
+    assert ckpt.latest_step() == 1
+    _, meta = ckpt.restore(train.Trainer(cfg, tiny_data).init_state())
+    ckpt.close()
+    assert 0 < meta["train_wall_time_s"] <= first_process_s
+    t0 = time.perf_counter()
     resumed = train.train(cfg, tiny_data, workdir=str(tmp_path / "part"))
+    second_process_s = time.perf_counter() - t0
     assert resumed.resumed_from_epoch == 1
+    # the wall time counts the epoch trained before the kill too
+    assert resumed.prior_wall_time_s == pytest.approx(meta["train_wall_time_s"])
+    assert second_process_s < resumed.wall_time_s <= second_process_s + first_process_s
+    # a checkpoint written before the field existed: its history's epoch times, a lower bound
+    assert (
+        train.previous_wall_time_s({"history": [{"epoch_time_s": 2.0}, {"epoch_time_s": 3.5}]})
+        == 5.5
+    )
     for k in ("loss", "clean_acc", "defended_acc", "leakage_bits"):
         assert resumed.final[k] == pytest.approx(full.final[k], rel=1e-4, abs=1e-5), k
     a = jax.tree.leaves(full.state.params)
