@@ -1113,6 +1113,13 @@ def test_a_scale_root_gets_its_own_answer_beside_the_opening(tmp_path):
     assert "Undefended (`none`, n=3): clean test accuracy 0.871 ± 0.004, defended 0.870" in section
     assert "Undefended check (`none`, n=3)" in section  # its attack against the mean image
     assert "19 of 21 runs of its grid finished." in section
+    # the paper's comparison at equal σ, one row per σ of this scale's own pairs
+    assert "\n".join(results_page.same_sigma_section(full)) in section
+    assert [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| 0.")] == [
+        "| 0.1",
+        "| 0.2",
+        "| 0.4",
+    ]
     # its plot, beside the page, embedded in the section
     assert "![privacy-utility at cifar_full](results_cifar_full_privacy_utility.png)" in section
     drawn = (tmp_path / "docs" / "results_cifar_full_privacy_utility.png").read_bytes()
@@ -1144,6 +1151,28 @@ def test_a_scale_root_with_no_pair_yet_says_so(tmp_path):
     assert "no noise/cem_noise seed pair finished yet: 0 of 21 runs" in text
     assert "Undefended (`none`): no run finished yet." in text
     assert "![privacy-utility at cifar_full]" not in text
+
+
+def test_a_scale_roots_first_pair_gets_the_papers_comparison_before_the_answer(tmp_path):
+    """One noise / cem_noise pair (too few noise runs for the line at equal accuracy): the section
+    says the answer needs more runs, and shows the pair at equal σ, its MSE change in % and its
+    accuracy change, computed here by hand."""
+    import numpy as np
+
+    root = _scale_root(
+        tmp_path / "frontier", _paired_study(np.random.default_rng(9)), "quick", 24, 24
+    )
+    noise = _seeded("noise", "noise_s0.1", 0.1, [1], [0.8416], [0.0094])
+    cem = _seeded("cem_noise", "cem_noise_s0.1", 0.1, [1], [0.8320], [0.0140])
+    big = _scale_root(tmp_path / "full", [_undefended(1), noise, cem], "cifar_full", 3, 18)
+    text = results_page.write_page(root, str(tmp_path / "results.md"), scale_roots=[big])
+    section = text[text.index("## At scale") : text.index("## The statistics behind the answer")]
+    assert "(No answer yet: it needs three finished `noise` runs" in section
+    row = next(line for line in section.splitlines() if line.startswith("| 0.1 | 1 / 1 |"))
+    gain = (0.0140 - 0.0094) / 0.0094  # +49 %
+    assert f"MSE {0.0140 - 0.0094:+.4f} ({gain:+.0%}), acc {0.8320 - 0.8416:+.4f}" in row
+    assert "1 pair(s): attack MSE +0.0046, one pair; acc -0.0096, one pair" in row
+    assert "3 of 18 runs of its grid finished." in section
 
 
 def test_a_missing_scale_table_is_an_input_error_naming_it(tmp_path, monkeypatch):

@@ -1819,9 +1819,11 @@ def scale_section(
     lines of its section, from ``records`` (the ``table``'s own preset's, :func:`by_preset`)
     alone. A heading naming the preset, architecture, epochs and training images; the undefended
     accuracy (:func:`undefended_accuracy_line`) and attack check (:func:`undefended_line`); then
-    :func:`answer_table`, the plot ``plot_name`` (if drawn) and :func:`answer_sentences` with how
-    many of its grid's runs finished, or, with no ``noise`` / ``cem_noise`` seed pair yet, one
-    sentence saying so in place of the table."""
+    :func:`answer_table`, the plot ``plot_name`` (if drawn), :func:`answer_sentences`, the
+    paper's own comparison at equal σ (:func:`same_sigma_section`: the gain in % and the accuracy
+    change, from the first pair on, before the answer at equal accuracy can be read) and how many
+    of its grid's runs finished, or, with no ``noise`` / ``cem_noise`` seed pair yet, one sentence
+    saying so in place of the table."""
     preset = table.get("preset")
     cfg = (table.get("scale") or {}).get("config") or {}
     num_train = ((table.get("scale") or {}).get("dataset") or {}).get("num_train")
@@ -1853,11 +1855,13 @@ def scale_section(
             *plot,
         ]
     sentences = answer_sentences(records)
+    paper = same_sigma_section(records)
     return lines + [
         *answer_table(records),
         "",
         *plot,
         *([sentences, ""] if sentences else []),
+        *([*paper, ""] if paper else []),
         f"{progress} of its grid finished.",
         "",
     ]
