@@ -19,7 +19,9 @@ step. The attacker learns an inverse ``decoder(features) -> images`` on pairs it
 * :func:`split_settings` — the two data settings (train-time, inference-time).
 
 Every step is one ``jax.jit`` over the (decoder, optimizer[, critic]) state, split once with
-``nnx.split``, donated, and merged back at the end. With a mesh, batches are sharded on its ``data``
+``nnx.split``, donated, and merged back at the end. Keys, learning rates and data are arguments of
+the jitted functions, so that, on a :class:`SplitEncode` client, the decoder attack of the second data
+setting reuses what the first compiled (kept in ``encode.compiled``). With a mesh, batches are sharded on its ``data``
 axis and the state is replicated. The modules passed in are never modified: the attacks work on copies
 and return the trained copy. Every trained attack reports ``steps``, ``converged`` and its validation
 curve (:meth:`AttackResult.summary`).
@@ -79,9 +81,26 @@ class SplitEncode:
     ) -> None:
         self.features = features
         self.obfuscate = obfuscate
+        # The attacks' jitted functions on this client, kept so that every attack on it reuses
+        # them: the decoder attack of the second data setting compiles nothing (keys, learning
+        # rates and data are arguments, the modules' structure is part of the key). Freed with
+        # the encode.
+        self.compiled: dict[tuple, Any] = {}
 
     def __call__(self, key: jax.Array, images: jax.Array) -> jax.Array:
         return self.obfuscate(key, self.features(images))
+
+
+def _reuse(encode: Encode, key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()``, kept on a :class:`SplitEncode` under ``key`` (hashable: a name, the graphdef,
+    the mesh, static shapes) and returned again to every later attack on the same client; for any
+    other encode, built anew on each call."""
+    cache = encode.compiled if isinstance(encode, SplitEncode) else None
+    if cache is None:
+        return build()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 Progress = Callable[[dict], None]
@@ -504,16 +523,19 @@ def _evaluate(
 
     n_examples = min(num_examples, batch_size)
 
-    def step(state, batch, i):
-        decoder = nnx.merge(graphdef, state)
-        decoder.eval()
-        feats = encode(jax.random.fold_in(key, i), batch)
-        rec = decoder(feats)
-        return rec[:n_examples], _per_sample_metrics(rec, _to_target(batch))
+    def build():
+        def step(state, batch, key, i):
+            decoder = nnx.merge(graphdef, state)
+            decoder.eval()
+            feats = encode(jax.random.fold_in(key, i), batch)
+            rec = decoder(feats)
+            return rec[:n_examples], _per_sample_metrics(rec, _to_target(batch))
 
-    # outputs replicated: the per-sample metrics ([B] each) and the first reconstructions can be
-    # read on every process, also when the batch's rows live on other hosts
-    step = placement.jit(step)
+        # outputs replicated: the per-sample metrics ([B] each) and the first reconstructions can
+        # be read on every process, also when the batch's rows live on other hosts
+        return placement.jit(step)
+
+    step = _reuse(encode, ("evaluate", graphdef, placement.mesh, n_examples), build)
     n = len(images)
     outs = []
     with placement.context():
@@ -524,7 +546,7 @@ def _evaluate(
                 pad = np.zeros((batch_size - valid, *batch.shape[1:]), batch.dtype)
                 batch = np.concatenate([batch, pad])
             have = len(outs) * n_examples  # only the first batch(es) contribute examples
-            rec, per = step(state, placement.batch(batch), jnp.int32(i))
+            rec, per = step(state, placement.batch(batch), key, jnp.int32(i))
             outs.append((valid, rec if have < num_examples else None, per))
     return _reduce_metrics(jax.device_get(outs), num_examples, images.shape[1:])
 
@@ -933,14 +955,15 @@ def _fit(
 
 def _val_mse_fn(
     encode: Encode,
-    apply: Callable[[Any, jax.Array], jax.Array],
+    graphdef: Any,
     images: np.ndarray,
     *,
     key: jax.Array,
     config: Any,
     placement: _Placement,
 ) -> Callable[[Any], float]:
-    """``state -> mean per-image MSE`` of ``apply(state, encode(key_b, x))`` over ``images``.
+    """``state -> mean per-image MSE`` over ``images`` of ``m(encode(key_b, x))``, ``m`` the first
+    module of ``nnx.merge(graphdef, state)`` in eval mode.
 
     Fixed noise keys (batch ``b`` uses ``fold_in(key, b)``), so successive evaluations differ only
     through the state. One host sync per call.
@@ -959,15 +982,22 @@ def _val_mse_fn(
             x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
         chunks.append((placement.batch(x), placement.batch(mask), b))
 
-    @jax.jit
-    def sse(state, x, mask, b):
-        rec = apply(state, encode(jax.random.fold_in(key, b), x))
-        err = jnp.mean((rec - _to_target(x)) ** 2, axis=tuple(range(1, x.ndim)))
-        return jnp.sum(err * mask)
+    def build():
+        apply = _eval_apply(graphdef, 0)
+
+        @jax.jit
+        def sse(state, x, mask, key, b):
+            rec = apply(state, encode(jax.random.fold_in(key, b), x))
+            err = jnp.mean((rec - _to_target(x)) ** 2, axis=tuple(range(1, x.ndim)))
+            return jnp.sum(err * mask)
+
+        return sse
+
+    sse = _reuse(encode, ("validation", graphdef), build)
 
     def val(state) -> float:
         with placement.context():
-            total = sum(sse(state, x, m, jnp.int32(b)) for x, m, b in chunks)
+            total = sum(sse(state, x, m, key, jnp.int32(b)) for x, m, b in chunks)
         return float(total) / n
 
     return val
@@ -1039,32 +1069,42 @@ def _decoder_train_step(
     ``state`` is ``nnx.state((decoder, optimizer))`` (donated); the features are
     ``encode(fold_in(key, step), batch)``, or, when ``batch`` is a pair ``(clean features, images)``
     (``encode`` a :class:`SplitEncode`), ``encode.obfuscate(fold_in(key, step), clean)``; loss ``mean((decoder(z) - target)²)``, train mode; the
-    learning rate is ``base_lr · lr_scale`` (an injected hyper-parameter: no recompilation).
+    learning rate is ``base_lr · lr_scale`` (an injected hyper-parameter: no recompilation). The
+    jitted function (``step.jitted``, arguments ``(state, batch, key, step, base_lr, lr_scale)``)
+    is kept on a :class:`SplitEncode` for every later attack on the same client with the same
+    ``graphdef``.
     """
 
-    def train_step(state, batch, step, scale):
-        decoder, optimizer = nnx.merge(graphdef, state)
-        step_key = jax.random.fold_in(key, step)
-        if isinstance(batch, tuple):  # (clean features, images): SplitEncode's precomputed path
-            clean, batch = batch
-            feats = encode.obfuscate(step_key, clean)
-        else:
-            feats = encode(step_key, batch)
-        feats = jax.lax.stop_gradient(feats)
-        target = _to_target(batch)
+    def build():
+        def train_step(state, batch, key, step, base_lr, scale):
+            decoder, optimizer = nnx.merge(graphdef, state)
+            step_key = jax.random.fold_in(key, step)
+            if isinstance(batch, tuple):  # (clean features, images): SplitEncode's precomputed path
+                clean, batch = batch
+                feats = encode.obfuscate(step_key, clean)
+            else:
+                feats = encode(step_key, batch)
+            feats = jax.lax.stop_gradient(feats)
+            target = _to_target(batch)
 
-        def loss_fn(d):
-            return jnp.mean((d(feats) - target) ** 2)
+            def loss_fn(d):
+                return jnp.mean((d(feats) - target) ** 2)
 
-        loss, grads = nnx.value_and_grad(loss_fn)(decoder)
-        optimizer.opt_state.hyperparams["learning_rate"][...] = base_lr * scale
-        optimizer.update(decoder, grads)
-        return nnx.state((decoder, optimizer)), loss
+            loss, grads = nnx.value_and_grad(loss_fn)(decoder)
+            optimizer.opt_state.hyperparams["learning_rate"][...] = base_lr * scale
+            optimizer.update(decoder, grads)
+            return nnx.state((decoder, optimizer)), loss
 
-    jitted = placement.jit(train_step, donate_argnums=0)
-    return lambda state, batch, step, scale: jitted(
-        state, batch, jnp.int32(step), jnp.float32(scale)
-    )
+        return placement.jit(train_step, donate_argnums=0)
+
+    jitted = _reuse(encode, ("decoder_train_step", graphdef, placement.mesh), build)
+    lr = jnp.float32(base_lr)
+
+    def step_fn(state, batch, step, scale):
+        return jitted(state, batch, key, jnp.int32(step), lr, jnp.float32(scale))
+
+    step_fn.jitted = jitted  # (state, batch, key, step, base_lr, scale): for cost analysis
+    return step_fn
 
 
 def _clean_features(
@@ -1072,7 +1112,7 @@ def _clean_features(
 ) -> np.ndarray:
     """``encode.features`` of every image, in batches of ``batch_size`` (the last one padded), on
     the host: ``[N, *feature_shape]`` float32."""
-    fn = placement.jit(encode.features)
+    fn = _reuse(encode, ("features", placement.mesh), lambda: placement.jit(encode.features))
     out = []
     with placement.context():
         for i in range(0, len(images), batch_size):
@@ -1174,7 +1214,13 @@ def decoder_attack(
             optax.add_decayed_weights(config.weight_decay), optax.adam(learning_rate)
         )
 
-    tx = optax.inject_hyperparams(make_tx)(learning_rate=config.lr)
+    # the optimizer's graphdef holds ``tx``: one per (weight decay, rate) and client, so that the
+    # attack of the next data setting finds its steps compiled
+    tx = _reuse(
+        encode,
+        ("decoder_tx", config.weight_decay, config.lr),
+        lambda: optax.inject_hyperparams(make_tx)(learning_rate=config.lr),
+    )
     optimizer = nnx.Optimizer(decoder, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((decoder, optimizer))
     dec_graphdef, dec_state = nnx.split(decoder)
@@ -1186,9 +1232,7 @@ def decoder_attack(
     # the client once, not in every step (one process: every process would need its own rows)
     if isinstance(encode, SplitEncode) and jax.process_count() == 1:
         fit_data = (_clean_features(encode, fit_x, config.batch_size, placement), fit_x)
-    val_mse = _val_mse_fn(
-        encode, _eval_apply(graphdef, 0), val_x, key=k_val, config=config, placement=placement
-    )
+    val_mse = _val_mse_fn(encode, graphdef, val_x, key=k_val, config=config, placement=placement)
     store = None
     if resume is not None:
         custom = None if decoder_given is None else type(decoder_given).__name__
@@ -1390,9 +1434,7 @@ def gan_attack(
             state, _ = generator_step(state, batch, s, sc)
         return state, loss
 
-    val_mse = _val_mse_fn(
-        encode, _eval_apply(graphdef, 0), val_x, key=k_val, config=config, placement=placement
-    )
+    val_mse = _val_mse_fn(encode, graphdef, val_x, key=k_val, config=config, placement=placement)
 
     # eval_every >= n_critic and max_steps >= n_critic: every validation follows a generator step.
     cfg_for_fit = dataclasses.replace(config, eval_every=max(config.eval_every, config.n_critic))

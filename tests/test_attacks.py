@@ -271,6 +271,50 @@ def test_split_encode_trains_the_same_decoder_as_the_plain_encode(image_attack):
     assert len(calls) <= 4
 
 
+def test_a_second_attack_on_the_same_split_encode_compiles_nothing(image_attack):
+    """The decoder attack of the second data setting (another key, other images, a fresh decoder)
+    reuses the jitted steps the first one compiled on the same client: no function is traced
+    again, and the result is the one a fresh client object gives (the same function)."""
+    _, train, test, _ = image_attack
+    w = jnp.asarray(np.random.default_rng(5).normal(size=(48, CH)).astype(np.float32) / 7.0)
+    traces = []
+
+    def features(x):
+        traces.append("features")  # runs when traced, not when a compiled function runs
+        x = x.astype(jnp.float32) / 255.0
+        b = x.shape[0]
+        patches = x.reshape(b, FEAT, 4, FEAT, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+        return jax.nn.sigmoid(patches.reshape(b, FEAT, FEAT, 48) @ w - 0.5)
+
+    def obfuscate(key, z):
+        traces.append("obfuscate")
+        return z + 0.05 * jax.random.normal(key, z.shape)
+
+    def run(enc, key, images):
+        return attacks.decoder_attack(
+            enc, images, test, config=IMG_CONFIG, key=key, feature_shape=(FEAT, FEAT, CH)
+        )
+
+    shared = attacks.SplitEncode(features, obfuscate)
+    run(shared, jax.random.key(0), train)
+    first = len(traces)
+    assert first > 0 and shared.compiled
+    second = run(shared, jax.random.key(1), train[: len(train) - 10])
+    # _check_encode traces encode once per call (eval_shape, no compilation); nothing else may
+    checked = len(traces) - first
+    assert checked <= 2, traces[first:]
+    fresh = run(
+        attacks.SplitEncode(features, obfuscate), jax.random.key(1), train[: len(train) - 10]
+    )
+    assert [h["val_mse"] for h in second.history] == [h["val_mse"] for h in fresh.history]
+    assert second.metrics["mse"] == fresh.metrics["mse"]
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.tree.map(np.asarray, nnx.state(second.decoder)),
+        jax.tree.map(np.asarray, nnx.state(fresh.decoder)),
+    )
+
+
 def test_evaluate_decoder_matches_a_direct_computation(image_attack):
     from cem_jax import metrics
 
