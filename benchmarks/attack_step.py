@@ -14,6 +14,16 @@ is timed. The two steps run interleaved (one block of ``--steps`` steps of each 
 a shared machine's load hits both alike; reported: median seconds per step over ``--repeats``
 blocks (after a warm-up), images/s, and the ratio JAX / PyTorch in images/s.
 
+Then, not to perturb those timings, the roofline figures (:mod:`benchmarks.roofline`):
+``gflop_per_image``, XLA's count of the compiled JAX step (``gflop_counted``: ``"step"``, the
+``jitted`` attribute of the callable ``attacks._decoder_train_step`` returns, lowered with the
+arguments its wrapper passes; ``"decoder_value_and_grad"`` where there is none, an equivalent jitted
+client + value-and-grad of the same MSE loss of the same decoder built here, Adam's elementwise
+update left out); ``matmul_gflops``, the float32 2048x2048 ``jnp.dot`` rate in this process; and
+``gflops_jax`` / ``gflops_torch``, images/s x ``gflop_per_image`` (PyTorch computes the same step).
+Measured on the 2-core CPU: 0.345 GFLOP per image for the decoder's value-and-grad at batch 64 and
+256.
+
 ``--extras`` also times the step with each ``ConvTranspose2x`` implementation, value-and-grad of
 one upsampling layer alone (16 -> 32 px, 64 -> 64 channels), and the WGAN-GP critic's loss with its
 gradient penalty (half the batch) with the strided convs as im2col matmuls (``auto`` on CPU) or as
@@ -28,6 +38,8 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +47,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import roofline
 from cem_jax import attacks
 from cem_jax.models.decoder import ConvTranspose2x, InversionDecoder
 
 SIDE, FEAT, CH = 32, 8, 8
+KEY_SEED, LR = 1, 1e-3  # the attack step's key and learning rate
 
 
 def _encode_fn(seed: int = 0):
@@ -68,9 +82,9 @@ def _time(fn, steps: int, repeats: int) -> float:
     return statistics.median(per)
 
 
-def make_attack_step(impl: str, batch: int):
-    """A zero-argument callable running one jitted JAX attack step; returns the loss to block on."""
-    decoder = InversionDecoder(
+def _decoder(impl: str) -> InversionDecoder:
+    """The attack's ``res_normN8C64`` decoder for 8x8x8 features and 32 px images."""
+    return InversionDecoder(
         in_channels=CH,
         feature_size=FEAT,
         image_size=SIDE,
@@ -80,31 +94,96 @@ def make_attack_step(impl: str, batch: int):
         rngs=nnx.Rngs(0),
     )
 
+
+def _images(batch: int) -> jax.Array:
+    return jnp.asarray(
+        np.random.default_rng(0).integers(0, 256, (batch, SIDE, SIDE, 3), dtype=np.uint8)
+    )
+
+
+class AttackStep:
+    """One jitted JAX attack step per call (returns the loss to block on), and its FLOP count."""
+
+    def __init__(self, impl: str, step: Callable, state: Any, images: jax.Array, injected: bool):
+        self.impl, self.step, self.state, self.images = impl, step, state, images
+        self.injected = injected  # the step takes a learning-rate scale (4 arguments)
+        self.i = 0
+
+    def __call__(self) -> jax.Array:
+        extra = (1.0,) if self.injected else ()
+        self.state, loss = self.step(self.state, self.images, jnp.int32(self.i), *extra)
+        self.i += 1
+        return loss
+
+    def _jitted_args(self, jitted: Callable) -> tuple:
+        """The arguments of the jitted step, by parameter name, as the attack's wrapper passes
+        them (``KeyError`` for a name not known here)."""
+        values = {
+            "state": self.state,
+            "batch": self.images,
+            "key": jax.random.key(KEY_SEED),
+            "step": jnp.int32(self.i),
+            "base_lr": jnp.float32(LR),
+            "scale": jnp.float32(1.0),
+        }
+        return tuple(values[name] for name in inspect.signature(jitted).parameters)
+
+    def gflop_per_image(self) -> tuple[float, str]:
+        """``(GFLOP per image, what was counted)``: ``"step"``, XLA's count of the attack's own
+        jitted step (the ``jitted`` attribute of ``attacks._decoder_train_step(...)`` when it has
+        one, or the step itself when it is a ``jax.jit``); else ``"decoder_value_and_grad"``,
+        :func:`decoder_grad_gflop` (the step without Adam's elementwise update)."""
+        jitted = getattr(self.step, "jitted", None)
+        if jitted is None and hasattr(self.step, "lower"):
+            jitted = self.step
+        if jitted is not None:
+            try:
+                gflop = roofline.compiled_gflop(jitted, *self._jitted_args(jitted))
+                return gflop / len(self.images), "step"
+            except (KeyError, TypeError, ValueError):  # a signature not known here
+                pass
+        return decoder_grad_gflop(self.impl, len(self.images)), "decoder_value_and_grad"
+
+
+def decoder_grad_gflop(impl: str, batch: int) -> float:
+    """GFLOP per image of a jitted function equivalent to the attack step but for the optimizer:
+    the client's features of ``batch`` uint8 images, then value-and-grad of the same MSE loss of
+    the same decoder (train mode, its batch statistics updated). Adam's update (a few elementwise
+    operations per parameter) is left out."""
+    graphdef, state = nnx.split(_decoder(impl))
+    encode = _encode_fn()
+
+    @jax.jit
+    def value_and_grad(state, images, key):
+        decoder = nnx.merge(graphdef, state)
+        feats = jax.lax.stop_gradient(encode(key, images))
+        target = images.astype(jnp.float32) / 255.0
+
+        def loss_fn(d):
+            return jnp.mean((d(feats) - target) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(decoder)
+        return nnx.state(decoder), grads, loss
+
+    gflop = roofline.compiled_gflop(value_and_grad, state, _images(batch), jax.random.key(KEY_SEED))
+    return gflop / batch
+
+
+def make_attack_step(impl: str, batch: int) -> AttackStep:
+    """The JAX attack step (:class:`AttackStep`: call it to run one step)."""
+    decoder = _decoder(impl)
+
     def make_tx(learning_rate):
         return optax.chain(optax.add_decayed_weights(1e-4), optax.adam(learning_rate))
 
     # the attack's step as cem_jax.attacks builds it; with or without an injected learning rate
     injected = "base_lr" in inspect.signature(attacks._decoder_train_step).parameters
-    tx = optax.inject_hyperparams(make_tx)(learning_rate=1e-3) if injected else make_tx(1e-3)
+    tx = optax.inject_hyperparams(make_tx)(learning_rate=LR) if injected else make_tx(LR)
     optimizer = nnx.Optimizer(decoder, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((decoder, optimizer))
-    args = (graphdef, _encode_fn(), jax.random.key(1), attacks._Placement(None))
-    if injected:
-        step = attacks._decoder_train_step(*args, 1e-3)
-        step_fn = lambda state, x, i: step(state, x, i, 1.0)  # noqa: E731
-    else:
-        step_fn = attacks._decoder_train_step(*args)
-    images = jnp.asarray(
-        np.random.default_rng(0).integers(0, 256, (batch, SIDE, SIDE, 3), dtype=np.uint8)
-    )
-    box = {"state": state, "i": 0}
-
-    def run():
-        box["state"], loss = step_fn(box["state"], images, jnp.int32(box["i"]))
-        box["i"] += 1
-        return loss
-
-    return run
+    args = (graphdef, _encode_fn(), jax.random.key(KEY_SEED), attacks._Placement(None))
+    step = attacks._decoder_train_step(*args, *((LR,) if injected else ()))
+    return AttackStep(impl, step, state, _images(batch), injected)
 
 
 def bench_attack_step(impl: str, batch: int, steps: int, repeats: int) -> float:
@@ -131,8 +210,11 @@ def make_torch_step(batch: int):
 
 
 def bench_jax_vs_torch(batch: int, steps: int, repeats: int) -> dict:
-    """Median seconds per step of the JAX (``auto``) and PyTorch steps, timed interleaved."""
-    fns = {"jax": make_attack_step("auto", batch)}
+    """Median seconds per step of the JAX (``auto``) and PyTorch steps, timed interleaved; then
+    (not to perturb the timings) the roofline figures: GFLOP per image of the JAX step, the matmul
+    peak, and the achieved GFLOP/s of each (the PyTorch step given the JAX step's count)."""
+    jax_step = make_attack_step("auto", batch)
+    fns: dict[str, Callable] = {"jax": jax_step}
     torch_step = make_torch_step(batch)
     if torch_step is not None:
         fns["torch"] = torch_step
@@ -154,6 +236,10 @@ def bench_jax_vs_torch(batch: int, steps: int, repeats: int) -> dict:
     if torch_step is not None:
         out["torch_threads"] = _cores()
         out["ratio_jax_over_torch"] = out["step_s_torch"] / out["step_s_jax"]
+    out["gflop_per_image"], out["gflop_counted"] = jax_step.gflop_per_image()
+    out["matmul_gflops"] = roofline.matmul_peak_gflops()
+    for name in per:
+        out[f"gflops_{name}"] = out[f"images_per_s_{name}"] * out["gflop_per_image"]
     return out
 
 
@@ -216,16 +302,25 @@ def main() -> None:
     print(f"XLA_FLAGS: {out['xla_flags'] or '(none)'}")
     print(
         f"  decoder attack step, JAX:     {out['step_s_jax'] * 1e3:8.1f} ms "
-        f"({out['images_per_s_jax']:7.1f} images/s)"
+        f"({out['images_per_s_jax']:7.1f} images/s){_roof(out, 'jax')}"
     )
     if "step_s_torch" in out:
         print(
             f"  same step, PyTorch ({out['torch_threads']} threads): {out['step_s_torch'] * 1e3:8.1f} ms "
-            f"({out['images_per_s_torch']:7.1f} images/s)"
+            f"({out['images_per_s_torch']:7.1f} images/s){_roof(out, 'torch')}"
         )
         print(f"  JAX / PyTorch images/s: {out['ratio_jax_over_torch']:.2f}")
     else:
         print("  torch not installed: pip install torch to compare")
+    counted = {
+        "step": "the compiled JAX step",
+        "decoder_value_and_grad": "the decoder's value-and-grad, Adam's update left out",
+    }[out["gflop_counted"]]
+    print(
+        f"  {out['gflop_per_image']:.3f} GFLOP per image (XLA's count of {counted}; PyTorch "
+        f"given the same); % peak: of a float32 2048x2048 jnp.dot, {out['matmul_gflops']:.1f} "
+        "GFLOP/s in this process"
+    )
     if not args.extras:
         return
     for impl in ("subpixel", "transpose"):
@@ -243,6 +338,12 @@ def main() -> None:
         f"convs 'auto' (strided as im2col matmul on CPU) {out['critic_step_s_auto'] * 1e3:.1f} ms, "
         f"plain XLA {out['critic_step_s_xla'] * 1e3:.1f} ms, x{out['critic_speedup_auto']:.2f}"
     )
+
+
+def _roof(out: dict, name: str) -> str:
+    """``", <GFLOP/s> GFLOP/s, <%> % of peak"`` of the step ``name``."""
+    gflops = out[f"gflops_{name}"]
+    return f", {gflops:6.1f} GFLOP/s, {roofline.percent_of_peak(gflops, out['matmul_gflops']):.0f}% of peak"
 
 
 def _extras(out: dict, args) -> None:

@@ -21,6 +21,13 @@ SGD, the official code's loops and separate CEM backward, as many threads as JAX
 same rounds, with as many steps, after the JAX variants of each round; it runs when ``cem_noise``
 is among ``--defenses``.
 
+Beside images/s, each row shows its roofline figures (:mod:`benchmarks.roofline`): the achieved
+GFLOP/s (images/s x the GFLOP per image XLA's cost analysis counts in the defense's compiled step)
+and that rate as a percentage of the float32 matmul peak ``jnp.dot`` reaches in the same process,
+measured after the timed rounds. The PyTorch row computes the same model and is given
+``cem_noise``'s count. On the 2-core CPU the VGG11 cut-4 step counts 0.771 GFLOP per image for both
+``none`` and ``cem_noise`` at batch 128.
+
 The figures the issues name: CEM's cost (cem_noise / noise, target ≥ 0.95), the sync cost
 (window / step), and cem_noise against the PyTorch reference (measured with ``--torch``; the issue
 quotes ~230 images/s on the 2-core CI CPU). The script also runs against older checkouts (their
@@ -34,7 +41,7 @@ table):
 ================================  ========  =====  ===============================================
 key                               unit      since  meaning
 ================================  ========  =====  ===============================================
-``schema``                        integer   3      the version of this key set (3 now; absent
+``schema``                        integer   3      the version of this key set (4 now; absent
                                                    before 3: 2 if ``source`` is there, else 1)
 ``source``                        text      2      the checkout timed: ``<path> @ <git rev>``
 ``<defense>/<sync>``              images/s  2      median round of ``<defense>``'s JAX step with
@@ -46,6 +53,11 @@ key                               unit      since  meaning
                                                    with ``--torch`` and ``cem_noise`` timed
 ``cem_noise/window_over_torch``   ratio     3      ``cem_noise/window`` / ``cem_noise/torch``;
                                                    when both are there
+``<defense>/gflop_per_image``     GFLOP     4      XLA's count of ``<defense>``'s compiled train
+                                                   step, divided by the batch size; when the
+                                                   checkout's trainer exposes the jitted step
+``matmul_gflops``                 GFLOP/s   4      median rate of a float32 2048×2048 ``jnp.dot``
+                                                   in the same process, after the timed rounds
 ================================  ========  =====  ===============================================
 """
 
@@ -64,7 +76,7 @@ FLAGS = flags.FLAGS
 
 PYTORCH_REFERENCE_IMG_S = 230.0  # noise + CEM, 2 threads, measured on the CI machine (issue text)
 WINDOW = 16
-JSON_SCHEMA = 3
+JSON_SCHEMA = 4
 TORCH_DEFENSE = "cem_noise"  # the defense the PyTorch reference step computes
 
 
@@ -105,10 +117,16 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 
 def json_result(
-    rates: dict[str, float], *, source: str, torch_rate: float | None = None
+    rates: dict[str, float],
+    *,
+    source: str,
+    torch_rate: float | None = None,
+    gflop_per_image: dict[str, float] | None = None,
+    matmul_gflops: float | None = None,
 ) -> dict[str, object]:
     """The ``--json`` object (keys in the module docstring) from the median images/s per
-    ``"<defense>/<sync>"`` and of the PyTorch step (``None``: not timed)."""
+    ``"<defense>/<sync>"``, of the PyTorch step, the GFLOP per image per defense and the matmul
+    peak in GFLOP/s (``None``, or a defense left out: not measured, its key left out)."""
     out: dict[str, object] = {"schema": JSON_SCHEMA, "source": source}
     out.update(rates)
     for key, value in rates.items():
@@ -120,6 +138,10 @@ def json_result(
         window = rates.get(f"{TORCH_DEFENSE}/window")
         if window is not None:
             out[f"{TORCH_DEFENSE}/window_over_torch"] = window / torch_rate
+    for defense, gflop in (gflop_per_image or {}).items():
+        out[f"{defense}/gflop_per_image"] = gflop
+    if matmul_gflops is not None:
+        out["matmul_gflops"] = matmul_gflops
     return out
 
 
@@ -143,18 +165,41 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _torch_step_module():
-    """:mod:`benchmarks.torch_train_step`, from beside this file (also when run as a script with an
-    older checkout on the path, whose ``benchmarks`` has no such module)."""
+def _sibling_module(name: str):
+    """``benchmarks.<name>``, from beside this file (also when run as a script with an older
+    checkout on the path, whose ``benchmarks`` may not have it)."""
     if __package__:
-        from benchmarks import torch_train_step
-
-        return torch_train_step
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_train_step.py")
-    spec = importlib.util.spec_from_file_location("_torch_train_step", path)
+        return importlib.import_module(f"benchmarks.{name}")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _torch_step_module():
+    """:mod:`benchmarks.torch_train_step`, from beside this file."""
+    return _sibling_module("torch_train_step")
+
+
+def step_gflop_per_image(tr, state, idx) -> float | None:
+    """GFLOP per image of ``tr``'s compiled train step, lowered with the arguments the benchmark
+    calls it with (:func:`benchmarks.roofline.compiled_gflop`); ``None`` for an older checkout's
+    trainer (no ``steps.train``) or a backend without a FLOP count."""
+    import jax
+
+    train = getattr(getattr(tr, "steps", None), "train", None)
+    if not hasattr(train, "lower") or not all(
+        hasattr(tr, a) for a in ("rest", "batch", "train_key")
+    ):
+        return None
+    roofline = _sibling_module("roofline")
+    try:
+        with jax.set_mesh(tr.mesh):
+            gflop = roofline.compiled_gflop(train, state, tr.rest, tr.batch(idx), tr.train_key)
+    except RuntimeError:  # the backend's cost analysis has no "flops"
+        return None
+    return gflop / len(idx)
 
 
 def make_torch_step(batch: int, image_size: int):
@@ -248,19 +293,43 @@ def main(argv: list[str]) -> None:
             assert np.all(np.isfinite(losses)), ("torch", losses)
     result = {k: statistics.median(r) for k, r in rates.items()}
     torch_rate = statistics.median(torch_rates) if torch_rates else None
+    # roofline figures, after the timed rounds so they do not perturb them
+    gflop: dict[str, float] = {}
+    for name, tr in trainers.items():
+        g = step_gflop_per_image(tr, states[name], tr.epoch_order(2)[0])
+        if g is not None:
+            gflop[name] = g
+    roofline = _sibling_module("roofline")
+    peak = roofline.matmul_peak_gflops()
     if FLAGS.json:
-        print(json.dumps(json_result(result, source=_source(), torch_rate=torch_rate)))
+        out = json_result(
+            result,
+            source=_source(),
+            torch_rate=torch_rate,
+            gflop_per_image=gflop,
+            matmul_gflops=peak,
+        )
+        print(json.dumps(out))
         return
     print(
         f"\n{FLAGS.arch}, batch {bs}, {FLAGS.image_size}px, {jax.device_count()} x "
         f"{jax.devices()[0].platform}, source {_source()}"
     )
-    print(f"{'step':<24}{'images/s':>10}   (rounds: ...)")
+    print(f"{'step':<24}{'images/s':>10}{'GFLOP/s':>10}{'% peak':>8}   (rounds: ...)")
     rows = dict(rates)
     if torch_rates:
         rows[f"{TORCH_DEFENSE}/torch"] = torch_rates
     for k, r in rows.items():
-        print(f"{k:<24}{statistics.median(r):>10.1f}   {', '.join(f'{x:.0f}' for x in r)}")
+        rate, g = statistics.median(r), gflop.get(k.split("/")[0])
+        pct = roofline.percent_of_peak(rate * g, peak) if g else 0.0
+        roof = f"{rate * g:>10.1f}{pct:>8.1f}" if g else f"{'-':>10}{'-':>8}"
+        print(f"{k:<24}{rate:>10.1f}{roof}   {', '.join(f'{x:.0f}' for x in r)}")
+    counts = ", ".join(f"{n} {g:.3f}" for n, g in gflop.items()) or "not available"
+    print(
+        f"GFLOP per image (XLA's count of the compiled step): {counts}"
+        + (f"; the PyTorch row uses {TORCH_DEFENSE}'s (same model)" if torch_rates else "")
+    )
+    print(f"% peak: of a float32 2048x2048 jnp.dot in this process, {peak:.1f} GFLOP/s")
     main_sync = FLAGS.sync[0]
     get = {n: result.get(f"{n}/{main_sync}") for n in trainers}
     if "window" in FLAGS.sync and "step" in FLAGS.sync:

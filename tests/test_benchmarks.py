@@ -1,4 +1,5 @@
-"""The benchmarks' contracts: ``benchmarks.train_step --json`` has exactly the documented keys, and
+"""The benchmarks' contracts: ``benchmarks.train_step --json`` has exactly the documented keys
+(the roofline ones only when measured), ``benchmarks.attack_step`` counts its step's FLOPs, and
 the PyTorch reference step (``benchmarks.torch_train_step``) runs, or says clearly why it cannot.
 
 Fast: no JAX step is compiled and timed; the PyTorch step runs once at batch 4.
@@ -57,11 +58,21 @@ def _fake_rates(defenses, syncs) -> dict[str, float]:
     }
 
 
+def _fake_gflop(defenses) -> dict[str, float]:
+    return {d: 0.7 + 0.01 * i for i, d in enumerate(defenses)}
+
+
 def test_json_keys_are_exactly_the_documented_ones():
     with open(DOCS, encoding="utf-8") as f:
         documented = _documented_keys(f.read())
     rates = _fake_rates(DEFENSES, SYNCS)
-    out = train_step.json_result(rates, source="here @ abc", torch_rate=50.0)
+    out = train_step.json_result(
+        rates,
+        source="here @ abc",
+        torch_rate=50.0,
+        gflop_per_image=_fake_gflop(DEFENSES),
+        matmul_gflops=180.0,
+    )
     expected = set().union(*(_expand(p, DEFENSES, SYNCS) for p in documented))
     assert set(out) == expected
     assert out["schema"] == train_step.JSON_SCHEMA == max(int(s) for s in documented.values())
@@ -70,6 +81,9 @@ def test_json_keys_are_exactly_the_documented_ones():
         assert out[d] == out[f"{d}/window"] == rates[f"{d}/window"]
     assert out["cem_noise/torch"] == 50.0
     assert out["cem_noise/window_over_torch"] == pytest.approx(rates["cem_noise/window"] / 50.0)
+    for d, gflop in _fake_gflop(DEFENSES).items():
+        assert out[f"{d}/gflop_per_image"] == gflop
+    assert out["matmul_gflops"] == 180.0
 
 
 def test_the_module_docstring_lists_the_same_keys():
@@ -78,6 +92,9 @@ def test_the_module_docstring_lists_the_same_keys():
     doc = train_step.__doc__
     listed = dict(re.findall(r"^``([^`]+)``\s+\S+\s+(\d+)\s", doc, re.M))
     assert listed == documented
+
+
+ROOFLINE_KEYS = {f"{d}/gflop_per_image" for d in DEFENSES} | {"matmul_gflops"}
 
 
 @pytest.mark.parametrize(
@@ -89,8 +106,70 @@ def test_the_module_docstring_lists_the_same_keys():
 )
 def test_optional_keys_are_left_out_when_not_measured(defenses, syncs, torch_rate, absent):
     out = train_step.json_result(_fake_rates(defenses, syncs), source="s", torch_rate=torch_rate)
-    assert not absent & set(out)
+    assert not (absent | ROOFLINE_KEYS) & set(out)  # no GFLOP count, no matmul peak given
     assert {"schema", "source"} <= set(out)
+
+
+def test_roofline_keys_only_for_the_defenses_counted():
+    """A defense whose step could not be counted (an older checkout's trainer) has no
+    ``<defense>/gflop_per_image``; the others and the matmul peak are there."""
+    rates = _fake_rates(("none", "cem_noise"), ("window",))
+    out = train_step.json_result(
+        rates, source="s", gflop_per_image={"cem_noise": 0.771}, matmul_gflops=180.0
+    )
+    assert out["cem_noise/gflop_per_image"] == 0.771 and out["matmul_gflops"] == 180.0
+    assert "none/gflop_per_image" not in out
+    assert set(out) - set(rates) - {"schema", "source", "none", "cem_noise"} == {
+        "cem_noise/gflop_per_image",
+        "matmul_gflops",
+    }
+    out = train_step.json_result(rates, source="s", gflop_per_image={}, matmul_gflops=None)
+    assert not ROOFLINE_KEYS & set(out)
+
+
+def _attack_step_with(step, m=6, k=10, batch=4):
+    import jax.numpy as jnp
+
+    from benchmarks import attack_step
+
+    state, images = jnp.ones((m, k), jnp.float32), jnp.ones((batch, k), jnp.float32)
+    return attack_step.AttackStep("auto", step, state, images, injected=True)
+
+
+def _dot_step(state, batch, key, step, base_lr, scale):
+    """A stand-in for the attack's jitted step: its only FLOPs, 2·m·k per image."""
+    del key, step, base_lr, scale
+    return state @ batch.T
+
+
+def test_attack_step_counts_the_jitted_attribute_by_parameter_name():
+    """The wrapper ``attacks._decoder_train_step`` returns may expose its ``jax.jit`` as
+    ``.jitted``, whose arguments the benchmark builds by name; an old step that is a ``jax.jit``
+    itself (``(state, batch, step)``) is counted directly."""
+    import jax
+
+    step = lambda state, batch, i, scale: None  # noqa: E731
+    step.jitted = jax.jit(_dot_step)
+    gflop, counted = _attack_step_with(step).gflop_per_image()
+    assert counted == "step" and gflop == pytest.approx(2 * 6 * 10 / 1e9)
+    old = jax.jit(lambda state, batch, step: state @ batch.T)
+    gflop, counted = _attack_step_with(old).gflop_per_image()
+    assert counted == "step" and gflop == pytest.approx(2 * 6 * 10 / 1e9)
+
+
+def test_attack_step_without_a_jitted_to_lower_counts_the_equivalent(monkeypatch):
+    """A plain wrapper (or a ``jitted`` with parameters not known here): the decoder's
+    value-and-grad, built in the benchmark, is counted instead (stubbed here: it compiles the
+    decoder)."""
+    import jax
+
+    from benchmarks import attack_step
+
+    monkeypatch.setattr(attack_step, "decoder_grad_gflop", lambda impl, batch: 0.345)
+    step = lambda state, batch, i, scale: None  # noqa: E731
+    assert _attack_step_with(step).gflop_per_image() == (0.345, "decoder_value_and_grad")
+    step.jitted = jax.jit(lambda state, batch, other: state @ batch.T)
+    assert _attack_step_with(step).gflop_per_image() == (0.345, "decoder_value_and_grad")
 
 
 def test_importing_train_step_defines_no_flags():
