@@ -968,7 +968,9 @@ def _val_mse_fn(
     Fixed noise keys (batch ``b`` uses ``fold_in(key, b)``), so successive evaluations differ only
     through the state. One host sync per call.
     """
-    batch_size = min(config.eval_batch_size, len(images))
+    # always ``eval_batch_size`` rows (a short set padded and masked), not fewer for a small set:
+    # one shape, so the next attack on the same client (the other data setting) compiles nothing
+    batch_size = config.eval_batch_size
     if placement.mesh is not None:
         n_dev = placement.mesh.shape[parallel.DATA_AXIS]
         batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)

@@ -43,12 +43,14 @@ def attacker_sets(cfg: RunConfig, ds: Any) -> dict[str, tuple[np.ndarray, np.nda
     return {s: settings[s] for s in cfg.attack_settings}
 
 
-def _batch_for(n: int, wanted: int, devices: int) -> int:
-    bs = min(wanted, n)
-    return max(devices, bs // devices * devices)
+def _batch_for(wanted: int, devices: int) -> int:
+    """``wanted`` rounded down to a multiple of ``devices`` (at least one row per device). Not
+    shrunk to a small evaluation set (the last batch is padded and masked): every setting's
+    attack then has the same shapes and reuses the first one's compiled steps."""
+    return max(devices, wanted // devices * devices)
 
 
-def attack_configs(cfg: RunConfig, n_train: int, n_eval: int, devices: int = 1) -> dict[str, Any]:
+def attack_configs(cfg: RunConfig, n_train: int, devices: int = 1) -> dict[str, Any]:
     """The attack configs of one setting (``"decoder"``, ``"gan"``, ``"whitebox"``).
 
     Raises ``ValueError`` (before anything trains) when the attacker's set cannot hold a
@@ -60,7 +62,7 @@ def attack_configs(cfg: RunConfig, n_train: int, n_eval: int, devices: int = 1) 
         "decoder": attacks.DecoderAttackConfig(
             max_steps=cfg.attack_steps,
             batch_size=batch,
-            eval_batch_size=_batch_for(n_eval, 256, devices),
+            eval_batch_size=_batch_for(256, devices),
             val_fraction=cfg.attack_val_fraction,
             eval_every=min(cfg.attack_eval_every, cfg.attack_steps),
             patience=cfg.attack_patience,
@@ -79,7 +81,7 @@ def attack_configs(cfg: RunConfig, n_train: int, n_eval: int, devices: int = 1) 
         out["gan"] = attacks.GanAttackConfig(
             max_steps=cfg.gan_steps,
             batch_size=max(devices, min(128, batch) // devices * devices),
-            eval_batch_size=_batch_for(n_eval, 256, devices),
+            eval_batch_size=_batch_for(256, devices),
             val_fraction=cfg.attack_val_fraction,
             eval_every=max(10, min(cfg.attack_eval_every * 2, cfg.gan_steps)),
             patience=cfg.attack_patience,
@@ -105,9 +107,9 @@ def check_attacks(cfg: RunConfig, ds: Any, devices: int = 1) -> None:
     """Raises ``ValueError`` if an attack of ``cfg`` cannot run on ``ds`` (call before training)."""
     if not cfg.attacks:
         return
-    for setting, (train_x, eval_x) in attacker_sets(cfg, ds).items():
+    for setting, (train_x, _) in attacker_sets(cfg, ds).items():
         try:
-            attack_configs(cfg, len(train_x), len(eval_x), devices)
+            attack_configs(cfg, len(train_x), devices)
         except ValueError as e:
             raise ValueError(
                 f"attack setting {setting!r} ({len(train_x)} attacker images): {e}"
@@ -176,7 +178,7 @@ def run_attacks(
 
     for s_index, (setting, (train_x, eval_x)) in enumerate(attacker_sets(cfg, ds).items()):
         key = jax.random.fold_in(base_key, s_index)
-        confs = attack_configs(cfg, len(train_x), len(eval_x), devices)
+        confs = attack_configs(cfg, len(train_x), devices)
         print(
             f"attack [{setting}]: attacker has {len(train_x)} images, evaluated on {len(eval_x)}",
             file=out,
