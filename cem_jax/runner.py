@@ -440,6 +440,7 @@ def run(
     or :class:`~cem_jax.errors.DownloadError` (all expected failures: :class:`cem_jax.errors.CemError`).
     """
     out = stream if stream is not None else sys.stdout
+    source_commit()  # the code this process imported, read before anything runs
     mesh = _workdir_mesh(workdir, num_devices, device_index)
     with _run_lock(workdir, out):
         try:
@@ -874,7 +875,24 @@ def _check_attacks(cfg: config_lib.RunConfig, ds: data_lib.Dataset, num_devices:
 
 
 def source_commit() -> str | None:
-    """The git commit of the cem_jax source that ran (``+dirty`` with local changes), if known."""
+    """The git commit of the cem_jax source that runs in this process (``+dirty`` with local
+    changes then), if known: read once, at the first call, which :func:`run` makes when it starts.
+
+    A process runs the code it imported: a sweep that runs for days keeps its first commit even
+    when the checkout moves on under it, and its records say so (reading ``HEAD`` when a run
+    finished named commits whose code never ran).
+    """
+    global _SOURCE_COMMIT
+    if _SOURCE_COMMIT is _UNREAD:
+        _SOURCE_COMMIT = _read_source_commit()
+    return _SOURCE_COMMIT
+
+
+_UNREAD: Any = object()
+_SOURCE_COMMIT: Any = _UNREAD
+
+
+def _read_source_commit() -> str | None:
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))

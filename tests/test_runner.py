@@ -539,3 +539,15 @@ def test_blow_up_on_the_last_step_of_an_epoch_writes_no_checkpoint(tmp_path):
     assert "Traceback" not in proc.stderr
     assert os.listdir(tmp_path / "checkpoints") == []
     assert not (tmp_path / "results.json").exists()
+
+
+def test_source_commit_is_the_one_this_process_started_with(monkeypatch):
+    """A long sweep records the commit of the code it imported, not the HEAD of the moment a run
+    finishes (a run that ended after new commits once recorded code that never ran)."""
+    from cem_jax import runner
+
+    reads = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    monkeypatch.setattr(runner, "_read_source_commit", lambda: next(reads))
+    monkeypatch.setattr(runner, "_SOURCE_COMMIT", runner._UNREAD)
+    assert runner.source_commit() == "aaaaaaaaaaaa"
+    assert runner.source_commit() == "aaaaaaaaaaaa"  # HEAD moved on; the imported code did not
