@@ -57,12 +57,13 @@ def attack_configs(cfg: RunConfig, n_train: int, devices: int = 1) -> dict[str, 
     validation split and one batch.
     """
     n_gan = 0
-    batch = max(devices, cfg.attack_batch_size // devices * devices)
+    batch = _batch_for(cfg.attack_batch_size, devices)
+    eval_batch = _batch_for(256, devices)
     out: dict[str, Any] = {
         "decoder": attacks.DecoderAttackConfig(
             max_steps=cfg.attack_steps,
             batch_size=batch,
-            eval_batch_size=_batch_for(256, devices),
+            eval_batch_size=eval_batch,
             val_fraction=cfg.attack_val_fraction,
             eval_every=min(cfg.attack_eval_every, cfg.attack_steps),
             patience=cfg.attack_patience,
@@ -80,8 +81,8 @@ def attack_configs(cfg: RunConfig, n_train: int, devices: int = 1) -> dict[str, 
         n_gan = n_train if cfg.gan_train_subset is None else min(n_train, cfg.gan_train_subset)
         out["gan"] = attacks.GanAttackConfig(
             max_steps=cfg.gan_steps,
-            batch_size=max(devices, min(128, batch) // devices * devices),
-            eval_batch_size=_batch_for(256, devices),
+            batch_size=_batch_for(min(128, batch), devices),
+            eval_batch_size=eval_batch,
             val_fraction=cfg.attack_val_fraction,
             eval_every=max(10, min(cfg.attack_eval_every * 2, cfg.gan_steps)),
             patience=cfg.attack_patience,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import io
 import json
 import os
@@ -874,6 +875,7 @@ def _check_attacks(cfg: config_lib.RunConfig, ds: data_lib.Dataset, num_devices:
         raise RunError(str(e)) from e
 
 
+@functools.cache
 def source_commit() -> str | None:
     """The git commit of the cem_jax source that runs in this process (``+dirty`` with local
     changes then), if known: read once, at the first call, which :func:`run` makes when it starts.
@@ -882,14 +884,7 @@ def source_commit() -> str | None:
     when the checkout moves on under it, and its records say so (reading ``HEAD`` when a run
     finished named commits whose code never ran).
     """
-    global _SOURCE_COMMIT
-    if _SOURCE_COMMIT is _UNREAD:
-        _SOURCE_COMMIT = _read_source_commit()
-    return _SOURCE_COMMIT
-
-
-_UNREAD: Any = object()
-_SOURCE_COMMIT: Any = _UNREAD
+    return _read_source_commit()
 
 
 def _read_source_commit() -> str | None:

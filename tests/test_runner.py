@@ -548,6 +548,9 @@ def test_source_commit_is_the_one_this_process_started_with(monkeypatch):
 
     reads = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
     monkeypatch.setattr(runner, "_read_source_commit", lambda: next(reads))
-    monkeypatch.setattr(runner, "_SOURCE_COMMIT", runner._UNREAD)
-    assert runner.source_commit() == "aaaaaaaaaaaa"
-    assert runner.source_commit() == "aaaaaaaaaaaa"  # HEAD moved on; the imported code did not
+    runner.source_commit.cache_clear()
+    try:
+        assert runner.source_commit() == "aaaaaaaaaaaa"
+        assert runner.source_commit() == "aaaaaaaaaaaa"  # HEAD moved on; the imported code did not
+    finally:
+        runner.source_commit.cache_clear()  # the next caller reads the real checkout
