@@ -1130,6 +1130,63 @@ def test_a_scale_root_gets_its_own_answer_beside_the_opening(tmp_path):
     assert f"python -m experiments.sweep ... --root={root} --collect_only\n" in how
     assert f"python -m experiments.results_page --root={root} --scale_root={big} --out={out}" in how
     assert f"At preset `cifar_full` (`{big}`):" in text
+    assert "Which CEM at this scale" not in text  # no other CEM setting ran at this scale
+
+
+def test_a_scale_with_a_weaker_cem_setting_reads_it_by_the_default_rule(tmp_path):
+    """Issue 36 point 4: a weaker CEM setting run at the full scale is read against that scale's
+    default runs, paired by seed at equal accuracy on that scale's noise line, by the rule that
+    chose the default (beyond twice the pairs' spread); computed independently with numpy."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    quick = _paired_study(rng)
+    full = _paired_study(rng, excess=0.004)[:4] + [_undefended(3)]  # σ 0.05 and 0.1 pairs
+    default = next(r for r in full if r["name"] == "cem_noise_s0.1")
+    default.update(lambd=0.32, cem_loss={"mode": "reference", "schedule": "inverse_lr"})
+    d_acc = np.array(default["metrics"]["defended_acc"]["values"])
+    d_mse = np.array(default["metrics"][KEY]["values"])
+    # the weaker setting: +1 point of accuracy at every seed and, along the line, ~0.002 less MSE
+    # than the default would have there (0.15 per unit of accuracy), so it loses by the rule
+    v_acc = d_acc + 0.01
+    v_mse = d_mse - 0.15 * 0.01 - 0.002 + 0.0002 * rng.standard_normal(3)
+    weak = _seeded(
+        "cem_noise [reference_invlr]", "cem_noise_s0.1_l0.1_reference_invlr", 0.1, [1, 2, 3],
+        list(v_acc), list(v_mse),
+    )  # fmt: skip
+    weak.update(lambd=0.1, cem_loss={"mode": "reference", "schedule": "inverse_lr"})
+    full.append(weak)
+    root = _scale_root(tmp_path / "frontier", quick, "quick", 24, 24)
+    big = _scale_root(tmp_path / "full", full, "cifar_full", 12, 21)
+    text = results_page.write_page(root, str(tmp_path / "results.md"), scale_roots=[big])
+    head = "## At scale: preset `cifar_full`"
+    section = text[text.index(head) : text.index("## The statistics behind the answer")]
+    assert "### Which CEM at this scale" in section
+    assert "against this scale's `cem_noise` (`reference` at λ 0.32 × lr₀/lr)" in section
+    # independently: the line through this scale's noise runs only, each pair's difference
+    noise = [r for r in full if r["defense"] == "noise"]
+    acc = np.concatenate([r["metrics"]["defended_acc"]["values"] for r in noise])
+    mse = np.concatenate([r["metrics"][KEY]["values"] for r in noise])
+    slope, _ = np.polyfit(acc, mse, 1)
+    e = (v_mse - d_mse) - slope * (v_acc - d_acc)
+    m, s = e.mean(), e.std(ddof=1)
+    assert m < -2 * s  # built to lose beyond twice its spread
+    assert (
+        "`cem_noise_s0.1_l0.1_reference_invlr` against `cem_noise_s0.1` (3 pair(s)): "
+        f"{m:+.4f} ± {s:.4f}, below the default"
+    ) in section
+    assert (
+        "**The default, by that rule:** every variant has 3 pairs or more and none beats the "
+        "default beyond twice its spread: the default stays `reference` at λ 0.32 × lr₀/lr."
+    ) in section
+    # the quick scale's own statistics are untouched by the full scale's variant
+    assert "cem_noise_s0.1_l0.1_reference_invlr" not in text[text.index("## The statistics") :]
+    # had it won, the sentence names the preset and leaves the package's default to its page
+    won = results_page.default_decision(
+        [("w", 3, 0.01, 0.001)], default="`reference` at λ 0.32 × lr₀/lr", preset="cifar_full"
+    )
+    assert won.startswith("**The default, by that rule, at preset `cifar_full`:**")
+    assert "at this scale it is a better setting than `reference` at λ 0.32" in won
 
 
 def test_a_scale_root_with_no_pair_yet_says_so(tmp_path):

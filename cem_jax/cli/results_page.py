@@ -5,7 +5,8 @@ r"""Writes the results page (``docs/results.md`` and its plot) from a finished s
 
 Each ``--scale_root`` (repeatable: a study at another scale, e.g. preset ``cifar_full``) gets its
 own section right after the opening's answer (:func:`scale_section`): that scale's answer table,
-plot and answer from its own records, beside the opening's and never pooled with it.
+plot and answer from its own records, beside the opening's and never pooled with it, and, when it
+ran other CEM settings, which one is better there by the rule that chose the default.
 
 It reads ``<root>/table.json`` (written by ``experiments.sweep --collect_only``), draws its plots beside
 the page (the noise / cem_noise frontier, alone and with the CEM variants; the pairs; every other
@@ -1178,7 +1179,10 @@ def _unit_means(
 
 
 def variants_line_verdict(
-    records: list[dict[str, Any]], default: str = "cem_noise", fit: dict[str, Any] | None = None
+    records: list[dict[str, Any]],
+    default: str = "cem_noise",
+    fit: dict[str, Any] | None = None,
+    preset: str | None = None,
 ) -> str:
     """The same question read against the straight line through every noise run: each seed's
     residual at its own accuracy, so a seed's accuracy noise moves its baseline with it. Mean ± std
@@ -1189,7 +1193,8 @@ def variants_line_verdict(
     information only, Welch's t-test on the two means (:func:`welch`), whose standard error does
     shrink with the number of seeds: a small p with no verdict says the mean lead is unlikely to be
     chance while single seeds of the two still overlap. ``fit``: :func:`line_comparison`'s (fitted
-    here when not given)."""
+    here when not given); ``preset``: the scale read, for :func:`default_decision`'s sentence at a
+    scale other than the one that chose the package's default."""
     fit = fit or line_comparison(records)
     if fit is None:
         return "(the straight-line reading needs at least 3 finished noise runs)"
@@ -1250,7 +1255,9 @@ def variants_line_verdict(
             "spread from the pairs, the same rule (beyond twice it, two pairs at least), with the "
             "paired t-test for information: " + _against_default(paired_rows)
         )
-        text += "\n\n" + default_decision(decision_rows, default=default_label(records, default))
+        text += "\n\n" + default_decision(
+            decision_rows, default=default_label(records, default), preset=preset
+        )
     return text
 
 
@@ -1258,6 +1265,7 @@ def default_decision(
     rows: list[tuple[str, int, float, float | None]],
     needed: int = 3,
     default: str = "`gmm` at λ 1",
+    preset: str | None = None,
 ) -> str:
     """The README's rule for the default CEM loss, applied to the paired line readings.
 
@@ -1266,6 +1274,9 @@ def default_decision(
     with two pairs at least; the rule is applied once every variant has ``needed`` pairs, and then
     the largest lead among those that beat the default replaces it. Before that the sentence says
     which variants are still short and what the rule would read now, marked as not a decision.
+    ``preset``: read at a scale other than the one that chose the package's default (the rule
+    then says which setting is better at that preset; changing the default is a decision of its
+    own, docs/default_cem_loss.md).
     """
     if not rows:
         return "**The default, by that rule:** no variant has a pair with the default yet."
@@ -1291,6 +1302,13 @@ def default_decision(
             f"pairs; {len(rows) - len(short)} of {len(rows)} have (still short: "
             + ", ".join(f"`{s}`" for s in short)
             + f"). Until then the default stays {default}; {now}."
+        )
+    if beat and preset:
+        return (
+            f"**The default, by that rule, at preset `{preset}`:** every variant has {needed} "
+            f"pairs or more; {lead} leads the default by the most, so at this scale it is a "
+            f"better setting than {default} (whether the package's default follows is decided "
+            "in docs/default_cem_loss.md)."
         )
     if beat:
         return (
@@ -1821,7 +1839,8 @@ def scale_section(
     accuracy (:func:`undefended_accuracy_line`) and attack check (:func:`undefended_line`); then
     :func:`answer_table`, the plot ``plot_name`` (if drawn), :func:`answer_sentences`, the
     paper's own comparison at equal σ (:func:`same_sigma_section`: the gain in % and the accuracy
-    change, from the first pair on, before the answer at equal accuracy can be read) and how many
+    change, from the first pair on, before the answer at equal accuracy can be read), which CEM
+    setting is better at this scale when it ran any other (:func:`scale_variants`) and how many
     of its grid's runs finished, or, with no ``noise`` / ``cem_noise`` seed pair yet, one sentence
     saying so in place of the table."""
     preset = table.get("preset")
@@ -1862,7 +1881,27 @@ def scale_section(
         *plot,
         *([sentences, ""] if sentences else []),
         *([*paper, ""] if paper else []),
+        *scale_variants(records, preset),
         f"{progress} of its grid finished.",
+        "",
+    ]
+
+
+def scale_variants(records: list[dict[str, Any]], preset: str | None) -> list[str]:
+    """Which CEM at another scale (issue 36, point 4): when the scale's records hold ``cem_noise``
+    variants (a weaker λ, ``gmm``, ...), each is read against the scale's own default runs by the
+    rule that chose the package's default (:func:`variants_line_verdict`: paired by seed, at equal
+    accuracy on this scale's noise line, beyond twice the pairs' spread); ``[]`` without one."""
+    if not any(r["defense"].startswith("cem_noise [") for r in records):
+        return []
+    return [
+        "### Which CEM at this scale",
+        "",
+        f"Each other CEM setting run at preset `{preset}` against this scale's `cem_noise` "
+        f"({default_label(records)}), by the rule that chose the package's default at the quick "
+        "scale (docs/default_cem_loss.md), on this scale's own noise line:",
+        "",
+        variants_line_verdict(records, fit=line_comparison(records), preset=preset),
         "",
     ]
 
