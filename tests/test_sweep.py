@@ -577,7 +577,7 @@ def test_full_cifar_study_spec_orders_its_pairs_and_pins_the_default_loss():
         seeds.setdefault(collect.point_name(p), set()).add(p["seed"])
     assert seeds == {
         "none": {1, 2, 3},
-        **{f"noise_s{s:g}": {1, 2, 3} for s in (0.05, 0.1, 0.2)},
+        **{f"noise_s{s:g}": {1, 2, 3} for s in (0.1, 0.2, 0.4)},
         **{f"cem_noise_s{s:g}": {1, 2, 3} for s in (0.1, 0.2)},
     }
 
@@ -585,14 +585,14 @@ def test_full_cifar_study_spec_orders_its_pairs_and_pins_the_default_loss():
         return [f"noise_s{s:g}_seed{k}", f"cem_noise_s{s:g}_seed{k}"]
 
     # the promised order: the undefended check, the first pair, the rest of seed 1; the σ 0.1
-    # pairs of seeds 2 and 3; seed 2's and seed 3's σ 0.2 pair and σ 0.05; the other undefended
+    # pairs of seeds 2 and 3; seed 2's and seed 3's σ 0.2 pair and σ 0.4; the other undefended
     # seeds last. Each seed's noise / cem_noise at one σ side by side.
     assert order == [
         "none_seed1",
-        *pair(0.1, 1), *pair(0.2, 1), "noise_s0.05_seed1",
+        *pair(0.1, 1), *pair(0.2, 1), "noise_s0.4_seed1",
         *pair(0.1, 2), *pair(0.1, 3),
-        *pair(0.2, 2), "noise_s0.05_seed2",
-        *pair(0.2, 3), "noise_s0.05_seed3",
+        *pair(0.2, 2), "noise_s0.4_seed2",
+        *pair(0.2, 3), "noise_s0.4_seed3",
         "none_seed2", "none_seed3",
     ]  # fmt: skip
     # every run validates at the preset; the CEM runs pin the default loss (reference hinge,
