@@ -1303,19 +1303,23 @@ def default_decision(
             + ", ".join(f"`{s}`" for s in short)
             + f"). Until then the default stays {default}; {now}."
         )
-    if beat and preset:
-        return (
-            f"**The default, by that rule, at preset `{preset}`:** every variant has {needed} "
-            f"pairs or more; {lead} leads the default by the most, so at this scale it is a "
-            f"better setting than {default} (whether the package's default follows is decided "
-            "in docs/default_cem_loss.md)."
-        )
     if beat:
+        at, then = (
+            (
+                f", at preset `{preset}`",
+                f"at this scale it is a better setting than {default} (whether the package's "
+                "default follows is decided in docs/default_cem_loss.md).",
+            )
+            if preset
+            else (
+                "",
+                f"it replaces {default} as the package's default (docs/default_cem_loss.md). A "
+                "study that pins its CEM runs keeps comparing the same runs.",
+            )
+        )
         return (
-            f"**The default, by that rule:** every variant has {needed} pairs or more; {lead} "
-            f"leads the default by the most, so it replaces {default} as the package's default "
-            "(docs/default_cem_loss.md). A study that pins its CEM runs keeps comparing "
-            "the same runs."
+            f"**The default, by that rule{at}:** every variant has {needed} pairs or more; {lead} "
+            f"leads the default by the most, so {then}"
         )
     return (
         f"**The default, by that rule:** every variant has {needed} pairs or more and none beats "
@@ -1901,7 +1905,7 @@ def scale_variants(records: list[dict[str, Any]], preset: str | None) -> list[st
         f"({default_label(records)}), by the rule that chose the package's default at the quick "
         "scale (docs/default_cem_loss.md), on this scale's own noise line:",
         "",
-        variants_line_verdict(records, fit=line_comparison(records), preset=preset),
+        variants_line_verdict(records, preset=preset),  # fits this scale's noise line itself
         "",
     ]
 
