@@ -1017,6 +1017,32 @@ def test_answer_table_is_the_paired_reading_per_sigma_and_pooled():
     )
     up = sum(r["adj"]["t"] > 2 for r in rows[:-1])
     assert f"each σ alone reads higher at {up} and lower at 0 of the 4 σ" in text
+    # each seed as one unit (its mean over the 4 σ), independently: a one-sample t over 3 seeds
+    e_seed = e.reshape(4, 3).mean(axis=0)  # values run σ-major, seeds 1-3 within each σ
+    acc_seed = (acc_b - acc_a).reshape(4, 3).mean(axis=0)
+    t_e, t_acc = (
+        stats.ttest_1samp(e_seed, 0.0).statistic,
+        stats.ttest_1samp(acc_seed, 0.0).statistic,
+    )
+    assert pooled["seeds"] == 3 and pooled["units"]["t"] == pytest.approx(t_e)
+    assert f"(t {adj['t']:+.1f}; with each seed as one unit t {t_e:+.1f} over 3 seeds)" in text
+    assert f"t {acc['t']:+.1f}; with each seed as one unit t {t_acc:+.1f} over 3 seeds)" in text
+    # a study's first seed run at several σ: t there counts one seed's pairs as independent
+    first = [
+        _seeded(
+            r["defense"],
+            r["name"],
+            r["sigma"],
+            [1],
+            r["metrics"]["defended_acc"]["values"][:1],
+            r["metrics"][KEY]["values"][:1],
+        )
+        for r in recs
+    ]
+    lone = results_page.answer_sentences(first)
+    assert results_page.answer_rows(first)[-1]["seeds"] == 1
+    assert lone.startswith("**The answer: not yet.** Every pair is one seed's (4 pairs at 4 σ)")
+    assert "An answer needs pairs from two seeds or more." in lone and "at equal accuracy" in lone
     # no excess: the answer says so, whichever way it goes
     null = _paired_study(rng, excess=-0.02)
     assert "gives a lower attack MSE than `noise` alone" in results_page.answer_sentences(null)
@@ -1026,6 +1052,7 @@ def test_answer_table_is_the_paired_reading_per_sigma_and_pooled():
     one = [r for r in recs if r["sigma"] == 0.1] + noise
     assert [r["label"] for r in results_page.answer_rows(one)] == ["σ 0.1"]
     assert "over 3 seed pairs at σ 0.1 (t" in results_page.answer_sentences(one)
+    assert "each seed as one unit" not in results_page.answer_sentences(one)  # 3 pairs, 3 seeds
 
 
 def test_answer_reads_one_preset_at_a_time():

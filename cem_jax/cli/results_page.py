@@ -512,7 +512,9 @@ def answer_rows(
     every pair pooled (``label`` ``"all σ"``). Each row: its pairs' number ``n``, ``base``'s mean
     attack MSE over them, ``other``'s at equal accuracy (that plus the paired excess), and
     :func:`paired_differences`' ``adj`` (the excess at equal accuracy along the line through these
-    records' ``base`` runs) and ``acc``. Empty without that line or a pair.
+    records' ``base`` runs) and ``acc``, the number of distinct ``seeds`` among its pairs, and the
+    same two readings with each seed as one unit (``units``, ``acc_units``: :func:`seed_units`,
+    ``None`` below two seeds). Empty without that line or a pair.
     """
     fit = line_comparison(records, base=base, other=other)
     if fit is None:
@@ -537,6 +539,9 @@ def answer_rows(
                 "other_mse": base_mse + pd["adj"]["mean"],
                 "adj": pd["adj"],
                 "acc": pd["acc"],
+                "seeds": len(set(pd["seeds"])),
+                "units": seed_units(pairs, fit),
+                "acc_units": pd["acc_units"],
             }
         )
     return rows
@@ -585,7 +590,10 @@ def answer_sentences(
     records: list[dict[str, Any]], *, base: str = "noise", other: str = "cem_noise"
 ) -> str:
     """The plain answer under the opening table and plot, from the same rows (:func:`answer_rows`):
-    the pooled excess at equal accuracy and how many σ agree, then the accuracy cost."""
+    the pooled excess at equal accuracy and how many σ agree, then the accuracy cost, each also
+    with each seed as one unit where the pairs span several σ. Pairs that all share one seed (a
+    study's first seed, run at several σ) are not an answer yet: their t counts them as
+    independent, and they share that seed's initialisation and batch order."""
     rows = answer_rows(records, base=base, other=other)
     if not rows:
         return ""
@@ -596,6 +604,23 @@ def answer_sentences(
             f"**The answer: not yet.** One pair of runs: `{other}` {adj['mean']:+.4f} attack MSE "
             f"at equal accuracy, accuracy {acc['mean']:+.4f}; a test needs two pairs."
         )
+    if pooled["seeds"] < 2:
+        return (
+            f"**The answer: not yet.** Every pair is one seed's ({pooled['n']} pairs at "
+            f"{len(per_sigma)} σ): `{other}` {adj['mean']:+.4f} "
+            f"({adj['mean'] / pooled['base_mse']:+.0%}) attack MSE at equal accuracy (t "
+            f"{adj['t']:+.1f}), accuracy {acc['mean']:+.4f} per pair (t {acc['t']:+.1f}); these t "
+            "count the pairs as independent, but they share the seed's initialisation and batch "
+            "order. An answer needs pairs from two seeds or more."
+        )
+    several = len(per_sigma) > 1
+    units, acc_units = pooled["units"], pooled["acc_units"]
+
+    def per_seed(u: dict[str, Any] | None) -> str:
+        if not several or u is None or u["t"] is None:
+            return ""
+        return f"; with each seed as one unit t {u['t']:+.1f} over {u['n']} seeds"
+
     word = _t_verdict(adj["t"], "higher", "lower")
     head = (
         f"`{other}` gives a {word} attack MSE than `{base}` alone"
@@ -606,7 +631,7 @@ def answer_sentences(
     text = (
         f"**The answer: at equal accuracy, {head}**: {adj['mean']:+.4f} "
         f"({adj['mean'] / pooled['base_mse']:+.0%}) over {pooled['n']} seed pairs at {where} "
-        f"(t {adj['t']:+.1f})"
+        f"(t {adj['t']:+.1f}{per_seed(units)})"
     )
     tested = [r for r in per_sigma if r["adj"]["t"] is not None]
     if len(per_sigma) > 1 and tested:
@@ -618,9 +643,9 @@ def answer_sentences(
         )
     acc_word = _t_verdict(acc["t"], "higher", "lower")
     cost = (
-        f"not distinguishable from no change (t {acc['t']:+.1f})"
+        f"not distinguishable from no change (t {acc['t']:+.1f}{per_seed(acc_units)})"
         if acc_word == "not distinguishable"
-        else f"{acc_word} with CEM (t {acc['t']:+.1f})"
+        else f"{acc_word} with CEM (t {acc['t']:+.1f}{per_seed(acc_units)})"
     )
     return text + f". The accuracy change, {acc['mean']:+.4f} per pair, is {cost}."
 
