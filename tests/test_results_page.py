@@ -1044,6 +1044,32 @@ def test_answer_table_is_the_paired_reading_per_sigma_and_pooled():
     assert results_page.answer_rows(first)[-1]["seeds"] == 1
     assert lone.startswith("**The answer: not yet.** Every pair is one seed's (4 pairs at 4 σ)")
     assert "An answer needs pairs from two seeds or more." in lone and "at equal accuracy" in lone
+    # cifar_full's shape part way: σ 0.1 at seeds 1-2, σ 0.2 at seed 1: the one σ with two
+    # pairs is named with its own t, not counted as "higher at 0 and lower at 0 of the 1 σ"
+    part = [
+        _seeded(r["defense"], r["name"], r["sigma"], seeds, *(
+            [r["metrics"][k]["values"][i] for i in range(len(seeds))] for k in ("defended_acc", KEY)
+        ))
+        for r in recs
+        for seeds in [[1, 2] if r["sigma"] == 0.1 else [1]]
+        if r["defense"] == "noise" or r["sigma"] in (0.1, 0.2)
+    ]  # fmt: skip
+    part_rows = results_page.answer_rows(part)
+    assert [(r["label"], r["n"]) for r in part_rows] == [("σ 0.1", 2), ("σ 0.2", 1), ("all σ", 3)]
+    t01 = part_rows[0]["adj"]["t"]
+    word = "higher" if t01 > 2 else "lower" if t01 < -2 else "not distinguishable"
+    part_text = results_page.answer_sentences(part)
+    assert (
+        f"; σ 0.1 alone, the one σ with two pairs so far, reads {word} (t {t01:+.1f})" in part_text
+    )
+    assert "of the 1 σ" not in part_text
+    # several σ, none beyond |t| 2 alone: said in words, not as "higher at 0 and lower at 0"
+    flat = _paired_study(np.random.default_rng(3), excess=0.0)
+    flat_rows = results_page.answer_rows(flat)[:-1]
+    flat_text = results_page.answer_sentences(flat)
+    assert all(abs(r["adj"]["t"]) < 2 for r in flat_rows)  # seed 3's draw: t 0.5, 0.6, -0.8, 1.2
+    no_sigma = "; no σ alone (of the 4 with two pairs or more) reads a difference at |t| > 2"
+    assert no_sigma in flat_text and "each σ alone reads" not in flat_text
     # no excess: the answer says so, whichever way it goes
     null = _paired_study(rng, excess=-0.02)
     assert "gives a lower attack MSE than `noise` alone" in results_page.answer_sentences(null)

@@ -562,7 +562,8 @@ def test_full_cifar_study_spec_orders_its_pairs_and_pins_the_default_loss():
     """experiments/studies/full_cifar10.json (issue 36): none x 3 seeds, noise at 3 σ and cem_noise
     at 2 σ x 3 seeds each, at the cifar_full preset; ordered so that a study stopped part way has
     the undefended check, the first pair, seed 1's whole noise line, then the σ 0.1 pairs of all
-    3 seeds (the paper's comparison at equal σ, and point 4's decision), then the rest."""
+    3 seeds (the paper's comparison at equal σ, and point 4's decision), then point 4's weaker
+    CEM setting (λ 0.1, 3 seeds), then the rest."""
     from cem_jax import runner
 
     spec = collect.load_study(os.path.join(ROOT, "experiments/studies/full_cifar10.json"))
@@ -579,18 +580,21 @@ def test_full_cifar_study_spec_orders_its_pairs_and_pins_the_default_loss():
         "none": {1, 2, 3},
         **{f"noise_s{s:g}": {1, 2, 3} for s in (0.1, 0.2, 0.4)},
         **{f"cem_noise_s{s:g}": {1, 2, 3} for s in (0.1, 0.2)},
+        "cem_noise_s0.1_lambda0.1": {1, 2, 3},  # point 4's weaker setting, at 3 seeds
     }
 
     def pair(s, k):
         return [f"noise_s{s:g}_seed{k}", f"cem_noise_s{s:g}_seed{k}"]
 
     # the promised order: the undefended check, the first pair, the rest of seed 1; the σ 0.1
-    # pairs of seeds 2 and 3; seed 2's and seed 3's σ 0.2 pair and σ 0.4; the other undefended
-    # seeds last. Each seed's noise / cem_noise at one σ side by side.
+    # pairs of seeds 2 and 3; the weaker CEM setting (λ 0.1) at 3 seeds; seed 2's and seed 3's
+    # σ 0.2 pair and σ 0.4; the other undefended seeds last. Each seed's noise / cem_noise at one
+    # σ side by side.
     assert order == [
         "none_seed1",
         *pair(0.1, 1), *pair(0.2, 1), "noise_s0.4_seed1",
         *pair(0.1, 2), *pair(0.1, 3),
+        *[f"cem_noise_s0.1_lambda0.1_seed{k}" for k in (1, 2, 3)],
         *pair(0.2, 2), "noise_s0.4_seed2",
         *pair(0.2, 3), "noise_s0.4_seed3",
         "none_seed2", "none_seed3",
@@ -604,7 +608,11 @@ def test_full_cifar_study_spec_orders_its_pairs_and_pins_the_default_loss():
         assert cfg.attacks == ("decoder",) and cfg.attack_settings == ("train_time",)
         if p["defense"] == "cem_noise":
             d = cfg.defense_spec()
-            assert (cfg.cem_mode, cfg.lambda_schedule, d.lambd) == ("reference", "inverse_lr", 0.32)
+            # the weaker setting changes λ alone
+            lambd = 0.1 if p.get("variant") == "lambda0.1" else 0.32
+            assert (cfg.cem_mode, cfg.lambda_schedule) == ("reference", "inverse_lr")
+            assert d.lambd == lambd
+            assert p.get("variant") in (None, "lambda0.1") and d.sigma == p["sigma"]
         else:
             assert cfg.lambd is None  # cem_common reaches the CEM runs only
     # the pins are today's defaults: the study measures what a user's run trains

@@ -634,12 +634,21 @@ def answer_sentences(
         f"(t {adj['t']:+.1f}{per_seed(units)})"
     )
     tested = [r for r in per_sigma if r["adj"]["t"] is not None]
-    if len(per_sigma) > 1 and tested:
+    if len(per_sigma) > 1 and len(tested) == 1:
+        one = tested[0]
+        text += (
+            f"; {one['label']} alone, the one σ with two pairs so far, reads "
+            f"{_t_verdict(one['adj']['t'], 'higher', 'lower')} (t {one['adj']['t']:+.1f})"
+        )
+    elif len(per_sigma) > 1 and tested:
         up = sum(r["adj"]["t"] > 2 for r in tested)
         down = sum(r["adj"]["t"] < -2 for r in tested)
         text += (
             f"; each σ alone reads higher at {up} and lower at {down} of the {len(tested)} σ "
             "with two pairs or more"
+            if up or down
+            else f"; no σ alone (of the {len(tested)} with two pairs or more) reads a difference "
+            "at |t| > 2"
         )
     acc_word = _t_verdict(acc["t"], "higher", "lower")
     cost = (
