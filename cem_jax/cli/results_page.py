@@ -643,13 +643,16 @@ def answer_sentences(
     elif len(per_sigma) > 1 and tested:
         up = sum(r["adj"]["t"] > 2 for r in tested)
         down = sum(r["adj"]["t"] < -2 for r in tested)
-        text += (
-            f"; each σ alone reads higher at {up} and lower at {down} of the {len(tested)} σ "
-            "with two pairs or more"
-            if up or down
-            else f"; no σ alone (of the {len(tested)} with two pairs or more) reads a difference "
-            "at |t| > 2"
-        )
+        if up or down:
+            text += (
+                f"; each σ alone reads higher at {up} and lower at {down} of the {len(tested)} σ "
+                "with two pairs or more"
+            )
+        else:
+            text += (
+                f"; no σ alone (of the {len(tested)} with two pairs or more) reads a difference "
+                "at |t| > 2"
+            )
     acc_word = _t_verdict(acc["t"], "higher", "lower")
     cost = (
         f"not distinguishable from no change (t {acc['t']:+.1f}{per_seed(acc_units)})"
@@ -940,7 +943,7 @@ def undefended_line(records: list[dict[str, Any]]) -> str:
     psnr = m.get("decoder.train_time.psnr") or {}
     gain = ""
     if base.get("mean"):
-        # by the MSE ratio; the run's report gives the mean per-image PSNR gain (a few 0.01 dB apart)
+        # by the MSE ratio; a run's report gives the gain of the mean per-image PSNR, which differs
         gain = (
             f", {10 * math.log10(base['mean'] / m[KEY]['mean']):+.1f} dB over the mean image "
             "(10·log10 of the MSE ratio)"
