@@ -1263,6 +1263,66 @@ def test_a_scale_root_with_no_pair_yet_says_so(tmp_path):
     assert "![privacy-utility at cifar_full]" not in text
 
 
+def test_a_scale_lists_every_run_with_its_gain_over_the_mean_image(tmp_path):
+    import numpy as np
+
+    noise = _seeded("noise", "noise_s0.1", 0.1, (1, 3), [0.84, 0.83], [0.0094, 0.0091])
+    cem = _seeded("cem_noise", "cem_noise_s0.1", 0.1, (3,), [0.81], [0.0172])
+    base = {1: 0.0612, 3: 0.0608}
+    walls = {("noise_s0.1", 1): 7102.0, ("noise_s0.1", 3): 8059.0, ("cem_noise_s0.1", 3): 7165.0}
+    for r in (noise, cem):
+        seeds = [x["seed"] for x in r["runs"]]
+        vals = [base[s] for s in seeds]
+        r["metrics"][results_page.BASELINE_KEY] = {
+            "mean": float(np.mean(vals)),
+            "std": None,
+            "n": len(vals),
+            "values": vals,
+            "seeds": seeds,
+            "flagged": 0,
+        }
+        for x in r["runs"]:
+            x["wall_time_s"] = walls[(r["name"], x["seed"])]
+    noise["metrics"]["leakage_bits"] = {
+        "mean": 791.0,
+        "std": 0.06,
+        "n": 2,
+        "values": [791.04, 790.96],
+        "seeds": [1, 3],
+        "flagged": 0,
+    }
+    table = results_page.runs_table([noise, cem])
+    assert table[0].startswith("| run | seed |") and len(table) == 2 + 3
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("noise_s0.1", "1"),
+        ("noise_s0.1", "3"),
+        ("cem_noise_s0.1", "3"),
+    ]
+    mses = {("noise_s0.1", 1): 0.0094, ("noise_s0.1", 3): 0.0091, ("cem_noise_s0.1", 3): 0.0172}
+    for row in rows:
+        name, seed = row[0], int(row[1])
+        gain = 10 * np.log10(base[seed] / mses[(name, seed)])  # dB over the mean image
+        assert row[4] == f"{mses[(name, seed)]:.4f}" and row[5] == f"{base[seed]:.4f}"
+        assert row[6] == f"{gain:+.1f} dB"
+        minutes = int(round(walls[(name, seed)] / 60))
+        assert row[8] == f"{minutes // 60}:{minutes % 60:02d}"
+        assert row[2] == "-"  # no clean accuracy recorded
+    assert [r[7] for r in rows] == ["791.0", "791.0", "-"]  # no certificate for cem's seed
+    assert rows[0][3] == "0.840" and rows[2][3] == "0.810"
+    assert results_page.runs_table([]) == []
+    # on the page: in the scale's section, after its progress line, never in the opening
+    root = _scale_root(
+        tmp_path / "frontier", _paired_study(np.random.default_rng(9)), "quick", 24, 24
+    )
+    big = _scale_root(tmp_path / "full", [noise, cem], "cifar_full", 3, 21)
+    text = results_page.write_page(root, str(tmp_path / "results.md"), scale_roots=[big])
+    head = text.index("## At scale: preset `cifar_full`")
+    assert text.index(table[0]) > text.index("3 of 21 runs of its grid finished.", head)
+    assert text.count(table[0]) == 1
+    assert all(line in text for line in table)
+
+
 def test_a_scale_roots_first_pair_gets_the_papers_comparison_before_the_answer(tmp_path):
     """One noise / cem_noise pair (too few noise runs for the line at equal accuracy): the section
     says the answer needs more runs, and shows the pair at equal σ, its MSE change in % and its

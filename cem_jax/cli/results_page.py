@@ -1875,6 +1875,58 @@ def undefended_accuracy_line(records: list[dict[str, Any]]) -> str:
     )
 
 
+def _clock(seconds: float | None) -> str:
+    """``h:mm`` of a duration in seconds ("-" for none)."""
+    if seconds is None:
+        return "-"
+    minutes = round(float(seconds) / 60)
+    return f"{minutes // 60}:{minutes % 60:02d}"
+
+
+def _num(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``, or "-" for none."""
+    return "-" if value is None else format(value, spec)
+
+
+def runs_table(records: list[dict[str, Any]]) -> list[str]:
+    """Every finished run of a scale, one row each, in the records' order then by seed: the
+    accuracies, the converged train-time decoder's MSE beside the mean image's on the same images
+    and its gain over it (``10·log10`` of the MSE ratio), the certificate and the run's recorded
+    wall time (training and attacks; a resumed run sums its sittings). ``[]`` without a run.
+
+    >>> rec = {"name": "noise_s0.1", "runs": [{"seed": 2, "wall_time_s": 7102}], "metrics": {
+    ...     "defended_acc": {"values": [0.842], "seeds": [2]}, KEY: {"values": [0.0091], "seeds": [2]},
+    ...     BASELINE_KEY: {"values": [0.0612], "seeds": [2]}}}
+    >>> print(runs_table([rec])[-1])
+    | noise_s0.1 | 2 | - | 0.842 | 0.0091 | 0.0612 | +8.3 dB | - | 1:58 |
+    """
+    rows = []
+    for r in records:
+        cols = {
+            key: by_seed(r, key)
+            for key in ("clean_acc", "defended_acc", KEY, BASELINE_KEY, "leakage_bits")
+        }
+        walls = {x.get("seed"): x.get("wall_time_s") for x in r.get("runs") or []}
+        for seed in sorted(set(cols["defended_acc"]) | set(cols[KEY])):
+            cell = {key: values.get(seed) for key, values in cols.items()}
+            mse, base = cell[KEY], cell[BASELINE_KEY]
+            gain = f"{10 * math.log10(base / mse):+.1f} dB" if mse and base else "-"
+            rows.append(
+                f"| {r['name']} | {seed} | {_num(cell['clean_acc'], '.3f')} "
+                f"| {_num(cell['defended_acc'], '.3f')} | {_num(mse, '.4f')} "
+                f"| {_num(base, '.4f')} | {gain} | {_num(cell['leakage_bits'], '.1f')} "
+                f"| {_clock(walls.get(seed))} |"
+            )
+    if not rows:
+        return []
+    return [
+        "| run | seed | clean accuracy | defended accuracy | attack MSE | mean image's MSE | "
+        "over the mean image | certificate (bits) | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def scale_section(
     root: str, table: dict[str, Any], records: list[dict[str, Any]], plot_name: str | None
 ) -> list[str]:
@@ -1911,12 +1963,26 @@ def scale_section(
         "",
     ]
     plot = [f"![privacy-utility at {preset}]({plot_name})", ""] if plot_name else []
+    table = runs_table(records)
+    every = (
+        [
+            "Every run (the converged train-time decoder attack; over the mean image: 10·log10 "
+            "of the ratio of the mean image's MSE to the attack's; wall time: training and "
+            "attack as recorded, a resumed run's sittings summed):",
+            "",
+            *table,
+            "",
+        ]
+        if table
+        else []
+    )
     if not all_seed_pairs(records)[0]:
         return lines + [
             f"At this scale, no noise/cem_noise seed pair finished yet: {progress} of its grid "
             "finished.",
             "",
             *plot,
+            *every,
         ]
     sentences = answer_sentences(records)
     paper = same_sigma_section(records)
@@ -1929,6 +1995,7 @@ def scale_section(
         *scale_variants(records, preset),
         f"{progress} of its grid finished.",
         "",
+        *every,
     ]
 
 
