@@ -1305,8 +1305,8 @@ def test_a_scale_lists_every_run_with_its_gain_over_the_mean_image(tmp_path):
         gain = 10 * np.log10(base[seed] / mses[(name, seed)])  # dB over the mean image
         assert row[4] == f"{mses[(name, seed)]:.4f}" and row[5] == f"{base[seed]:.4f}"
         assert row[6] == f"{gain:+.1f} dB"
-        minutes = int(round(walls[(name, seed)] / 60))
-        assert row[8] == f"{minutes // 60}:{minutes % 60:02d}"
+        h, rest = divmod(int(walls[(name, seed)]), 3600)
+        assert row[8] == f"{h}:{rest // 60:02d}:{rest % 60:02d}"  # h:mm:ss, as a run reports it
         assert row[2] == "-"  # no clean accuracy recorded
     assert [r[7] for r in rows] == ["791.0", "791.0", "-"]  # no certificate for cem's seed
     assert rows[0][3] == "0.840" and rows[2][3] == "0.810"

@@ -39,6 +39,7 @@ from absl import flags
 
 from cem_jax import storage
 from cem_jax.cli import collect, config_flags
+from cem_jax.progress import format_duration
 
 try:  # every t-test, p-value and regression on the page is scipy's (jax depends on it too)
     from scipy import stats
@@ -930,6 +931,18 @@ def same_sigma_section(
     return lines
 
 
+def db_over(base: float | None, mse: float | None) -> str:
+    """The attack's gain over the mean-image baseline, ``10·log10(base / mse)`` as ``"+8.3 dB"``
+    ("-" unless both MSEs are positive).
+
+    >>> db_over(0.0612, 0.0091), db_over(None, 0.0091)
+    ('+8.3 dB', '-')
+    """
+    if not base or not mse or base <= 0 or mse <= 0:
+        return "-"
+    return f"{10 * math.log10(base / mse):+.1f} dB"
+
+
 def undefended_line(records: list[dict[str, Any]]) -> str:
     """The sanity check every privacy number needs: the attacker against no defense at all."""
     none = [r for r in records if r["defense"] == "none" and KEY in r["metrics"]]
@@ -944,10 +957,7 @@ def undefended_line(records: list[dict[str, Any]]) -> str:
     gain = ""
     if base.get("mean"):
         # by the MSE ratio; a run's report gives the gain of the mean per-image PSNR, which differs
-        gain = (
-            f", {10 * math.log10(base['mean'] / m[KEY]['mean']):+.1f} dB over the mean image "
-            "(10·log10 of the MSE ratio)"
-        )
+        gain = f", {db_over(base['mean'], m[KEY]['mean'])} over the mean image (10·log10 of the MSE ratio)"
     return (
         f"Undefended check (`none`, n={none[0]['n']}): the converged decoder attack reaches MSE "
         f"{m[KEY]['mean']:.4f} (PSNR {psnr.get('mean', float('nan')):.2f} dB) against the mean "
@@ -1541,9 +1551,7 @@ def families_section(
                 lines.append(f"| {f} | {labels[arm].format(f=f)} | 0 | not run yet | | | | |")
                 continue
             m = r["metrics"]
-            gain = "-"
-            if m.get(BASELINE_KEY, {}).get("mean") and m[KEY]["mean"] > 0:
-                gain = f"{10 * math.log10(m[BASELINE_KEY]['mean'] / m[KEY]['mean']):+.1f} dB"
+            gain = db_over(m.get(BASELINE_KEY, {}).get("mean"), m[KEY]["mean"])
             fc = frontier_comparison(records, other=r["defense"])
             noise_at = "outside the noise frontier"
             if fc and fc[0]["base_mse"] is not None:
@@ -1875,14 +1883,6 @@ def undefended_accuracy_line(records: list[dict[str, Any]]) -> str:
     )
 
 
-def _clock(seconds: float | None) -> str:
-    """``h:mm`` of a duration in seconds ("-" for none)."""
-    if seconds is None:
-        return "-"
-    minutes = round(float(seconds) / 60)
-    return f"{minutes // 60}:{minutes % 60:02d}"
-
-
 def _num(value: float | None, spec: str) -> str:
     """``value`` formatted by ``spec``, or "-" for none."""
     return "-" if value is None else format(value, spec)
@@ -1898,7 +1898,7 @@ def runs_table(records: list[dict[str, Any]]) -> list[str]:
     ...     "defended_acc": {"values": [0.842], "seeds": [2]}, KEY: {"values": [0.0091], "seeds": [2]},
     ...     BASELINE_KEY: {"values": [0.0612], "seeds": [2]}}}
     >>> print(runs_table([rec])[-1])
-    | noise_s0.1 | 2 | - | 0.842 | 0.0091 | 0.0612 | +8.3 dB | - | 1:58 |
+    | noise_s0.1 | 2 | - | 0.842 | 0.0091 | 0.0612 | +8.3 dB | - | 1:58:22 |
     """
     rows = []
     for r in records:
@@ -1909,13 +1909,12 @@ def runs_table(records: list[dict[str, Any]]) -> list[str]:
         walls = {x.get("seed"): x.get("wall_time_s") for x in r.get("runs") or []}
         for seed in sorted(set(cols["defended_acc"]) | set(cols[KEY])):
             cell = {key: values.get(seed) for key, values in cols.items()}
-            mse, base = cell[KEY], cell[BASELINE_KEY]
-            gain = f"{10 * math.log10(base / mse):+.1f} dB" if mse and base else "-"
+            mse, base, wall = cell[KEY], cell[BASELINE_KEY], walls.get(seed)
             rows.append(
                 f"| {r['name']} | {seed} | {_num(cell['clean_acc'], '.3f')} "
                 f"| {_num(cell['defended_acc'], '.3f')} | {_num(mse, '.4f')} "
-                f"| {_num(base, '.4f')} | {gain} | {_num(cell['leakage_bits'], '.1f')} "
-                f"| {_clock(walls.get(seed))} |"
+                f"| {_num(base, '.4f')} | {db_over(base, mse)} | {_num(cell['leakage_bits'], '.1f')} "
+                f"| {'-' if wall is None else format_duration(wall)} |"
             )
     if not rows:
         return []
