@@ -153,8 +153,11 @@ def test_use_matmul_rule():
     assert layers.use_matmul((2, 2), (3, 3), 512, 512, (1, 1), backend="cpu")
     assert layers.use_matmul((4, 2), (3, 3), 8, 8, (1, 1), backend="cpu")
     assert not layers.use_matmul((4, 4), (3, 3), 512, 512, (1, 1), backend="cpu")
-    # big stride-1 convs on maps of 16x16 and more: XLA's kernel gradient is slow
-    assert layers.use_matmul((16, 16), (3, 3), 64, 128, (1, 1), backend="cpu")
+    # big stride-1 convs on maps of 16x16 and more: XLA's kernel gradient was slow there without
+    # YNNPACK (d); with it (cem_jax.xla_cpu's flags) XLA is faster, forward pass included
+    assert layers.use_matmul((16, 16), (3, 3), 64, 128, (1, 1), backend="cpu", ynn=False)
+    assert not layers.use_matmul((16, 16), (3, 3), 64, 128, (1, 1), backend="cpu", ynn=True)
+    assert not layers.use_matmul((16, 16), (3, 3), 64, 64, (1, 1), backend="cpu", ynn=True)
     assert not layers.use_matmul((32, 32), (3, 3), 32, 32, (1, 1), backend="cpu")
     assert not layers.use_matmul((16, 16), (3, 3), 64, 8, (1, 1), backend="cpu")
     assert not layers.use_matmul((8, 8), (3, 3), 256, 256, (1, 1), backend="cpu")

@@ -112,32 +112,33 @@ def use_matmul(
 ) -> bool:
     """The rule: im2col + matmul instead of XLA's conv, decided per shape at trace time.
 
-    Only on CPU, in four cases. Figures: forward + both gradients of one conv, ms, XLA vs matmul,
+    Only on CPU, in four cases, the last two only when XLA does not hand dots to YNNPACK
+    (``ynn``; default: whether ``XLA_FLAGS`` enables it, as ``import cem_jax`` does, see
+    :mod:`cem_jax.xla_cpu`). Figures: forward + both gradients of one conv, ms, XLA vs matmul,
     batch 128 unless noted (``python -m benchmarks.models --layers``).
 
     (a) The map is smaller than the kernel in some direction (XLA takes a very slow path):
-        2x2 512->512: 1532 vs 29; 2x2 128->128: 75 vs 5; 1x1: 110 vs 27.
+        2x2 512->512: 1532 vs 29 (2026-12-07, with YNNPACK: 3782 vs 97); 2x2 128->128: 75 vs 5;
+        1x1: 110 vs 27.
     (b) The conv is strided. XLA:CPU computes the kernel gradient, and any second derivative (the
         WGAN-GP critic's gradient penalty), as a dilated convolution that runs a naive loop.
         Batch 64: 8x8 128->256 k5 s2: 792 vs 48; 64x64 16->32 k3 s2: 122 vs 78; 32x32 32->64
         k3 s2: 47 vs 40; 16x16 64->128 k5 s2: 54 vs 82 (the one loss). The whole critic step
         with its gradient penalty, batch 32: 2692 vs 269.
-    (c) At least 16x16 positions with ``c_in >= 32`` and ``c_out >= 64``: XLA's kernel-gradient
-        convolution is slow there. 16x16 64->128: 153-161 vs 114-124; 16x16 64->64: 110 vs 93;
-        16x16 128->256: 494 vs 344; 16x16 256->256: 1019 vs 670; 32x32 64->128 (batch 64):
-        357 vs 236; 32x32 32->64 (batch 64): 131 vs 88.
-
-    (d) Stride 1 with a kernel of at most 2x2 (im2col copies the input at most 4 times; a 1x1
-        kernel is a plain dot). Batch 256, the decoder's shapes: 32x32 64->3 k1 (the head's
-        shortcut): 130 vs 36; 8x8 64->256 k2 (its first sub-pixel upsampling): 57 vs 32. No
-        client conv has such a kernel. The decoder attack step (batch 256) gains x1.14 (two
-        interleaved runs on a loaded machine).
-
-    With XLA's YNNPACK fusions on (``ynn``; default: whether ``XLA_FLAGS`` enables them, as
-    ``import cem_jax`` does, see :mod:`cem_jax.xla_cpu`), (d) is reversed: a stride-1 kernel of at
-    most 2x2 stays on XLA, whatever (c) says. The decoder attack step (batch 256, interleaved in one
-    process, 5 rounds twice): 213 -> 220 images/s with its 1x1 shortcuts and 2x2 sub-pixel
-    upsamplings on XLA.
+    (c) Without YNNPACK: stride 1 with a kernel of at most 2x2 (im2col copies the input at most
+        4 times; a 1x1 kernel is a plain dot). Batch 256, the decoder's shapes: 32x32 64->3 k1
+        (the head's shortcut): 130 vs 36; 8x8 64->256 k2 (its first sub-pixel upsampling): 57
+        vs 32. With YNNPACK they stay on XLA: the decoder attack step (batch 256, interleaved in
+        one process, 5 rounds twice) 213 -> 220 images/s.
+    (d) Without YNNPACK: at least 16x16 positions with ``c_in >= 32`` and ``c_out >= 64``,
+        where XLA's kernel-gradient convolution was slow (measured 2026-11-29, before the flags):
+        16x16 64->128: 153-161 vs 114-124; 16x16 64->64: 110 vs 93; 16x16 128->256: 494 vs 344;
+        32x32 64->128 (batch 64): 357 vs 236. With YNNPACK (re-measured 2026-12-07, jaxlib
+        0.10.2) XLA wins: 16x16 64->128 205 vs 270 (batch 256: 196 vs 472), 16x16 64->64 99 vs
+        183. Interleaved in one process, the VGG11 cut-4 train step with these convs on XLA:
+        85.9 -> 90.7 images/s (``cem_noise``, batch 256), 85.4 -> 90.0 (``none``, batch 128); the
+        client's forward pass alone (the mixture refresh's features of the training set) 571 ->
+        1,317 images/s: the im2col copied a 295 MB patch matrix per batch of 500 for one dot.
 
     Everything else stays on XLA, which is as fast or faster there: 32x32 32->32: 141 vs 157;
     8x8 128->128: 46 vs 56; 4x4 512->512: 128 vs 125 (a tie); thin outputs lose badly as a
@@ -145,15 +146,18 @@ def use_matmul(
 
     Also tried and dropped: XLA's forward and input gradient with the kernel gradient as ``kh``
     GEMMs over row-shifted inputs (a custom VJP). It was exact but never clearly faster than the
-    better of the two paths (16x16 64->128: 139 ms; 8x8 256->256: 166 vs 165).
+    better of the two paths (16x16 64->128: 139 ms; 8x8 256->256: 166 vs 165). With YNNPACK, the
+    kernel gradient as one im2col matmul (``'xla_dotgrad'``): 16x16 64->128, batch 256, 400 ms
+    against XLA's 196.
     """
     if (backend or jax.default_backend()) != "cpu":
         return False
     if max(strides) > 1:
         return True
+    ynn = _ynn_enabled() if ynn is None else ynn
     if max(kernel_hw) <= 2:
-        return not (_ynn_enabled() if ynn is None else ynn)
-    if in_hw[0] * in_hw[1] >= 256 and c_in >= 32 and c_out >= 64:
+        return not ynn
+    if not ynn and in_hw[0] * in_hw[1] >= 256 and c_in >= 32 and c_out >= 64:
         return True
     return in_hw[0] < kernel_hw[0] or in_hw[1] < kernel_hw[1]
 
