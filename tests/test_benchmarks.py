@@ -1,8 +1,10 @@
 """The benchmarks' contracts: ``benchmarks.train_step --json`` has exactly the documented keys
 (the roofline ones only when measured), ``benchmarks.attack_step`` counts its step's FLOPs, and
-the PyTorch reference step (``benchmarks.torch_train_step``) runs, or says clearly why it cannot.
+the PyTorch reference step (``benchmarks.torch_train_step``) runs, or says clearly why it cannot;
+``benchmarks.refresh`` times the mixture refresh and its parts.
 
-Fast: no JAX step is compiled and timed; the PyTorch step runs once at batch 4.
+Fast: no JAX train step is compiled and timed; the PyTorch step runs once at batch 4, the refresh
+benchmark once on 200 images.
 """
 
 from __future__ import annotations
@@ -257,3 +259,30 @@ def test_torch_cem_term_equals_cem_loss_reference_mode():
     )(jnp.asarray(z))
     assert float(loss_t.detach()) == pytest.approx(float(loss_j), rel=1e-5)
     np.testing.assert_allclose(zt.grad.numpy(), np.asarray(grad_j), rtol=1e-4, atol=1e-9)
+
+
+def test_refresh_benchmark_times_the_refresh_and_its_parts(capsys):
+    # benchmarks.refresh --json: the figures its docstring names, consistent with each other (the
+    # images/s is the images over the feature pass's seconds; the feature pass is part of the
+    # refresh, so not more than the whole, with slack for timer noise on a shared CPU)
+    import json
+
+    from benchmarks import refresh
+
+    refresh.main(["--num_images", "200", "--repeats", "1", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert set(r) == {
+        "num_images",
+        "refresh_s",
+        "features_s",
+        "features_images_per_s",
+        "fit_s",
+        "bound_s",
+    }
+    assert r["num_images"] == 200
+    assert all(r[k] > 0 for k in ("refresh_s", "features_s", "fit_s", "bound_s"))
+    assert r["features_images_per_s"] == pytest.approx(200 / r["features_s"])
+    assert r["features_s"] < 3 * r["refresh_s"] + 0.5
+    with pytest.raises(SystemExit):
+        refresh.main(["--num_images", "5"])
+    assert "--num_images must be >= 10" in capsys.readouterr().err
