@@ -152,9 +152,10 @@ def test_two_processes_equal_one_process_on_four_devices(gcs_env, one_process_re
         print(f"{k:<36} 2 proc x 2 dev {got[k]:.7g}   1 proc x 4 dev {v:.7g}")
     for k, v in want.items():  # the same program; only the order of float32 sums differs
         # Rounding, amplified by the certificate (~1100 bits from the variances of a few samples)
-        # and by the attack's Adam steps: observed up to 1.2e-4 relative. XLA:CPU's convolution
-        # (the client's 16x16 conv since 017de90) also rounds an image's output differently with
-        # the batch around it (2e-6 between per-device batches of 8 and 16), which the leakage
+        # and by the attack's Adam steps: observed up to 1.2e-4 relative. Since 017de90 the
+        # client's 16x16 conv is XLA:CPU's convolution, which (likely the cause) rounds an image's
+        # output differently with the batch around it (2e-6 between per-device batches of 8 and
+        # 16, where the im2col matmul gives identical rows), which the leakage
         # estimates of 128 images and the attacks amplify: observed 0.04-0.05 bits on the
         # ~13-16-bit diagonal estimates (3.7e-3 relative), 1.1e-3 relative on the inference-time
         # attack's MSE, 9e-5 on the loss. Hence 5e-3 relative and 0.25 bits: a lost or doubled
