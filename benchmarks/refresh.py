@@ -59,7 +59,7 @@ def measure(num_images: int, repeats: int, preset: str = "cifar_full") -> dict[s
 
     def refresh():
         nonlocal state
-        state, out = tr.refresh_mixture(state, 2)
+        state, _ = tr.refresh_mixture(state, 2)
         return state.mixture
 
     refresh_s = _median(refresh, repeats)
