@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import roofline
+from benchmarks import roofline, timing
 from cem_jax import attacks
 from cem_jax.models.decoder import ConvTranspose2x, InversionDecoder
 
@@ -67,19 +67,6 @@ def _encode_fn(seed: int = 0):
         return z + 0.1 * jax.random.normal(key, z.shape)
 
     return encode
-
-
-def _time(fn, steps: int, repeats: int) -> float:
-    """Median seconds per call of ``fn()`` (which returns something to block on)."""
-    jax.block_until_ready(fn())  # compile + warm-up
-    per = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            out = fn()
-        jax.block_until_ready(out)
-        per.append((time.perf_counter() - t) / steps)
-    return statistics.median(per)
 
 
 def _decoder(impl: str) -> InversionDecoder:
@@ -187,7 +174,7 @@ def make_attack_step(impl: str, batch: int) -> AttackStep:
 
 
 def bench_attack_step(impl: str, batch: int, steps: int, repeats: int) -> float:
-    return _time(make_attack_step(impl, batch), steps, repeats)
+    return timing.median_seconds(make_attack_step(impl, batch), repeats=repeats, calls=steps)
 
 
 def _cores() -> int:
@@ -254,7 +241,7 @@ def bench_upsample_grad(impl: str, batch: int, steps: int, repeats: int) -> floa
             state, x
         )
 
-    return _time(lambda: grad(state, x), steps, repeats)
+    return timing.median_seconds(grad, state, x, repeats=repeats, calls=steps)
 
 
 def bench_critic_step(conv_impl: str, batch: int, steps: int, repeats: int) -> float:
@@ -274,7 +261,7 @@ def bench_critic_step(conv_impl: str, batch: int, steps: int, repeats: int) -> f
 
         return jax.value_and_grad(loss)(state)
 
-    return _time(lambda: grad(state, real, fake), steps, repeats)
+    return timing.median_seconds(grad, state, real, fake, repeats=repeats, calls=steps)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from cem_jax import entropy
 
 LOSS_SHAPES = [(10, 5, 512), (100, 5, 512), (200, 5, 512), (200, 15, 2048)]
@@ -73,16 +74,6 @@ def _random_state(rng, c, k, d):
     )
 
 
-def _median_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_loss(repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
@@ -100,8 +91,9 @@ def bench_loss(repeats: int) -> list[dict]:
                 "K": k,
                 "D": d,
                 "B": BATCH,
-                "cem_loss_ms": 1e3 * _median_time(ours, z, labels, state, repeats=repeats),
-                "per_class_ms": 1e3 * _median_time(per_class, z, labels, state, repeats=repeats),
+                "cem_loss_ms": 1e3 * timing.median_seconds(ours, z, labels, state, repeats=repeats),
+                "per_class_ms": 1e3
+                * timing.median_seconds(per_class, z, labels, state, repeats=repeats),
             }
         )
     return rows

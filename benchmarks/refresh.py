@@ -25,19 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 
-
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from benchmarks import timing
 
 
 def measure(num_images: int, repeats: int, preset: str = "cifar_full") -> dict[str, float]:
@@ -62,9 +53,11 @@ def measure(num_images: int, repeats: int, preset: str = "cifar_full") -> dict[s
         state, _ = tr.refresh_mixture(state, 2)
         return state.mixture
 
-    refresh_s = _median(refresh, repeats)
+    refresh_s = timing.median_seconds(refresh, repeats=repeats, warmup=False)
     feats = jax.block_until_ready(tr.features(state, ds.train_images))
-    features_s = _median(lambda: tr.features(state, ds.train_images), repeats)
+    features_s = timing.median_seconds(
+        tr.features, state, ds.train_images, repeats=repeats, warmup=False
+    )
     labels = train.feature_labels(tr.train_labels, tr.mesh)
     with jax.set_mesh(tr.mesh):
 
@@ -82,10 +75,8 @@ def measure(num_images: int, repeats: int, preset: str = "cifar_full") -> dict[s
         def bound():
             return entropy.leakage_upper_bound(feats, labels, state.mixture, sigma=sigma)
 
-        fit()
-        bound()
-        fit_s = _median(fit, repeats)
-        bound_s = _median(bound, repeats)
+        fit_s = timing.median_seconds(fit, repeats=repeats)
+        bound_s = timing.median_seconds(bound, repeats=repeats)
     return {
         "num_images": num_images,
         "refresh_s": refresh_s,

@@ -25,10 +25,10 @@ matmul peak of ~170-194 GFLOP/s from JAX (~198 from numpy's OpenBLAS).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
+
+from benchmarks import timing
 
 
 def _flops(cost: Any) -> float:
@@ -66,13 +66,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
-    jax.block_until_ready(dot(a, b))  # compile + warm-up
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        jax.block_until_ready(dot(a, b))
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / timing.median_seconds(lambda: dot(a, b), repeats=max(1, repeats)) / 1e9
 
 
 def percent_of_peak(gflops: float, peak_gflops: float) -> float:

@@ -286,3 +286,38 @@ def test_refresh_benchmark_times_the_refresh_and_its_parts(capsys):
     with pytest.raises(SystemExit):
         refresh.main(["--num_images", "5"])
     assert "--num_images must be >= 10" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("warmup, expected_calls", [(True, 1 + 3 * 4), (False, 3 * 4)])
+def test_median_seconds_counts_its_calls_and_times_per_call(warmup, expected_calls):
+    import time
+
+    import jax.numpy as jnp
+
+    from benchmarks import timing
+
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        time.sleep(0.005)
+        return jnp.asarray(x)
+
+    seconds = timing.median_seconds(fn, 7, repeats=3, calls=4, warmup=warmup)
+    assert calls == [7] * expected_calls  # the warm-up, then repeats x calls, with the given args
+    assert 0.005 <= seconds < 0.5  # per call, not per round of 4 (>= 0.02)
+
+
+def test_median_seconds_is_the_median_of_the_rounds(monkeypatch):
+    from benchmarks import timing
+
+    clock = iter([0.0, 1.0, 10.0, 19.0, 30.0, 32.0])  # rounds of 1, 9 and 2 seconds
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    assert timing.median_seconds(lambda: 0, repeats=3, warmup=False) == 2.0
+
+
+def test_median_seconds_rejects_no_rounds():
+    from benchmarks import timing
+
+    with pytest.raises(ValueError, match="repeats and calls must be >= 1"):
+        timing.median_seconds(lambda: 0, repeats=0)
