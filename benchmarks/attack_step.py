@@ -265,6 +265,9 @@ def bench_critic_step(conv_impl: str, batch: int, steps: int, repeats: int) -> f
 
 
 def main() -> None:
+    from cem_jax import xla_cpu
+
+    xla_cpu.tune_malloc()  # as the cem-* programs run (cem_jax.xla_cpu; CEM_JAX_MALLOC=0: off)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)

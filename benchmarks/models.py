@@ -182,6 +182,9 @@ def bench_step(arch: str, image_size: int, batch: int, n: int) -> None:
 
 
 def main() -> None:
+    from cem_jax import xla_cpu
+
+    xla_cpu.tune_malloc()  # as the cem-* programs run (cem_jax.xla_cpu; CEM_JAX_MALLOC=0: off)
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="vgg11_bn_sgm")
     p.add_argument("--image-size", type=int, default=32)

@@ -88,6 +88,9 @@ def measure(num_images: int, repeats: int, preset: str = "cifar_full") -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cem_jax import xla_cpu
+
+    xla_cpu.tune_malloc()  # as the cem-* programs run (cem_jax.xla_cpu; CEM_JAX_MALLOC=0: off)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num_images", type=int, default=50_000, help="synthetic training images")
     p.add_argument("--repeats", type=int, default=3, help="timed calls of each part (median)")

@@ -75,6 +75,9 @@ def percent_of_peak(gflops: float, peak_gflops: float) -> float:
 
 
 def main() -> None:
+    from cem_jax import xla_cpu
+
+    xla_cpu.tune_malloc()  # as the cem-* programs run (cem_jax.xla_cpu; CEM_JAX_MALLOC=0: off)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2048, help="matrix side")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")

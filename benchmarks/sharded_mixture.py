@@ -119,6 +119,9 @@ def _time(n: int, d: int, c: int, k: int, iterations: int) -> dict:
 
 
 def main() -> None:
+    from cem_jax import xla_cpu
+
+    xla_cpu.tune_malloc()  # as the cem-* programs run (cem_jax.xla_cpu; CEM_JAX_MALLOC=0: off)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--time_n", type=int, default=5000, help="N for the one-device timing")

@@ -218,6 +218,9 @@ def make_torch_step(batch: int, image_size: int):
 
 
 def main(argv: list[str]) -> None:
+    from cem_jax import xla_cpu
+
+    xla_cpu.tune_malloc()  # as the cem-* programs run (cem_jax.xla_cpu; CEM_JAX_MALLOC=0: off)
     del argv
     import jax
     import numpy as np

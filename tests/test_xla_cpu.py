@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -118,3 +119,59 @@ def test_linear_algebra_still_compiles_under_the_flags():
     assert res.returncode == 0, res.stderr[-3000:]
     if xla_cpu.recommended_xla_flags("", xla_cpu._jaxlib_version()):
         assert FLAG in res.stdout
+
+
+def test_tune_malloc_sets_glibc_options_unless_opted_out():
+    assert xla_cpu.tune_malloc({xla_cpu.MALLOC_OPT_OUT: "0"}) == []
+    glibc = sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()).lower()
+    expected = list(xla_cpu.MALLOC_SETTINGS) if glibc else []
+    assert xla_cpu.tune_malloc({}) == expected
+    assert xla_cpu.tune_malloc({}) == expected  # idempotent
+
+
+_FAULTS = r"""
+import json, resource, sys
+import jax, jax.numpy as jnp
+from cem_jax import xla_cpu
+from cem_jax.cli import config_flags  # what the programs import before they tune
+applied = xla_cpu.tune_malloc(dict(CEM_JAX_MALLOC=sys.argv[1]))
+
+@jax.jit
+def f(x, w):
+    h = jax.nn.relu(x @ w)  # [8192, 2048]: 64 MB, 16,384 pages
+    g = jnp.tanh(h @ w.T)
+    return jnp.tanh(g @ w) @ w.T  # another [8192, 2048] on the way, and the output
+
+x, w = jnp.ones((8192, 256)), jnp.full((256, 2048), 0.01)
+for _ in range(2):
+    f(x, w).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    f(x, w).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 4
+print(json.dumps({"applied": applied, "faults_per_call": faults}))
+"""
+
+
+def test_tuned_malloc_reuses_xlas_buffers_instead_of_faulting_them_in_each_call():
+    """Each call of ``f`` allocates and frees >= 64 MB (16,384 pages). Untuned, glibc serves it with
+    fresh mmaps that fault in page by page on every call; tuned, the freed heap is reused."""
+    out = {}
+    for mode in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        proc = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not out["1"]["applied"]:  # not glibc: nothing set, nothing to compare
+        assert out["0"]["applied"] == []
+        return
+    assert out["1"]["applied"] == list(xla_cpu.MALLOC_SETTINGS)
+    assert out["0"]["faults_per_call"] > 16_384, out  # the untuned cost the setting removes
+    assert out["1"]["faults_per_call"] < 16_384 / 10, out

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 from absl import app, flags, logging
 
 from cem_jax import config as config_lib
-from cem_jax import defenses, errors
+from cem_jax import defenses, errors, xla_cpu
 from cem_jax.models import ARCHS
 
 # str fields whose flag is an enum (absl rejects other values before anything runs). `dataset` and
@@ -473,4 +473,5 @@ def start(doc: str | None, names: Iterable[str], fn: Callable[[list[str]], None]
         main_module.__doc__ = doc
     register_key_flags(names, flags.FLAGS)
     logging.set_verbosity(logging.WARNING)
+    xla_cpu.tune_malloc()  # before XLA starts its threads (cem_jax.xla_cpu says why)
     app.run(functools.partial(run_main, fn), flags_parser=parse_flags)
