@@ -28,10 +28,11 @@ call's temporary buffer (all of a step's intermediates: 214 MB for the decoder a
 64) with ``posix_memalign`` on one of its worker threads. glibc serves a block that large from a
 fresh ``mmap`` in a thread's arena (whatever ``M_MMAP_MAX`` says) and unmaps it on ``free``, so
 every step faults its whole working set back in, page by page, each page zeroed by the kernel:
-52,500 minor page faults per attack step at batch 64, ~3 s of system time in 18 steps. With one
-arena (``M_ARENA_MAX`` 1), no ``mmap``'d blocks (``M_MMAP_MAX`` 0) and the heap's top kept
-(``M_TRIM_THRESHOLD`` 2 GiB), the freed buffer is reused: 5,700 faults per step, 0.3-0.6 s of system
-time. The price: the process keeps its peak heap (0.85 -> 1.24 GB peak RSS for that benchmark).
+52,500 minor page faults per attack step at batch 64, 3-5.5 s of system time in 18-30 steps. With
+one arena (``M_ARENA_MAX`` 1), no ``mmap``'d blocks (``M_MMAP_MAX`` 0) and the heap's top kept
+(``M_TRIM_THRESHOLD`` 2 GiB), the freed buffer is reused: 3,500-5,700 faults per step, 0.3-0.7 s of
+system time, the step alone ~30 % faster (the ``mmap`` options without the single arena change
+nothing for XLA). The price: the process keeps its peak heap (0.85 -> 1.24 GB peak RSS there).
 Only glibc on Linux has these knobs; elsewhere nothing is set. Figures: ``docs/benchmarks.md``.
 
 >>> recommended_xla_flags("--xla_force_host_platform_device_count=8", "0.10.2")
