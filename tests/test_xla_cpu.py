@@ -71,15 +71,25 @@ print(json.dumps(out))
 """
 
 
+def _json_of(script: str, env: dict, *args: str, timeout: float | None = None) -> dict:
+    """The JSON object on the last line that ``script`` prints, run in a subprocess with ``env``."""
+    res = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def _run(opt_out: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     env[xla_cpu.OPT_OUT] = "0" if opt_out else "1"
-    res = subprocess.run(
-        [sys.executable, "-c", _STEP], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return _json_of(_STEP, env)
 
 
 def test_the_flags_change_no_function():
@@ -159,16 +169,7 @@ def test_tuned_malloc_reuses_xlas_buffers_instead_of_faulting_them_in_each_call(
     out = {}
     for mode in ("0", "1"):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        proc = subprocess.run(
-            [sys.executable, "-c", _FAULTS, mode],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[mode] = _json_of(_FAULTS, env, mode, timeout=300)
     if not out["1"]["applied"]:  # not glibc: nothing set, nothing to compare
         assert out["0"]["applied"] == []
         return
