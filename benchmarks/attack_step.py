@@ -9,9 +9,12 @@ Times the jitted step of :func:`cem_jax.attacks.decoder_attack` (``res_normN8C64
 weight decay, donated state) at batch 256 on 32 px images with 8x8x8 features from a fixed random
 patch-linear + sigmoid + Gaussian-noise client, and the same step in PyTorch
 (:mod:`benchmarks.torch_decoder`: same layers, MSE, ``Adam(lr=1e-3, weight_decay=1e-4)``, as many
-threads as JAX has cores). PyTorch is optional (``pip install torch``); without it only the JAX step
-is timed. The two steps run interleaved (one block of ``--steps`` steps of each per repeat) so that
-a shared machine's load hits both alike; reported: median seconds per step over ``--repeats``
+threads as JAX has cores), by default in a process of its own (``--torch_process=own``,
+:mod:`benchmarks.step_worker`: its own allocator and heap, set up as the ``cem-*`` programs set
+theirs up; ``same``: in this process, beside the JAX step). PyTorch is optional (``pip install
+torch``); without it only the JAX step is timed. The two steps run interleaved (one block of
+``--steps`` steps of each per repeat, the other one idle meanwhile) so that a shared machine's load
+hits both alike; reported: median seconds per step over ``--repeats``
 blocks (after a warm-up), images/s, and the ratio JAX / PyTorch in images/s.
 
 Then, not to perturb those timings, the roofline figures (:mod:`benchmarks.roofline`):
@@ -184,44 +187,83 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def make_torch_step(batch: int):
-    """The PyTorch step (threads = JAX's cores), or ``None`` when torch is not installed."""
+def _has_torch() -> bool:
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def _torch_kwargs(batch: int) -> dict:
+    return {"batch": batch, "side": SIDE, "feat": FEAT, "ch": CH, "threads": _cores()}
+
+
+def make_torch_step(batch: int):
+    """The PyTorch step in this process (threads = JAX's cores), or ``None`` when torch is not
+    installed."""
+    if not _has_torch():
         return None
     from benchmarks import torch_decoder
 
-    torch.set_num_threads(_cores())
-    return torch_decoder.make_step(batch, side=SIDE, feat=FEAT, ch=CH)
+    return torch_decoder.make_step(**_torch_kwargs(batch))
 
 
-def bench_jax_vs_torch(batch: int, steps: int, repeats: int) -> dict:
+def _in_process(fn: Callable) -> Callable[[int], float]:
+    """``steps -> seconds`` of ``steps`` calls of ``fn`` back to back, the last one waited on."""
+
+    def block(steps: int) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)  # a torch tensor: returned as is (the step is synchronous)
+        return time.perf_counter() - t
+
+    return block
+
+
+def bench_jax_vs_torch(batch: int, steps: int, repeats: int, torch_process: str = "own") -> dict:
     """Median seconds per step of the JAX (``auto``) and PyTorch steps, timed interleaved; then
     (not to perturb the timings) the roofline figures: GFLOP per image of the JAX step, the matmul
-    peak, and the achieved GFLOP/s of each (the PyTorch step given the JAX step's count)."""
+    peak, and the achieved GFLOP/s of each (the PyTorch step given the JAX step's count).
+
+    ``torch_process``: ``"own"``, the PyTorch step in a worker process of its own
+    (:mod:`benchmarks.step_worker`, set up as the programs set theirs up), idle while the JAX step
+    is timed; ``"same"``, in this process beside the JAX step (sharing its allocator and heap)."""
+    if torch_process not in ("own", "same"):
+        raise ValueError(f"torch_process must be 'own' or 'same', got {torch_process!r}")
     jax_step = make_attack_step("auto", batch)
-    fns: dict[str, Callable] = {"jax": jax_step}
-    torch_step = make_torch_step(batch)
-    if torch_step is not None:
-        fns["torch"] = torch_step
-    for fn in fns.values():  # compile / warm up twice (PyTorch's first steps allocate)
-        jax.block_until_ready(fn())
-        jax.block_until_ready(fn())
-    per: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(steps):
-                out = fn()
-            jax.block_until_ready(out)  # a torch tensor: returned as is (the step is synchronous)
-            per[name].append((time.perf_counter() - t) / steps)
+    for _ in range(2):  # compile / warm up
+        jax.block_until_ready(jax_step())
+    blocks: dict[str, Callable[[int], float]] = {"jax": _in_process(jax_step)}
+    worker = None
+    if torch_process == "own" and _has_torch():
+        from benchmarks import step_worker
+
+        # warms up in the worker (two steps: PyTorch's first steps allocate)
+        worker = step_worker.StepWorker(
+            "benchmarks.torch_decoder:make_step", **_torch_kwargs(batch)
+        )
+        blocks["torch"] = worker.time
+    elif torch_process == "same" and (torch_step := make_torch_step(batch)) is not None:
+        for _ in range(2):
+            torch_step()
+        blocks["torch"] = _in_process(torch_step)
+    per: dict[str, list[float]] = {k: [] for k in blocks}
+    try:
+        for _ in range(repeats):
+            for name, block in blocks.items():
+                per[name].append(block(steps) / steps)
+    finally:
+        if worker is not None:
+            worker.close()
     out: dict = {}
     for name, v in per.items():
         out[f"step_s_{name}"] = statistics.median(v)
         out[f"images_per_s_{name}"] = batch / out[f"step_s_{name}"]
-    if torch_step is not None:
+    if "torch" in per:
         out["torch_threads"] = _cores()
+        out["torch_process"] = torch_process
         out["ratio_jax_over_torch"] = out["step_s_torch"] / out["step_s_jax"]
     out["gflop_per_image"], out["gflop_counted"] = jax_step.gflop_per_image()
     out["matmul_gflops"] = roofline.matmul_peak_gflops()
@@ -272,6 +314,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--torch_process",
+        choices=("own", "same"),
+        default="own",
+        help="the PyTorch step in a process of its own (own) or beside the JAX step (same)",
+    )
     ap.add_argument("--extras", action="store_true", help="also the implementation comparisons")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -282,7 +330,7 @@ def main() -> None:
         # what XLA ran with: cem_jax adds its XLA:CPU flags on import (cem_jax.xla_cpu)
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    out.update(bench_jax_vs_torch(args.batch, args.steps, args.repeats))
+    out.update(bench_jax_vs_torch(args.batch, args.steps, args.repeats, args.torch_process))
     if args.extras:
         _extras(out, args)
     if args.json:
@@ -296,7 +344,8 @@ def main() -> None:
     )
     if "step_s_torch" in out:
         print(
-            f"  same step, PyTorch ({out['torch_threads']} threads): {out['step_s_torch'] * 1e3:8.1f} ms "
+            f"  same step, PyTorch ({out['torch_threads']} threads, {out['torch_process']} process): "
+            f"{out['step_s_torch'] * 1e3:8.1f} ms "
             f"({out['images_per_s_torch']:7.1f} images/s){_roof(out, 'torch')}"
         )
         print(f"  JAX / PyTorch images/s: {out['ratio_jax_over_torch']:.2f}")

@@ -59,8 +59,19 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.head(self.ups(h)))
 
 
-def make_step(batch: int, *, side: int = 32, feat: int = 8, ch: int = 8, seed: int = 0):
-    """A zero-argument callable doing one attack training step at ``batch``; returns the loss."""
+def make_step(
+    batch: int,
+    *,
+    side: int = 32,
+    feat: int = 8,
+    ch: int = 8,
+    seed: int = 0,
+    threads: int | None = None,
+):
+    """A zero-argument callable doing one attack training step at ``batch``; returns the loss.
+    ``threads``: PyTorch's intra-op threads for this process (``None``: left as they are)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     w = torch.from_numpy(rng.normal(size=(48, ch)).astype(np.float32) / 7.0)

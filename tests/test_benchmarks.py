@@ -321,3 +321,57 @@ def test_median_seconds_rejects_no_rounds():
 
     with pytest.raises(ValueError, match="repeats and calls must be >= 1"):
         timing.median_seconds(lambda: 0, repeats=0)
+
+
+def _sleep_step(seconds: float, log: str):
+    """A step for ``StepWorker``'s tests: sleeps, and appends its process id to ``log``."""
+    import time
+
+    def step():
+        time.sleep(seconds)
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return seconds
+
+    return step
+
+
+def test_step_worker_runs_the_steps_asked_for_in_a_process_of_its_own(tmp_path):
+    """Each ``time(n)`` runs ``n`` more steps in the worker (after its two warm-up steps) and
+    returns their wall time there; the worker is another process, with the allocator set as the
+    programs set it (glibc)."""
+    import platform
+
+    from benchmarks import step_worker
+    from cem_jax import xla_cpu
+
+    log = tmp_path / "calls"
+    factory = "tests.test_benchmarks:_sleep_step"
+    with step_worker.StepWorker(factory, seconds=0.02, log=str(log)) as worker:
+        assert worker.pid != os.getpid()
+        assert log.read_text().split() == [str(worker.pid)] * 2  # the warm-up
+        seconds = worker.time(3)
+        assert 3 * 0.02 <= seconds < 3 * 0.02 + 5.0
+        worker.time(1)
+        assert log.read_text().split() == [str(worker.pid)] * 6
+        if platform.libc_ver()[0] == "glibc" and os.environ.get(xla_cpu.MALLOC_OPT_OUT) != "0":
+            assert worker.malloc == list(xla_cpu.MALLOC_SETTINGS)
+        with pytest.raises(ValueError, match="steps must be >= 1"):
+            worker.time(0)
+    assert worker._proc.returncode == 0  # closed at end of input
+
+
+def test_step_worker_says_which_factory_failed_and_why():
+    from benchmarks import step_worker
+
+    with pytest.raises(ValueError, match="'module:function'"):
+        step_worker.StepWorker("benchmarks.torch_decoder.make_step")
+    with pytest.raises(RuntimeError, match=r"tests.no_such_module:f exited(.|\n)*ModuleNotFound"):
+        step_worker.StepWorker("tests.no_such_module:f")
+
+
+def test_attack_step_rejects_an_unknown_torch_process():
+    from benchmarks import attack_step
+
+    with pytest.raises(ValueError, match="'own' or 'same'"):
+        attack_step.bench_jax_vs_torch(4, 1, 1, torch_process="shared")
