@@ -1059,7 +1059,8 @@ def test_answer_table_is_the_paired_reading_per_sigma_and_pooled():
     word = "higher" if t01 > 2 else "lower" if t01 < -2 else "not distinguishable"
     part_text = results_page.answer_sentences(part)
     assert (
-        f"; σ 0.1 alone, the one σ with two pairs so far, reads {word} (t {t01:+.1f})" in part_text
+        f"; σ 0.1 alone, the one σ with two pairs or more so far, reads {word} (t {t01:+.1f})"
+        in part_text
     )
     assert "of the 1 σ" not in part_text
     # several σ, none beyond |t| 2 alone: said in words, not as "higher at 0 and lower at 0"

@@ -638,7 +638,7 @@ def answer_sentences(
     if len(per_sigma) > 1 and len(tested) == 1:
         one = tested[0]
         text += (
-            f"; {one['label']} alone, the one σ with two pairs so far, reads "
+            f"; {one['label']} alone, the one σ with two pairs or more so far, reads "
             f"{_t_verdict(one['adj']['t'], 'higher', 'lower')} (t {one['adj']['t']:+.1f})"
         )
     elif len(per_sigma) > 1 and tested:
