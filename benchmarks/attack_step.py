@@ -40,7 +40,6 @@ import inspect
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -211,15 +210,7 @@ def make_torch_step(batch: int):
 
 def _in_process(fn: Callable) -> Callable[[int], float]:
     """``steps -> seconds`` of ``steps`` calls of ``fn`` back to back, the last one waited on."""
-
-    def block(steps: int) -> float:
-        t = time.perf_counter()
-        for _ in range(steps):
-            out = fn()
-        jax.block_until_ready(out)  # a torch tensor: returned as is (the step is synchronous)
-        return time.perf_counter() - t
-
-    return block
+    return lambda steps: timing.block_seconds(fn, calls=steps)
 
 
 def bench_jax_vs_torch(batch: int, steps: int, repeats: int, torch_process: str = "own") -> dict:

@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +100,8 @@ def _serve(factory: str, kwargs: dict) -> None:
     malloc = xla_cpu.tune_malloc()  # before any framework starts its threads, as the programs do
     import jax  # block_until_ready only: passes a non-JAX value (a torch tensor) through
 
+    from benchmarks import timing
+
     module, name = factory.split(":", 1)
     step = getattr(importlib.import_module(module), name)(**kwargs)
     jax.block_until_ready(step())
@@ -108,11 +109,7 @@ def _serve(factory: str, kwargs: dict) -> None:
     print(json.dumps({"ready": True, "pid": os.getpid(), "malloc": list(malloc)}), flush=True)
     for line in sys.stdin:
         n = int(line)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = step()
-        jax.block_until_ready(out)
-        print(json.dumps({"seconds": time.perf_counter() - t0, "steps": n}), flush=True)
+        print(json.dumps({"seconds": timing.block_seconds(step, calls=n), "steps": n}), flush=True)
 
 
 if __name__ == "__main__":

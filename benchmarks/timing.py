@@ -29,11 +29,16 @@ def median_seconds(
         raise ValueError(f"repeats and calls must be >= 1, got repeats={repeats}, calls={calls}")
     if warmup:
         jax.block_until_ready(fn(*args))
-    per_call = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / calls)
-    return statistics.median(per_call)
+    return statistics.median(block_seconds(fn, *args, calls=calls) / calls for _ in range(repeats))
+
+
+def block_seconds(fn: Callable[..., Any], *args: Any, calls: int) -> float:
+    """Wall seconds of ``calls`` calls of ``fn(*args)`` back to back, the last one's output waited
+    on (``jax.block_until_ready``, which passes a non-JAX value such as a torch tensor through)."""
+    import jax
+
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
